@@ -1,0 +1,130 @@
+"""What happens to KV that leaves short-term memory: one small class per rule.
+
+`select(candidates, capacity)` gets the long-term candidates (current long-term memory followed by
+the tokens just evicted from short-term memory, in time order, all layers at once) and returns
+the per-layer indices to keep, sorted by time, or None to keep everything. It may mark vision
+sinks in `candidates.sink`. Every layer keeps the same number of tokens and sinks, so the memory
+stays one rectangular tensor and every layer sees the same positions.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from .kv_buffer import Tokens
+
+
+class CompressionPolicy(abc.ABC):
+    needs_scores = False
+
+    @abc.abstractmethod
+    def select(self, cand: Tokens, capacity: int | None) -> torch.Tensor | None: ...
+
+
+class KeepAll(CompressionPolicy):
+    """Full cache / ReKV: nothing is ever dropped."""
+
+    def select(self, cand, capacity):
+        return None
+
+
+def _mark_sinks(cand: Tokens, wanted: int, rank_key: torch.Tensor) -> int:
+    """Promote the highest-`rank_key` non-sinks until each layer has `wanted` sinks (sticky:
+    sinks are never un-marked). Returns the sink count per layer (equal on every layer)."""
+    have = int(cand.sink[0].sum())
+    need = min(wanted - have, cand.n - have)
+    if need > 0:
+        top = rank_key.masked_fill(cand.sink, float("-inf")).topk(need, dim=1).indices
+        cand.sink.scatter_(1, top, True)
+        have += need
+    return have
+
+
+class SlidingWindow(CompressionPolicy):
+    """StreamingLLM-style: the first `sinks` visual tokens of the stream, then the newest ones."""
+
+    def __init__(self, sinks: int):
+        self.sinks = sinks
+
+    def select(self, cand, capacity):
+        age = -torch.arange(cand.n, device=cand.token_idx.device, dtype=torch.float32)
+        n_sink = _mark_sinks(cand, self.sinks, age.expand_as(cand.score_sum))
+        if capacity is None or cand.n <= capacity:
+            return None
+        # sinks are the oldest tokens, so they sit at the front; keep them and the newest rest
+        recent = capacity - n_sink
+        idx = torch.cat([torch.arange(n_sink), torch.arange(cand.n - recent, cand.n)]).to(cand.token_idx.device)
+        return idx.expand(cand.token_idx.shape[0], -1)
+
+
+class VisionSinkBucketing(CompressionPolicy):
+    """VSB (LiveVLM): keep vision sinks, then fill the budget in two phases.
+
+    Scores are the vision-to-vision attention each token has received (mean over observations).
+    - sinks: the first `sinks` highest-scoring tokens to reach long-term memory, kept for good;
+    - saliency: the top `saliency_share` of the remaining budget by score, wherever they are;
+    - coverage: the stream so far is cut into equal time ranges ("buckets") of capacity
+      `bucket_tokens`; the rest of the budget goes, in score order, only to tokens whose bucket has
+      room. As the stream grows the ranges widen, so old buckets merge and are re-selected and the
+      kept tokens keep covering the whole stream;
+    - any budget left (buckets with too few candidates) goes by score.
+    """
+
+    needs_scores = True
+
+    def __init__(self, sinks: int, bucket_tokens: int, saliency_share: float):
+        self.sinks, self.bucket_tokens, self.saliency_share = sinks, bucket_tokens, saliency_share
+
+    def select(self, cand, capacity):
+        score = cand.scores()
+        n_sink = _mark_sinks(cand, self.sinks, score)
+        if capacity is None or cand.n <= capacity:
+            return None
+        layers, n = score.shape
+        budget = capacity - n_sink
+        free = ~cand.sink
+
+        # saliency phase
+        n_salient = min(int(self.saliency_share * budget), n - n_sink)
+        salient = torch.zeros_like(cand.sink)
+        if n_salient > 0:
+            top = score.masked_fill(cand.sink, float("-inf")).topk(n_salient, dim=1).indices
+            salient.scatter_(1, top, True)
+
+        # coverage phase: equal ranges of the stream [0, newest candidate]
+        n_buckets = max(1, budget // self.bucket_tokens)
+        span = cand.token_idx.max().item() + 1
+        bucket = (cand.token_idx * n_buckets // span).clamp_max(n_buckets - 1)
+        used = torch.zeros(layers, n_buckets, device=score.device).scatter_add_(1, bucket, salient.float())
+        room = (self.bucket_tokens - used).clamp_min(0).gather(1, bucket)
+        eligible = free & ~salient
+        rank = _rank_within_group(bucket, score.masked_fill(~eligible, float("-inf")))
+        covering = eligible & (rank < room)
+
+        # one priority key: sinks > salient > covering > rest, ties broken by score
+        lo, hi = score.min(dim=1, keepdim=True).values, score.max(dim=1, keepdim=True).values
+        tie = 0.999 * (score - lo) / (hi - lo).clamp_min(1e-12)
+        key = 3.0 * cand.sink + 2.0 * salient + 1.0 * covering + tie
+        return key.topk(capacity, dim=1).indices.sort(dim=1).values
+
+
+def _rank_within_group(group: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """For each element, how many elements of the same group (per row) have a higher score."""
+    by_score = score.argsort(dim=1, descending=True)
+    group_in_score_order = group.gather(1, by_score)
+    by_group = group_in_score_order.argsort(dim=1, stable=True)       # groups, each in score order
+    order = by_score.gather(1, by_group)
+    g_sorted = group.gather(1, order)
+    first = torch.searchsorted(g_sorted, g_sorted, right=False)
+    pos = torch.arange(group.shape[1], device=group.device).expand_as(group)
+    return torch.empty_like(group).scatter_(1, order, pos - first)
+
+
+def make_compression(config) -> CompressionPolicy:
+    if config.compression == "keep_all":
+        return KeepAll()
+    if config.compression == "sliding_window":
+        return SlidingWindow(config.vision_sinks)
+    return VisionSinkBucketing(config.vision_sinks, config.bucket_tokens, config.saliency_share)

@@ -1,0 +1,120 @@
+"""Every knob of the engine, in one object, with the defaults we ship.
+
+A *policy* is a named combination of three small choices (see docs/engine-design.md):
+  compression  what happens to KV that leaves short-term memory   (keep_all | sliding_window | vsb)
+  retrieval    which long-term pages an answer reads              (all | topk)
+  long_term    where long-term KV lives                           (gpu | cpu)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+POLICIES = {
+    # name:            (compression,      retrieval, long_term)
+    "livevlm":         ("vsb",            "topk",    "gpu"),   # the paper: VSB + PaR
+    "full":            ("keep_all",       "all",     "gpu"),   # accuracy reference, unbounded
+    "sliding_window":  ("sliding_window", "all",     "gpu"),   # StreamingLLM-style sinks + window
+    "rekv":            ("keep_all",       "topk",    "cpu"),   # ReKV-style offload + retrieval
+}
+
+DEFAULT_SYSTEM_PROMPT = (
+    "<|im_start|>system\nYou are the onboard vision assistant of a robot. "
+    "Answer briefly and precisely about what the camera saw.<|im_end|>\n<|im_start|>user\n"
+)
+# The video sits between the system prefix and the question; `{question}` is filled in.
+DEFAULT_QUESTION_TEMPLATE = "\n{question}<|im_end|>\n<|im_start|>assistant\n"
+DEFAULT_NARRATION_PROMPT = "Describe briefly what is happening right now."
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+@dataclass
+class EngineConfig:
+    # --- model -------------------------------------------------------------------------------
+    model_path: str = ""                 # local folder with a from_pretrained checkpoint
+    device: str = "cpu"                  # "cpu", "cuda", "cuda:1", ...
+    dtype: str = "float32"               # "float32" | "bfloat16" | "float16"
+
+    # --- stream ------------------------------------------------------------------------------
+    sample_fps: float = 1.0              # frames per second kept from the stream (0 = keep every frame)
+    frames_per_clip: int = 1             # frames prefilled together (larger = higher GPU efficiency, more lag)
+
+    # --- memory ------------------------------------------------------------------------------
+    policy: str = "livevlm"              # a key of POLICIES
+    budget_tokens: int | None = 12_288   # hard cap on GPU memory tokens (prefix+long+short); None = unbounded
+    short_term_frames: int = 2           # most recent frames kept whole
+    vision_sinks: int = 8                # per layer, kept for the whole stream (VSB and sliding window)
+    bucket_tokens: int = 1               # VSB bucket capacity B; buckets = long-term budget / B
+    saliency_share: float = 0.5          # VSB: share of the long-term budget filled purely by score
+    observation_window: int = 64         # VSB: last r visual tokens of a clip whose attention scores the memory
+
+    # --- retrieval (PaR) ---------------------------------------------------------------------
+    page_tokens: int = 16                # consecutive long-term tokens per page
+    retrieval_ratio: float = 0.4         # share of long-term pages an answer reads (topk retrieval)
+
+    # --- answering ---------------------------------------------------------------------------
+    max_new_tokens: int = 64
+    max_question_tokens: int = 256
+    narration_frames: int = 2            # recent frames a narration looks at (<= short_term_frames)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    question_template: str = DEFAULT_QUESTION_TEMPLATE
+    narration_prompt: str = DEFAULT_NARRATION_PROMPT
+
+    extra: dict = field(default_factory=dict)  # adapter-specific options, passed through
+
+    # -------------------------------------------------------------------------------------------
+    @property
+    def compression(self) -> str:
+        return POLICIES[self.policy][0]
+
+    @property
+    def retrieval(self) -> str:
+        return POLICIES[self.policy][1]
+
+    @property
+    def long_term_tier(self) -> str:
+        return POLICIES[self.policy][2]
+
+    @property
+    def bounded(self) -> bool:
+        return self.compression != "keep_all" and self.budget_tokens is not None
+
+    def validate(self) -> "EngineConfig":
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        need(self.dtype in ("float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}")
+        need(self.sample_fps >= 0, "sample_fps must be >= 0")
+        need(self.frames_per_clip >= 1, "frames_per_clip must be >= 1")
+        need(self.short_term_frames >= 1, "short_term_frames must be >= 1")
+        need(self.vision_sinks >= 0, "vision_sinks must be >= 0")
+        need(self.bucket_tokens >= 1, "bucket_tokens must be >= 1")
+        need(0.0 <= self.saliency_share <= 1.0, "saliency_share must be in [0, 1]")
+        need(self.observation_window >= 1, "observation_window must be >= 1")
+        need(self.page_tokens >= 1, "page_tokens must be >= 1")
+        need(0.0 < self.retrieval_ratio <= 1.0, "retrieval_ratio must be in (0, 1]")
+        need(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        need(self.max_question_tokens >= 1, "max_question_tokens must be >= 1")
+        need(1 <= self.narration_frames <= self.short_term_frames,
+             "narration_frames must be in [1, short_term_frames]")
+        need("{question}" in self.question_template, "question_template must contain {question}")
+        if self.budget_tokens is not None:
+            need(self.budget_tokens > 0, "budget_tokens must be positive or None")
+        return self
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**values).validate()

@@ -1,0 +1,225 @@
+"""LiveVLMEngine: frames in, bounded memory, answers out. ROS-free.
+
+    engine = LiveVLMEngine(EngineConfig(model_path="models/tiny"))
+    engine.ingest(frame_rgb, timestamp)          # where frames enter
+    engine.ask("Is the door open?")              # where questions are answered
+    engine.describe()                            # narration of the last moments
+    engine.stats()
+
+Ingest: sample by time -> group into clips -> vision tower -> language-model prefill against the
+current memory (through MemoryKVHook) -> StreamingMemory.commit_clip (where memory is compressed).
+Ask: the suffix (video-end + question template) is prefilled against a context the selector picks
+(PaR), then greedy decoding; the answer context is dropped afterwards, memory is untouched.
+Not thread-safe: one caller at a time (the ROS node serialises through its worker thread).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import EngineConfig
+from .kv_hook import MemoryKVHook
+from .memory import StreamingMemory
+from .models import VideoLLMAdapter, load_adapter
+from .retrieval import ContextSelector, RecentFrames, make_selector
+
+
+class EngineInputError(ValueError):
+    """A frame or question the engine cannot use; the engine state is unchanged."""
+
+
+class NoFramesError(EngineInputError):
+    """A question arrived before any frame was ingested."""
+
+
+class EngineResourceError(RuntimeError):
+    """The device ran out of memory; the clip or question was dropped, memory is unchanged."""
+
+
+@dataclass
+class Answer:
+    text: str
+    latency_s: float                      # question in -> full answer out
+    ttft_s: float                         # question in -> first token
+    span: tuple[float, float] | None      # stream time (first, last frame) the memory covers
+    pages_used: int
+    pages_total: int
+    context_tokens: int                   # prefix + memory tokens the answer attended to
+    tokens_generated: int
+    token_ids: list[int] = field(default_factory=list)
+    first_logits: torch.Tensor | None = None   # logits that chose the first token (if asked for)
+
+
+class LiveVLMEngine:
+    def __init__(self, config: EngineConfig, adapter: VideoLLMAdapter | None = None):
+        self.config = config.validate()
+        self.model = adapter or load_adapter(config.model_path, config.device, config.dtype)
+        self.memory = StreamingMemory(self.model.kv, config, self.model.tokens_per_frame)
+        self.compression = self.memory.policy
+        self.selector = make_selector(config)
+        self.hook = MemoryKVHook(self.memory, self.model.rope, self.model.query_projections())
+        self._pending: list[tuple[np.ndarray, float]] = []
+        self._last_sampled: float | None = None
+        self.frames_seen = 0
+        self._prefill_prefix()
+
+    # ---- ingest -------------------------------------------------------------------------------------
+    def ingest(self, frame: np.ndarray, timestamp: float) -> bool:
+        """Offer one RGB uint8 HxWx3 frame. Returns True if it was sampled (kept for the memory)."""
+        self._check_frame(frame)
+        if self._last_sampled is not None:
+            if timestamp < self._last_sampled:
+                raise EngineInputError(f"timestamp {timestamp:.3f} is older than the last frame "
+                                       f"({self._last_sampled:.3f}); frames must arrive in time order")
+            if self.config.sample_fps > 0 and timestamp - self._last_sampled < 1.0 / self.config.sample_fps - 1e-6:
+                return False
+        self.frames_seen += 1
+        self._last_sampled = timestamp
+        self._pending.append((np.ascontiguousarray(frame), float(timestamp)))
+        if len(self._pending) >= self.config.frames_per_clip:
+            self.flush()
+        return True
+
+    def flush(self):
+        """Prefill any sampled frames still waiting for a full clip."""
+        if not self._pending:
+            return
+        frames, times = zip(*self._pending)
+        self._pending = []
+        with _device_errors("ingest a clip"):
+            embeds = self.model.encode_frames(self.model.preprocess(list(frames)))
+            keys_pre, _, values, scores = self._prefill(embeds, score=self.compression.needs_scores)
+            self.memory.commit_clip(keys_pre, values, scores, list(times))
+
+    def _prefill_prefix(self):
+        ids = torch.tensor(self.model.tokenize(self.config.system_prompt), dtype=torch.long)
+        _, keys_rot, values, _ = self._prefill(self.model.embed_tokens(ids), score=False)
+        self.memory.set_prefix(keys_rot, values)
+
+    @torch.inference_mode()
+    def _prefill(self, embeds: torch.Tensor, score: bool):
+        start = self.memory.prefix_len + self.memory.attendable_len() if self.memory.prefix_len else 0
+        n = embeds.shape[0]
+        positions = torch.arange(start, start + n, device=embeds.device)
+        self.hook.begin_ingest(positions, self.config.observation_window if score else None)
+        try:
+            self.model.run_language_model(embeds[None], positions, _causal_mask(start, n, embeds.device), self.hook)
+        except BaseException:
+            self.hook.reset()
+            raise
+        keys_pre, keys_rot, values, scores = self.hook.finish_ingest()
+        if scores is not None:
+            p = self.memory.prefix_len
+            self.memory.add_observations(scores[:, p:start])
+            scores = scores[:, start:]
+        return keys_pre, keys_rot, values, scores
+
+    # ---- answer -------------------------------------------------------------------------------------
+    def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False) -> Answer:
+        """Answer from memory as it is now. Memory is not changed."""
+        question = self._check_question(question)
+        return self._answer(question, self.selector, max_new_tokens, return_logits)
+
+    def describe(self, max_new_tokens: int | None = None) -> Answer:
+        """Narrate the last `narration_frames` frames (short-term memory only)."""
+        return self._answer(self.config.narration_prompt, RecentFrames(self.config.narration_frames),
+                            max_new_tokens, False)
+
+    @torch.inference_mode()
+    def _answer(self, question: str, selector: ContextSelector, max_new_tokens, return_logits) -> Answer:
+        if self.memory.frames_ingested == 0:
+            raise NoFramesError("no frame has been ingested yet: nothing to answer from")
+        t0 = time.perf_counter()
+        text = self.config.question_template.format(question=question)
+        head, _, _ = text.partition(question)
+        ids = self.model.tokenize(text)
+        q_start = len(self.model.tokenize(head)) if head else 0
+        video_end = self.model.video_end_embeddings()
+        rows = slice(video_end.shape[0] + q_start, video_end.shape[0] + len(ids))   # the question's own tokens
+        embeds = torch.cat([video_end, self.model.embed_tokens(torch.tensor(ids))])
+        limit = max_new_tokens or self.config.max_new_tokens
+        pages_used, pages_total = selector.pages_used(self.memory)
+        out, first_logits, ttft = [], None, 0.0
+        with _device_errors("answer"):
+            start = self.hook.begin_answer(selector, rows)
+            try:
+                n = embeds.shape[0]
+                positions = torch.arange(start, start + n, device=embeds.device)
+                hidden = self.model.run_language_model(embeds[None], positions,
+                                                       _causal_mask(start, n, embeds.device), self.hook)
+                logits = self.model.logits(hidden[:, -1])[0]
+                first_logits = logits.float().cpu() if return_logits else None
+                pos = start + n
+                for step in range(limit):
+                    token = int(logits.argmax())
+                    if step == 0:
+                        ttft = time.perf_counter() - t0
+                    if token in self.model.stop_token_ids:
+                        break
+                    out.append(token)
+                    if step + 1 == limit:
+                        break
+                    hidden = self.model.run_language_model(
+                        self.model.embed_tokens(torch.tensor([token]))[None],
+                        torch.tensor([pos], device=embeds.device), None, self.hook)
+                    logits = self.model.logits(hidden[:, -1])[0]
+                    pos += 1
+                context_tokens = start
+            finally:
+                self.hook.reset()
+        return Answer(text=self.model.detokenize(out).strip(), latency_s=time.perf_counter() - t0, ttft_s=ttft,
+                      span=self.memory.time_span(), pages_used=pages_used, pages_total=pages_total,
+                      context_tokens=context_tokens, tokens_generated=len(out), token_ids=out,
+                      first_logits=first_logits)
+
+    # ---- state --------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = self.memory.stats()
+        s.update(policy=self.config.policy, frames_seen=self.frames_seen, frames_pending=len(self._pending),
+                 stream_span=self.memory.time_span())
+        return s
+
+    # ---- validation ---------------------------------------------------------------------------------
+    def _check_frame(self, frame):
+        if not isinstance(frame, np.ndarray):
+            raise EngineInputError(f"frame must be a numpy array, got {type(frame).__name__}")
+        if frame.dtype != np.uint8:
+            raise EngineInputError(f"frame must be uint8 RGB, got dtype {frame.dtype}")
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 2 or frame.shape[1] < 2:
+            raise EngineInputError(f"frame must be HxWx3 (RGB), got shape {frame.shape}")
+
+    def _check_question(self, question) -> str:
+        if not isinstance(question, str) or not question.strip():
+            raise EngineInputError("question is empty")
+        question = question.strip()
+        n = len(self.model.tokenize(question))
+        if n > self.config.max_question_tokens:
+            raise EngineInputError(f"question is {n} tokens long; the limit is {self.config.max_question_tokens}")
+        return question
+
+
+def _causal_mask(start: int, n: int, device) -> torch.Tensor:
+    """Boolean mask [1, 1, n, start + n]: new token i sees all `start` context tokens and new tokens <= i."""
+    keys = torch.arange(start + n, device=device)
+    return (keys[None, :] <= (start + torch.arange(n, device=device))[:, None])[None, None]
+
+
+class _device_errors:
+    """Turn a device out-of-memory into EngineResourceError (the caller keeps running)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise EngineResourceError(f"out of device memory while trying to {self.what}; dropped it") from exc
+        return False

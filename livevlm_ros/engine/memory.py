@@ -1,0 +1,162 @@
+"""The streaming memory: one object owns all KV the engine keeps, and its rules.
+
+Tiers, oldest first (this is also the order a context is assembled in):
+  prefix      the system prompt, post-RoPE at positions 0..p-1, never changes
+  long-term   compressed (VSB), windowed, or everything (full / ReKV); on the GPU, or the CPU (ReKV)
+  short-term  the most recent `short_term_frames` frames, whole, on the GPU
+
+Keys of visual tokens are stored pre-RoPE, so they can be placed at any position later.
+The budget (`budget_tokens`) caps prefix + long-term + short-term after every ingest; during one
+clip's prefill the clip's own tokens come on top of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .compression import KeepAll, make_compression
+from .config import EngineConfig
+from .kv_buffer import KVBuffer, Tokens
+from .models.base import KVShape
+
+
+class PageMeans:
+    """Mean pre-RoPE key of every full page of an append-only tier, kept on the GPU, so a
+    question can score pages that live in CPU memory without touching them (ReKV-style)."""
+
+    def __init__(self, kv: KVShape, page_tokens: int):
+        self.page_tokens = page_tokens
+        self.means = torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=torch.float32, device=kv.device)
+        self.tail = torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=kv.dtype, device=kv.device)
+
+    def append(self, keys: torch.Tensor):
+        keys = torch.cat([self.tail, keys.to(self.tail.device)], dim=2)
+        full = keys.shape[2] // self.page_tokens * self.page_tokens
+        L, H, _, D = keys.shape
+        new = keys[:, :, :full].float().view(L, H, -1, self.page_tokens, D).mean(3)
+        self.means = torch.cat([self.means, new], dim=2)
+        self.tail = keys[:, :, full:].clone()
+
+
+class StreamingMemory:
+    def __init__(self, kv: KVShape, config: EngineConfig, tokens_per_frame: int):
+        self.kv, self.config, self.tokens_per_frame = kv, config, tokens_per_frame
+        self.policy = make_compression(config)
+        offload = config.long_term_tier == "cpu"
+        if offload and not isinstance(self.policy, KeepAll):
+            raise ValueError("a CPU long-term tier is only used with keep_all compression")
+        short_cap = (config.short_term_frames + config.frames_per_clip) * tokens_per_frame
+        long_cap = (config.budget_tokens or 0) + short_cap if config.bounded else 0
+        self.long = KVBuffer(kv, "cpu" if offload else kv.device, long_cap,
+                             pin=offload and kv.device.type == "cuda")
+        self.short = KVBuffer(kv, kv.device, short_cap)
+        self.page_means = PageMeans(kv, config.page_tokens) if offload else None
+        self.prefix_keys = self.prefix_values = None
+        self.long_capacity: int | None = None
+        self.frame_times: list[float] = []     # timestamp of every ingested frame, by frame number
+        self.next_token = 0                     # stream index of the next visual token
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def set_prefix(self, keys_rot: torch.Tensor, values: torch.Tensor):
+        self.prefix_keys, self.prefix_values = keys_rot, values
+        if self.config.bounded:
+            short = self.config.short_term_frames * self.tokens_per_frame
+            self.long_capacity = self.config.budget_tokens - self.prefix_len - short
+            if self.long_capacity < self.config.vision_sinks + self.config.page_tokens:
+                raise ValueError(
+                    f"budget_tokens={self.config.budget_tokens} leaves {self.long_capacity} long-term tokens after "
+                    f"the prefix ({self.prefix_len}) and {self.config.short_term_frames} short-term frames "
+                    f"({short}); need at least vision_sinks + page_tokens")
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix_keys is None else self.prefix_keys.shape[2]
+
+    # ---- what a new clip attends to -------------------------------------------------------------
+    def attendable(self) -> Tokens:
+        """Visual memory a new clip attends to while being prefilled, in time order. An offloaded
+        (CPU) long-term tier is not attended during ingest: that is what makes ReKV cheap."""
+        parts = [self.short.view()]
+        if self.page_means is None:
+            parts.insert(0, self.long.view())
+        return Tokens.cat(parts)
+
+    def attendable_len(self) -> int:
+        return self.short.len + (self.long.len if self.page_means is None else 0)
+
+    def add_observations(self, scores: torch.Tensor):
+        """scores [L, n_attendable]: attention the attendable tokens just received."""
+        n_long = self.long.len if self.page_means is None else 0
+        for buf, part in ((self.long, scores[:, :n_long]), (self.short, scores[:, n_long:])):
+            if part.shape[1]:
+                view = buf.view()
+                view.score_sum.add_(part)
+                view.score_cnt.add_(1.0)
+
+    # ---- ingest ---------------------------------------------------------------------------------
+    def commit_clip(self, keys_pre: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None,
+                    frame_times: list[float]):
+        """Append a prefilled clip to short-term memory, then move what leaves it to long-term."""
+        L, n = keys_pre.shape[0], keys_pre.shape[2]
+        dev = keys_pre.device
+        idx = torch.arange(self.next_token, self.next_token + n, device=dev).expand(L, -1)
+        if scores is None:
+            scores = torch.zeros(L, n, device=dev)
+        self.short.append(Tokens(keys_pre, values, idx, scores.float(), torch.ones(L, n, device=dev),
+                                 torch.zeros(L, n, dtype=torch.bool, device=dev)))
+        self.next_token += n
+        self.frame_times.extend(frame_times)
+        self._evict()
+
+    def _evict(self):
+        over = self.short.len - self.config.short_term_frames * self.tokens_per_frame
+        if over <= 0:
+            return
+        evicted = self.short.pop_front(over)
+        if isinstance(self.policy, KeepAll):
+            if self.page_means is not None:
+                self.page_means.append(evicted.keys)
+            self.long.append(evicted)
+            return
+        cand = Tokens.cat([self.long.view(), evicted])
+        keep = self.policy.select(cand, self.long_capacity)
+        self.long.replace(cand if keep is None else cand.gather(keep))
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def frames_ingested(self) -> int:
+        return len(self.frame_times)
+
+    def visual_tokens(self) -> int:
+        return self.long.len + self.short.len
+
+    def total_tokens(self) -> int:
+        return self.prefix_len + self.visual_tokens()
+
+    def time_span(self) -> tuple[float, float] | None:
+        """Stream time (first, last frame timestamp) the memory still holds tokens of."""
+        if self.visual_tokens() == 0:
+            return None
+        first = self.long.view().token_idx.min() if self.long.len else self.short.view().token_idx.min()
+        return self.frame_times[int(first) // self.tokens_per_frame], self.frame_times[-1]
+
+    def stats(self) -> dict:
+        bpt = self.kv.bytes_per_token()
+        offloaded = self.page_means is not None
+        device_tokens = self.prefix_len + self.short.len + (0 if offloaded else self.long.len)
+        offload_tokens = self.long.len if offloaded else 0
+        return {
+            "frames_ingested": self.frames_ingested,
+            "tokens_per_frame": self.tokens_per_frame,
+            "prefix_tokens": self.prefix_len,
+            "long_term_tokens": self.long.len,
+            "short_term_tokens": self.short.len,
+            "vision_sinks": int(self.long.view().sink[0].sum()) if self.long.len else 0,
+            "budget_tokens": self.config.budget_tokens if self.config.bounded else None,
+            # "device" is the model's device (the GPU on a robot); "offload" is host memory (ReKV)
+            "device_tokens": device_tokens,
+            "device_bytes": device_tokens * bpt,
+            "offload_tokens": offload_tokens,
+            "offload_bytes": offload_tokens * bpt,
+            "pages": self.long.len // self.config.page_tokens,
+        }

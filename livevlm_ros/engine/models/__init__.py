@@ -1,0 +1,34 @@
+"""Model adapters, chosen by the checkpoint's `model_type`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import KVShape, ModelLoadError, VideoLLMAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+
+ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
+    LlavaOnevisionAdapter.model_type: LlavaOnevisionAdapter,
+}
+
+
+def load_adapter(model_path: str, device: str, dtype: str) -> VideoLLMAdapter:
+    if not model_path:
+        raise ModelLoadError("model_path is empty: point it at a local from_pretrained folder")
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{path} has no config.json: not a transformers checkpoint folder")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from err
+    if model_type not in ADAPTERS:
+        raise ModelLoadError(f"{path} holds a {model_type!r} model; supported: {sorted(ADAPTERS)}")
+    return ADAPTERS[model_type].from_pretrained(path, device, dtype)
+
+
+__all__ = ["ADAPTERS", "KVShape", "ModelLoadError", "VideoLLMAdapter", "load_adapter"]

@@ -1,0 +1,93 @@
+"""The seam between the engine and a Video LLM family.
+
+The engine never touches model internals directly: an adapter turns frames into visual token
+embeddings, text into token embeddings, runs the language model over embeddings with a KV hook,
+and tells the engine the few shapes it needs. A new family (Qwen2.5-VL, ...) is a new adapter
+registered in `models/__init__.py`, not a fork of the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder is missing, incomplete, or holds a model family we have no adapter for."""
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    q_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def bytes_per_token(self) -> int:
+        """Keys + values of one token over all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+class VideoLLMAdapter(abc.ABC):
+    kv: KVShape
+    tokens_per_frame: int
+    frame_size: tuple[int, int]          # (height, width) the vision tower takes
+    stop_token_ids: tuple[int, ...]
+
+    # ---- vision -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def preprocess(self, frames: list[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 HxWx3 frames -> pixel tensor [F, 3, H, W] on the model device."""
+
+    @abc.abstractmethod
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixel tensor [F, 3, H, W] -> visual token embeddings [F * tokens_per_frame, hidden]."""
+
+    @abc.abstractmethod
+    def video_end_embeddings(self) -> torch.Tensor:
+        """Embeddings the model expects right after a video ([k, hidden], k may be 0)."""
+
+    # ---- text ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def detokenize(self, ids: list[int]) -> str: ...
+
+    @abc.abstractmethod
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [n] -> embeddings [n, hidden]."""
+
+    # ---- language model -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [n] -> (cos, sin), each [n, head_dim], as the model's own rotary module gives them."""
+
+    @abc.abstractmethod
+    def query_projections(self) -> list[torch.nn.Module]:
+        """Per layer, the module whose output is that layer's pre-RoPE queries [1, n, q_heads*head_dim]."""
+
+    @abc.abstractmethod
+    def run_language_model(self, embeds: torch.Tensor, positions: torch.Tensor,
+                           mask: torch.Tensor | None, kv_hook) -> torch.Tensor:
+        """embeds [1, n, hidden], positions [n] -> final hidden states [1, n, hidden].
+
+        `kv_hook` is handed to every attention layer as its cache: layer i calls
+        kv_hook.update(key_states, value_states, i, ...) and attends to what it returns."""
+
+    @abc.abstractmethod
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+def cache_kwarg_name(forward) -> str:
+    """transformers 5.24 renamed the forward argument `past_key_values` to `cache` (the old name
+    is deprecated until 5.40); 5.17 only knows `past_key_values`. Passing the wrong one is
+    silently swallowed by **kwargs, so ask the signature."""
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
