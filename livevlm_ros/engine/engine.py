@@ -91,9 +91,20 @@ class LiveVLMEngine:
         frames, times = zip(*self._pending)
         self._pending = []
         with _device_errors("ingest a clip"):
-            embeds = self.model.encode_frames(self.model.preprocess(list(frames)))
-            keys_pre, _, values, scores = self._prefill(embeds, score=self.compression.needs_scores)
-            self.memory.commit_clip(keys_pre, values, scores, list(times))
+            self._commit(self.model.encode_frames(self.model.preprocess(list(frames))), list(times))
+
+    def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[float]):
+        """Prefill precomputed token embeddings [n_frames * tokens_per_frame, hidden] as frames,
+        e.g. chunks of text streamed through a text-only model (the quality benchmark does this)."""
+        if embeds.ndim != 2 or embeds.shape[0] != len(timestamps) * self.model.tokens_per_frame:
+            raise EngineInputError(f"need [{len(timestamps)} x {self.model.tokens_per_frame}, hidden] embeddings, "
+                                   f"got {tuple(embeds.shape)}")
+        with _device_errors("ingest embeddings"):
+            self._commit(embeds.to(self.model.kv.device, self.model.kv.dtype), list(timestamps))
+
+    def _commit(self, embeds: torch.Tensor, times: list[float]):
+        keys_pre, _, values, scores = self._prefill(embeds, score=self.compression.needs_scores)
+        self.memory.commit_clip(keys_pre, values, scores, times)
 
     def _prefill_prefix(self):
         ids = torch.tensor(self.model.tokenize(self.config.system_prompt), dtype=torch.long)

@@ -95,7 +95,7 @@ class TopKPages(ContextSelector):
             means = memory.page_means.means[layer]
         else:
             keys = long.keys[layer][:, free_pos[: full_pages * P]]
-            means = keys.float().view(keys.shape[0], full_pages, P, -1).mean(2)
+            means = keys.float().view(keys.shape[0], full_pages, P, keys.shape[-1]).mean(2)
         top = page_scores(question_q, means).topk(k).indices if k else means.new_empty(0, dtype=torch.long)
         top = top.to(free_pos.device).sort().values
         in_pages = (top[:, None] * P + torch.arange(P, device=free_pos.device)).flatten()
