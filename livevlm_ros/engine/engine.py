@@ -57,7 +57,7 @@ class Answer:
 class LiveVLMEngine:
     def __init__(self, config: EngineConfig, adapter: VideoLLMAdapter | None = None):
         self.config = config.validate()
-        self.model = adapter or load_adapter(config.model_path, config.device, config.dtype)
+        self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, **config.extra)
         self.memory = StreamingMemory(self.model.kv, config, self.model.tokens_per_frame)
         self.compression = self.memory.policy
         self.selector = make_selector(config)
@@ -118,7 +118,7 @@ class LiveVLMEngine:
         positions = torch.arange(start, start + n, device=embeds.device)
         self.hook.begin_ingest(positions, self.config.observation_window if score else None)
         try:
-            self.model.run_language_model(embeds[None], positions, _causal_mask(start, n, embeds.device), self.hook)
+            self.model.run_language_model(embeds[None], positions, self.hook)
         except BaseException:
             self.hook.reset()
             raise
@@ -160,8 +160,7 @@ class LiveVLMEngine:
             try:
                 n = embeds.shape[0]
                 positions = torch.arange(start, start + n, device=embeds.device)
-                hidden = self.model.run_language_model(embeds[None], positions,
-                                                       _causal_mask(start, n, embeds.device), self.hook)
+                hidden = self.model.run_language_model(embeds[None], positions, self.hook)
                 logits = self.model.logits(hidden[:, -1])[0]
                 first_logits = logits.float().cpu() if return_logits else None
                 pos = start + n
@@ -176,7 +175,7 @@ class LiveVLMEngine:
                         break
                     hidden = self.model.run_language_model(
                         self.model.embed_tokens(torch.tensor([token]))[None],
-                        torch.tensor([pos], device=embeds.device), None, self.hook)
+                        torch.tensor([pos], device=embeds.device), self.hook)
                     logits = self.model.logits(hidden[:, -1])[0]
                     pos += 1
                 context_tokens = start
@@ -211,12 +210,6 @@ class LiveVLMEngine:
         if n > self.config.max_question_tokens:
             raise EngineInputError(f"question is {n} tokens long; the limit is {self.config.max_question_tokens}")
         return question
-
-
-def _causal_mask(start: int, n: int, device) -> torch.Tensor:
-    """Boolean mask [1, 1, n, start + n]: new token i sees all `start` context tokens and new tokens <= i."""
-    keys = torch.arange(start + n, device=device)
-    return (keys[None, :] <= (start + torch.arange(n, device=device))[:, None])[None, None]
 
 
 class _device_errors:

@@ -30,6 +30,10 @@ class MemoryKVHook:
         for i, module in enumerate(query_modules):
             module.register_forward_hook(self._query_hook(i))
         self.mode = None
+        # For tests and benchmarks: the stream indices of the long-term tokens each layer read in
+        # the last answer (off by default: it costs a device->host copy per layer).
+        self.record_selection = False
+        self.last_selection: dict[int, torch.Tensor] = {}
 
     def _query_hook(self, layer: int):
         def hook(module, args, output):
@@ -110,6 +114,9 @@ class MemoryKVHook:
             mem = self.memory
             q = self._query_heads(layer, self._question_rows) if self._selector.uses_question else None
             index = self._selector.select_long(mem, layer, q)
+            if self.record_selection:
+                chosen = mem.long.view().token_idx[layer]
+                self.last_selection[layer] = (chosen if index is None else chosen[index]).cpu()
             long = mem.long.view().slice(0, None)
             long_layer = _layer(long, layer, index)
             short_layer = _layer(mem.short.view().slice(self._short_from), layer, None)

@@ -7,16 +7,22 @@ from pathlib import Path
 
 from .base import KVShape, ModelLoadError, VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .text_lm import TextLMAdapter
 
 ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
     LlavaOnevisionAdapter.model_type: LlavaOnevisionAdapter,
 }
+TEXT_MODEL_TYPES = ("llama", "qwen2", "mistral")      # text-only decoders: benchmarks, not the node
 
 
-def load_adapter(model_path: str, device: str, dtype: str) -> VideoLLMAdapter:
+def load_adapter(model_path: str, device: str, dtype: str, **options) -> VideoLLMAdapter:
     if not model_path:
         raise ModelLoadError("model_path is empty: point it at a local from_pretrained folder")
     path = Path(model_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return TextLMAdapter.from_pretrained(path, device, dtype, **options)
     if not path.is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
     config_file = path / "config.json"
@@ -26,9 +32,12 @@ def load_adapter(model_path: str, device: str, dtype: str) -> VideoLLMAdapter:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from err
+    if model_type in TEXT_MODEL_TYPES:
+        return TextLMAdapter.from_pretrained(path, device, dtype, **options)
     if model_type not in ADAPTERS:
-        raise ModelLoadError(f"{path} holds a {model_type!r} model; supported: {sorted(ADAPTERS)}")
-    return ADAPTERS[model_type].from_pretrained(path, device, dtype)
+        raise ModelLoadError(f"{path} holds a {model_type!r} model; supported: {sorted(ADAPTERS)} "
+                             f"(and text-only {list(TEXT_MODEL_TYPES)})")
+    return ADAPTERS[model_type].from_pretrained(path, device, dtype, **options)
 
 
 __all__ = ["ADAPTERS", "KVShape", "ModelLoadError", "VideoLLMAdapter", "load_adapter"]

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import attention
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class ModelLoadError(RuntimeError):
     """The model folder is missing, incomplete, or holds a model family we have no adapter for."""
@@ -74,15 +79,63 @@ class VideoLLMAdapter(abc.ABC):
         """Per layer, the module whose output is that layer's pre-RoPE queries [1, n, q_heads*head_dim]."""
 
     @abc.abstractmethod
-    def run_language_model(self, embeds: torch.Tensor, positions: torch.Tensor,
-                           mask: torch.Tensor | None, kv_hook) -> torch.Tensor:
+    def run_language_model(self, embeds: torch.Tensor, positions: torch.Tensor, kv_hook) -> torch.Tensor:
         """embeds [1, n, hidden], positions [n] -> final hidden states [1, n, hidden].
 
         `kv_hook` is handed to every attention layer as its cache: layer i calls
-        kv_hook.update(key_states, value_states, i, ...) and attends to what it returns."""
+        kv_hook.update(key_states, value_states, i, ...) and attends to what it returns, new
+        token j seeing all context keys and new keys up to j (see attention.py)."""
 
     @abc.abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+class TransformersLanguageModel:
+    """The language-model half of an adapter, shared by every transformers decoder whose attention
+    layers call `cache.update(...)` (Qwen2, Llama, ...). Needs `self._lm` (the decoder model with
+    `.layers`, `.rotary_emb`, `.embed_tokens`), `self._lm_head`, `self.tokenizer` and `self.kv`."""
+
+    def _init_language_model(self, lm, lm_head, tokenizer):
+        self._lm, self._lm_head, self.tokenizer = lm, lm_head, tokenizer
+        self._cache_kwarg = cache_kwarg_name(lm.forward)
+        # only the language model switches to our attention; a vision tower keeps its own
+        lm.config._attn_implementation = attention.register()
+        stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_token_ids = tuple(sorted(t for t in stops if isinstance(t, int) and t >= 0))
+
+    @staticmethod
+    def _kv_shape(text_config, param) -> KVShape:
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        return KVShape(layers=text_config.num_hidden_layers, kv_heads=text_config.num_key_value_heads,
+                       q_heads=text_config.num_attention_heads, head_dim=head_dim,
+                       dtype=param.dtype, device=param.device)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._lm.embed_tokens(ids.to(self.kv.device))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = torch.empty(0, dtype=self.kv.dtype, device=self.kv.device)
+        cos, sin = self._lm.rotary_emb(probe, positions.to(self.kv.device)[None])
+        return cos[0], sin[0]
+
+    def query_projections(self) -> list[torch.nn.Module]:
+        return [layer.self_attn.q_proj for layer in self._lm.layers]
+
+    @torch.inference_mode()
+    def run_language_model(self, embeds, positions, kv_hook):
+        out = self._lm(inputs_embeds=embeds, position_ids=positions[None], use_cache=True,
+                       **{self._cache_kwarg: kv_hook})
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(hidden)
 
 
 def cache_kwarg_name(forward) -> str:
