@@ -1,0 +1,1 @@
+"""The rclpy shell around the engine: the node, image conversion, bag replay."""

@@ -1,0 +1,90 @@
+"""Play the image topics of a rosbag2 (sqlite3 or mcap) into ROS, at real or accelerated rate.
+
+    livevlm_replay BAG [--rate 1.0] [--topics /camera/image_raw ...] [--remap /a:=/b] [--clock]
+
+On a ROS 2 install `ros2 bag play BAG` does the same; this tool exists because rosbag2_py cannot be
+installed from PyPI. It reads the bag with `rosbags` and publishes each message's serialized CDR
+bytes unchanged (no decode/encode), paced by the bag's receive timestamps. --clock publishes
+/clock as well, for nodes running with use_sim_time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import rclpy
+from rclpy.node import Node
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import CompressedImage, Image
+
+MSG_TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/CompressedImage": CompressedImage}
+
+
+class BagReplayer(Node):
+    def __init__(self, bag: Path, rate: float, topics: list[str] | None, remap: dict[str, str], clock: bool):
+        super().__init__("livevlm_replay")
+        self.bag, self.rate, self.topics, self.remap = bag, rate, topics, remap
+        self.clock_pub = self.create_publisher(Clock, "/clock", 10) if clock else None
+        self.published = 0
+
+    def play(self) -> int:
+        from rosbags.highlevel import AnyReader
+
+        with AnyReader([self.bag]) as reader:
+            conns = [c for c in reader.connections if c.msgtype in MSG_TYPES
+                     and (not self.topics or c.topic in self.topics)]
+            if not conns:
+                raise SystemExit(f"{self.bag}: no image topics to play (have: "
+                                 f"{sorted({c.topic for c in reader.connections})})")
+            pubs = {c.id: self.create_publisher(MSG_TYPES[c.msgtype], self.remap.get(c.topic, c.topic), 10)
+                    for c in conns}
+            self.get_logger().info(f"playing {len(conns)} topic(s) from {self.bag} at rate {self.rate or 'max'}")
+            time.sleep(0.5)                                  # let discovery match subscribers first
+            wall0 = bag0 = None
+            for conn, stamp, raw in reader.messages(connections=conns):
+                if not rclpy.ok():
+                    break
+                if wall0 is None:
+                    wall0, bag0 = time.monotonic(), stamp
+                if self.rate > 0:
+                    delay = wall0 + (stamp - bag0) * 1e-9 / self.rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                if self.clock_pub is not None:
+                    clock = Clock()
+                    clock.clock.sec, clock.clock.nanosec = divmod(stamp, 1_000_000_000)
+                    self.clock_pub.publish(clock)
+                pubs[conn.id].publish(bytes(raw))
+                self.published += 1
+        return self.published
+
+
+def main(argv=None):
+    argv = sys.argv if argv is None else argv
+    ros_args = rclpy.utilities.remove_ros_args(argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bag", type=Path)
+    ap.add_argument("--rate", type=float, default=1.0, help="playback speed (0 = as fast as possible)")
+    ap.add_argument("--topics", nargs="*", help="image topics to play (default: all image topics)")
+    ap.add_argument("--remap", nargs="*", default=[], help="FROM:=TO topic renames")
+    ap.add_argument("--clock", action="store_true", help="also publish /clock")
+    args = ap.parse_args(ros_args[1:])
+    remap = dict(r.split(":=", 1) for r in args.remap)
+    rclpy.init(args=argv)
+    node = BagReplayer(args.bag, args.rate, args.topics, remap, args.clock)
+    try:
+        n = node.play()
+        time.sleep(0.5)                                      # let the last messages leave
+        print(f"published {n} messages", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
