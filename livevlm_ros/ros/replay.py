@@ -24,11 +24,20 @@ MSG_TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/CompressedImage": 
 
 
 class BagReplayer(Node):
-    def __init__(self, bag: Path, rate: float, topics: list[str] | None, remap: dict[str, str], clock: bool):
+    def __init__(self, bag: Path, rate: float, topics: list[str] | None, remap: dict[str, str], clock: bool,
+                 wait_subscribers: float = 5.0):
         super().__init__("livevlm_replay")
         self.bag, self.rate, self.topics, self.remap = bag, rate, topics, remap
+        self.wait_subscribers = wait_subscribers
         self.clock_pub = self.create_publisher(Clock, "/clock", 10) if clock else None
         self.published = 0
+
+    def _wait_for_subscribers(self, pubs, timeout: float):
+        """Discovery takes a moment: give subscribers that time before the first message."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not all(p.get_subscription_count() for p in pubs):
+            time.sleep(0.05)
+        time.sleep(0.2)                                    # matched; let the reverse direction settle
 
     def play(self) -> int:
         from rosbags.highlevel import AnyReader
@@ -42,7 +51,7 @@ class BagReplayer(Node):
             pubs = {c.id: self.create_publisher(MSG_TYPES[c.msgtype], self.remap.get(c.topic, c.topic), 10)
                     for c in conns}
             self.get_logger().info(f"playing {len(conns)} topic(s) from {self.bag} at rate {self.rate or 'max'}")
-            time.sleep(0.5)                                  # let discovery match subscribers first
+            self._wait_for_subscribers(list(pubs.values()), self.wait_subscribers)
             wall0 = bag0 = None
             for conn, stamp, raw in reader.messages(connections=conns):
                 if not rclpy.ok():
@@ -71,10 +80,12 @@ def main(argv=None):
     ap.add_argument("--topics", nargs="*", help="image topics to play (default: all image topics)")
     ap.add_argument("--remap", nargs="*", default=[], help="FROM:=TO topic renames")
     ap.add_argument("--clock", action="store_true", help="also publish /clock")
+    ap.add_argument("--wait-subscribers", type=float, default=5.0,
+                    help="seconds to wait for every topic to have a subscriber before playing")
     args = ap.parse_args(ros_args[1:])
     remap = dict(r.split(":=", 1) for r in args.remap)
     rclpy.init(args=argv)
-    node = BagReplayer(args.bag, args.rate, args.topics, remap, args.clock)
+    node = BagReplayer(args.bag, args.rate, args.topics, remap, args.clock, args.wait_subscribers)
     try:
         n = node.play()
         time.sleep(0.5)                                      # let the last messages leave

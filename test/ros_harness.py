@@ -1,0 +1,123 @@
+"""Real processes over real DDS for the node tests: the node runs as its own process (as on a robot),
+the test is a second process with an rclpy client node. Traffic stays on this machine and on a
+domain of its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+# isolate before rclpy is imported anywhere in this process
+os.environ["ROS_DOMAIN_ID"] = str(150 + os.getpid() % 80)
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+
+import rclpy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+
+from livevlm_ros.msg import Narration  # noqa: E402
+from livevlm_ros.srv import Query  # noqa: E402
+
+
+class NodeProcess:
+    """`livevlm_node --ros-args --params-file X.yaml`, exactly as a user starts it without launch."""
+
+    def __init__(self, tmp: Path, params: dict, namespace: str | None = None):
+        self.params_file = tmp / f"params_{(namespace or 'root').strip('/')}_{time.monotonic_ns()}.yaml"
+        self.params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+        cmd = ["livevlm_node", "--ros-args", "--params-file", str(self.params_file)]
+        if namespace:
+            cmd += ["-r", f"__ns:={namespace}"]
+        self.log = tmp / f"{self.params_file.stem}.log"
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self):
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Client:
+    """An rclpy node that plays the robot: publishes camera frames, calls the service, listens."""
+
+    def __init__(self, namespace: str = ""):
+        if not rclpy.ok():
+            rclpy.init()
+        self.ns = namespace.rstrip("/")
+        self.node = Node(f"test_client_{time.monotonic_ns()}")
+        self.narrations: list[Narration] = []
+        self.status: dict[str, dict] = {}
+        self.node.create_subscription(Narration, f"{self.ns}/livevlm/narration", self.narrations.append, 10)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+        self.image_pub = self.node.create_publisher(Image, "/camera/image_raw", qos_profile_sensor_data)
+        self.jpeg_pub = self.node.create_publisher(CompressedImage, "/camera/image_raw/compressed",
+                                                   qos_profile_sensor_data)
+        self.query_client = self.node.create_client(Query, f"{self.ns}/livevlm/query")
+        self.executor = MultiThreadedExecutor(num_threads=2)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _on_diag(self, msg: DiagnosticArray):
+        for s in msg.status:
+            level = ord(s.level) if isinstance(s.level, bytes) else s.level     # a ROS byte
+            self.status[s.name] = {"level": level, "message": s.message, **{kv.key: kv.value for kv in s.values}}
+
+    def node_status(self, namespace: str = "") -> dict | None:
+        return self.status.get(f"{namespace.rstrip('/')}/livevlm: engine")
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise TimeoutError(f"waited {timeout} s for {what}")
+
+    def wait_ready(self, node: NodeProcess, timeout: float = 60.0):
+        def ready():
+            assert node.alive(), node.output()
+            s = self.node_status(self.ns)
+            return s if s and s["engine"] in ("ready", "failed") else None
+        status = self.wait_for(ready, timeout, "the node's engine to load")
+        self.wait_for(lambda: self.query_client.service_is_ready(), 10, "the query service")
+        return status
+
+    def image(self, stamp: float, rgb: np.ndarray | None = None, encoding: str = "rgb8",
+              truncate: int = 0) -> Image:
+        rgb = rgb if rgb is not None else np.random.default_rng(int(stamp * 10)).integers(
+            0, 256, (48, 64, 3), dtype=np.uint8)
+        msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding=encoding, step=rgb.shape[1] * 3)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp), int((stamp % 1) * 1e9)
+        data = rgb.tobytes()
+        msg.data = data[: len(data) - truncate]
+        return msg
+
+    def query(self, question: str, max_new_tokens: int = 4, timeout: float = 60.0) -> Query.Response:
+        future = self.query_client.call_async(Query.Request(question=question, max_new_tokens=max_new_tokens))
+        return self.wait_for(lambda: future.done() and future.result(), timeout, f"an answer to {question!r}")
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.thread.join(5)
