@@ -101,6 +101,9 @@ class Client:
             return s if s and s["engine"] in ("ready", "failed") else None
         status = self.wait_for(ready, timeout, "the node's engine to load")
         self.wait_for(lambda: self.query_client.service_is_ready(), 10, "the query service")
+        # service_is_ready() sees the server's request reader; the server may not have matched our
+        # response reader yet (a DDS discovery race that loses the reply): give discovery a moment.
+        time.sleep(1.0)
         return status
 
     def image(self, stamp: float, rgb: np.ndarray | None = None, encoding: str = "rgb8",

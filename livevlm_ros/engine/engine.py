@@ -156,7 +156,7 @@ class LiveVLMEngine:
         pages_used, pages_total = selector.pages_used(self.memory)
         out, first_logits, ttft = [], None, 0.0
         with _device_errors("answer"):
-            start = self.hook.begin_answer(selector, rows)
+            start = self.hook.begin_answer(selector, rows, limit)
             try:
                 n = embeds.shape[0]
                 positions = torch.arange(start, start + n, device=embeds.device)

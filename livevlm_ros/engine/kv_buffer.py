@@ -95,6 +95,11 @@ class KVBuffer:
         return Tokens(self.keys[:, :, :n], self.values[:, :, :n], self.token_idx[:, :n],
                       self.score_sum[:, :n], self.score_cnt[:, :n], self.sink[:, :n])
 
+    def reserve(self, capacity: int):
+        """Grow to hold `capacity` tokens now (e.g. a known stream length), not by doubling later."""
+        if capacity > self.capacity:
+            self._alloc(capacity)
+
     def append(self, t: Tokens):
         if self.len + t.n > self.capacity:
             self._alloc(max(2 * self.capacity, self.len + t.n))

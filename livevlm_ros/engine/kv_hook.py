@@ -96,17 +96,19 @@ class MemoryKVHook:
         return out
 
     # ---- answer -----------------------------------------------------------------------------------
-    def begin_answer(self, selector: ContextSelector, question_rows: slice):
+    def begin_answer(self, selector: ContextSelector, question_rows: slice, max_new_tokens: int):
         mem = self.memory
         self.mode = "answer"
         self._selector, self._question_rows = selector, question_rows
+        self._room = max_new_tokens
         n_long, self._short_from = selector.plan(mem)
         self.context_tokens = n_long + mem.short.len - self._short_from
         p = mem.prefix_len
         self._ctx_rope = self.rope(torch.arange(p, p + self.context_tokens))
         self._capture = selector.uses_question
-        self._answer_k: dict[int, torch.Tensor] = {}
+        self._answer_k: dict[int, torch.Tensor] = {}     # per layer: context + question + room to decode
         self._answer_v: dict[int, torch.Tensor] = {}
+        self._answer_len: dict[int, int] = {}
         return p + self.context_tokens
 
     def _update_answer(self, k_new, v_new, layer):
@@ -122,10 +124,20 @@ class MemoryKVHook:
             short_layer = _layer(mem.short.view().slice(self._short_from), layer, None)
             ctx = Tokens.cat([long_layer.to(mem.kv.device, non_blocking=True), short_layer])
             keys, values = self._context(layer, ctx, self._ctx_rope, layer_sliced=True)
-            self._answer_k[layer], self._answer_v[layer] = keys, values
-        self._answer_k[layer] = torch.cat([self._answer_k[layer], k_new[0]], 1)
-        self._answer_v[layer] = torch.cat([self._answer_v[layer], v_new[0]], 1)
-        return self._answer_k[layer][None], self._answer_v[layer][None]
+            # one allocation per answer: decoding writes in place instead of re-copying the context
+            n = keys.shape[1]
+            size = (keys.shape[0], n + k_new.shape[2] + self._room, keys.shape[2])
+            self._answer_k[layer] = keys.new_empty(size)
+            self._answer_v[layer] = values.new_empty(size)
+            self._answer_k[layer][:, :n] = keys
+            self._answer_v[layer][:, :n] = values
+            self._answer_len[layer] = n
+        start = self._answer_len[layer]
+        stop = start + k_new.shape[2]
+        self._answer_k[layer][:, start:stop] = k_new[0]
+        self._answer_v[layer][:, start:stop] = v_new[0]
+        self._answer_len[layer] = stop
+        return self._answer_k[layer][None, :, :stop], self._answer_v[layer][None, :, :stop]
 
     def reset(self):
         """Leave any mode, dropping everything an unfinished ingest or an answer built."""

@@ -1,0 +1,457 @@
+"""Speed, memory and scale of the engine on one GPU, every policy side by side, in one run.
+
+    python3 benchmarks/gpu_bench.py --out results/         # on the GPU machine (~8 min)
+    python3 benchmarks/gpu_bench.py --tiny --out /tmp/b    # smoke test of the script on a CPU
+
+Random-weight LLaVA-OneVision at its real 7B shapes (SigLIP-so400m 384 px + Qwen2-7B), bf16:
+the shapes, not the weights, decide speed and memory. Prints a table of ratios last and writes
+results.json (+ PNG plots if matplotlib is there).
+
+Two kinds of stream:
+  real       frames go through the vision tower and the language-model prefill (ingest speed,
+             VSB overhead, 256-frame answers);
+  simulated  memory is filled with random KV through the same StreamingMemory code path that a real
+             clip takes (commit_clip: short-term, eviction, VSB selection, offload) but without the
+             model forward, to reach 1 h and longer streams inside the time limit. Answer latency
+             on them is real: the question runs through the model against that memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
+from livevlm_ros.engine.kv_buffer import Tokens  # noqa: E402
+from livevlm_ros.engine.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
+from livevlm_ros.tools.make_tiny_model import build_tokenizer  # noqa: E402
+
+SHAPES = {
+    "7b": dict(vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                           image_size=384, patch_size=14),
+               text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064)),
+    "0.5b": dict(vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                             image_size=384, patch_size=14),
+                 text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                           num_key_value_heads=2, vocab_size=151936)),
+    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=56, patch_size=8),
+                 text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=600)),
+}
+QUESTION = "Where did I last see the red toolbox, and was the door on the left open?"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_adapter(shape: str, device: str, dtype: torch.dtype) -> LlavaOnevisionAdapter:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    s = SHAPES[shape]
+    tok = build_tokenizer()
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", **s["vision"]),
+        text_config=dict(model_type="qwen2", max_position_embeddings=1 << 20, rope_theta=1e6, **s["text"]),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = LlavaOnevisionForConditionalGeneration(cfg)
+    torch.set_default_dtype(old)
+    model.config.text_config._attn_implementation = "sdpa"
+    model.config.vision_config._attn_implementation = "sdpa"
+    return LlavaOnevisionAdapter(model.eval(), tok, [0.5] * 3, [0.5] * 3)
+
+
+def flops_per_frame(adapter, context_tokens: int) -> dict:
+    """Matmul FLOPs of one frame: vision tower + projector + LM prefill of its tokens."""
+    c = adapter.model.config
+    v, t = c.vision_config, c.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    vis = v.num_hidden_layers * (2 * patches * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+                                 + 4 * patches * patches * v.hidden_size)
+    proj = 2 * patches * (v.hidden_size * t.hidden_size + t.hidden_size * t.hidden_size)
+    n = adapter.tokens_per_frame
+    kv = t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)
+    per_tok = t.num_hidden_layers * 2 * (2 * t.hidden_size ** 2 + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size)
+    attn = t.num_hidden_layers * 4 * n * (context_tokens + n / 2) * t.hidden_size
+    return {"vision": vis, "projector": proj, "lm": n * per_tok + attn, "total": vis + proj + n * per_tok + attn}
+
+
+def lm_weight_bytes(adapter) -> int:
+    return sum(p.numel() * p.element_size() for p in adapter.model.model.language_model.parameters()) + \
+        adapter.model.lm_head.weight.numel() * adapter.model.lm_head.weight.element_size()
+
+
+def make_engine(adapter, policy: str, budget: int | None, **kw) -> LiveVLMEngine:
+    cfg = EngineConfig(policy=policy, budget_tokens=budget, sample_fps=0, device=str(adapter.kv.device),
+                       dtype="bfloat16", max_new_tokens=16, **kw)
+    return LiveVLMEngine(cfg, adapter=adapter)
+
+
+def random_frames(n: int, h=480, w=640, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return [np.roll(base, 7 * i, axis=1) for i in range(n)]
+
+
+def simulate_fill(engine: LiveVLMEngine, frames: int, clip_frames: int = 8):
+    """Push `frames` frames of random KV through StreamingMemory.commit_clip (no model forward)."""
+    mem, kv = engine.memory, engine.model.kv
+    T = engine.model.tokens_per_frame
+    if mem.page_means is not None or not engine.config.bounded:
+        mem.long.reserve(frames * T)
+    g = torch.Generator(device=kv.device).manual_seed(1)
+    done = 0
+    while done < frames:
+        f = min(clip_frames, frames - done)
+        n = f * T
+        keys = torch.randn(kv.layers, kv.kv_heads, n, kv.head_dim, device=kv.device, dtype=kv.dtype, generator=g)
+        values = torch.randn(kv.layers, kv.kv_heads, n, kv.head_dim, device=kv.device, dtype=kv.dtype, generator=g)
+        scores = torch.rand(kv.layers, n, device=kv.device, generator=g) if engine.compression.needs_scores else None
+        mem.commit_clip(keys, values, scores, [float(done + i) for i in range(f)])
+        done += f
+    sync()
+
+
+def time_answer(engine, repeats=3, max_new_tokens=16):
+    """(ttft, full answer latency, decode tokens/s), medians; the answer is forced to full length."""
+    stops = engine.model.stop_token_ids
+    engine.model.stop_token_ids = ()           # random weights: never stop early, time the full answer
+    try:
+        engine.ask(QUESTION, max_new_tokens=2)  # warm-up
+        ttft, total, tps = [], [], []
+        for _ in range(repeats):
+            sync()
+            a = engine.ask(QUESTION, max_new_tokens=max_new_tokens)
+            sync()
+            ttft.append(a.ttft_s)
+            total.append(a.latency_s)
+            tps.append((a.tokens_generated - 1) / max(a.latency_s - a.ttft_s, 1e-9))
+        return float(np.median(ttft)), float(np.median(total)), float(np.median(tps)), a
+    finally:
+        engine.model.stop_token_ids = stops
+
+
+def gpu_mem():
+    if not torch.cuda.is_available():
+        return 0, 0
+    return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free(*objs):
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+def bench_matmul_and_copy(device):
+    if device == "cpu":
+        return None, None
+    import triton.testing as tt
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = tt.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    x = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)     # 2 GiB
+    y = torch.empty_like(x)
+    ms_copy = tt.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    free(a, b, x, y)
+    return 2 * 8192 ** 3 / ms / 1e9, 2 * 2 * (1 << 30) / ms_copy / 1e9     # TFLOP/s, GB/s (read+write)
+
+
+def bench_ingest(adapter, results, n_frames, clip_sizes):
+    """Real frames through vision tower + prefill, VSB on; steady state once memory is full."""
+    T = adapter.tokens_per_frame
+    out = {}
+    frames = random_frames(n_frames)
+    for clip in clip_sizes:
+        engine = make_engine(adapter, "livevlm", 12288 if T > 100 else 34 + 2 * T + 256, frames_per_clip=clip)
+        warm = max(2 * clip, (engine.config.budget_tokens // T) + 2 * clip)     # fill memory first
+        for i in range(warm):
+            engine.ingest(frames[i % len(frames)], float(i))
+        sync()
+        reset_peak()
+        t0 = time.perf_counter()
+        n = 0
+        for i in range(warm, warm + n_frames):
+            engine.ingest(frames[i % len(frames)], float(i))
+            n += 1
+        engine.flush()
+        sync()
+        dt = (time.perf_counter() - t0) / n
+        ctx = engine.memory.total_tokens()
+        fl = flops_per_frame(adapter, ctx)
+        out[f"clip{clip}"] = dict(ms_per_frame=dt * 1e3, fps=1 / dt, memory_tokens=ctx, flops_per_frame=fl,
+                                  achieved_tflops=fl["total"] / dt / 1e12, peak_bytes=gpu_mem()[1])
+        log(f"ingest livevlm clip={clip}: {dt * 1e3:.1f} ms/frame ({1 / dt:.1f} fps), "
+            f"{fl['total'] / dt / 1e12:.0f} TFLOP/s achieved, memory {ctx} tokens")
+        free(engine)
+    results["ingest"] = out
+
+
+def bench_ingest_vsb_off(adapter, results, n_frames):
+    """Same stream without VSB scoring (sliding window): the cost of VSB."""
+    T = adapter.tokens_per_frame
+    frames = random_frames(n_frames)
+    engine = make_engine(adapter, "sliding_window", 12288 if T > 100 else 34 + 2 * T + 256, frames_per_clip=1)
+    warm = engine.config.budget_tokens // T + 2
+    for i in range(warm):
+        engine.ingest(frames[i % len(frames)], float(i))
+    sync()
+    t0 = time.perf_counter()
+    for i in range(warm, warm + n_frames):
+        engine.ingest(frames[i % len(frames)], float(i))
+    sync()
+    dt = (time.perf_counter() - t0) / n_frames
+    results["ingest"]["sliding_window_clip1"] = dict(ms_per_frame=dt * 1e3)
+    log(f"ingest sliding_window clip=1 (no VSB scores): {dt * 1e3:.1f} ms/frame")
+    free(engine)
+
+
+def bench_hf_baseline(adapter, results, n_frames):
+    """Plain transformers: one frame per call into a growing DynamicCache (the baseline to beat)."""
+    from transformers import DynamicCache
+
+    lm = adapter.model.model.language_model
+    cfg = lm.config
+    saved = cfg._attn_implementation
+    cfg._attn_implementation = "sdpa"
+    kw = adapter._cache_kwarg
+    try:
+        frames = random_frames(n_frames)
+        cache = DynamicCache(config=cfg)
+        times = []
+        with torch.inference_mode():
+            for i in range(n_frames):
+                sync()
+                t0 = time.perf_counter()
+                emb = adapter.encode_frames(adapter.preprocess([frames[i]]))[None]
+                lm(inputs_embeds=emb, use_cache=True, **{kw: cache})
+                sync()
+                times.append(time.perf_counter() - t0)
+            # question with the full cache (text only, like the engine's suffix)
+            ids = torch.tensor([adapter.tokenize(QUESTION)], device=adapter.kv.device)
+            emb = lm.embed_tokens(ids)
+            ttfts = []
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                out = lm(inputs_embeds=emb, use_cache=True, **{kw: cache})
+                adapter.model.lm_head(out.last_hidden_state[:, -1])
+                sync()
+                ttfts.append(time.perf_counter() - t0)
+                cache.crop(-ids.shape[1])           # drop the question again
+    finally:
+        cfg._attn_implementation = saved
+    results["hf_baseline"] = dict(ms_per_frame_first10=float(np.median(times[:10]) * 1e3),
+                                  ms_per_frame_last10=float(np.median(times[-10:]) * 1e3),
+                                  frames=n_frames, ttft_s=float(np.median(ttfts)))
+    log(f"HF DynamicCache baseline: {np.median(times[:10]) * 1e3:.1f} ms/frame at start, "
+        f"{np.median(times[-10:]) * 1e3:.1f} ms/frame at {n_frames} frames; TTFT {np.median(ttfts) * 1e3:.1f} ms")
+    free(cache)
+
+
+def bench_response(adapter, results, lengths, budget):
+    """TTFT / answer latency / decode rate vs stream length, every policy, simulated streams."""
+    T = adapter.tokens_per_frame
+    rows = []
+    for frames in lengths:
+        for policy in ("livevlm", "sliding_window", "rekv", "full"):
+            kw = {}
+            if policy == "rekv":      # read as many tokens as LiveVLM's whole memory (equal context)
+                kw["retrieval_ratio"] = min(1.0, budget / max(1, frames * T))
+            engine = None
+            try:
+                reset_peak()
+                engine = make_engine(adapter, policy, budget if policy in ("livevlm", "sliding_window") else None, **kw)
+                simulate_fill(engine, frames)
+                ttft, total, tps, a = time_answer(engine)
+                alloc, peak = gpu_mem()
+                s = engine.stats()
+                row = dict(policy=policy, frames=frames, ttft_ms=ttft * 1e3, answer_ms=total * 1e3, decode_tps=tps,
+                           context_tokens=a.context_tokens, device_kv_bytes=s["device_bytes"],
+                           offload_kv_bytes=s["offload_bytes"], gpu_allocated=alloc, gpu_peak=peak)
+            except torch.OutOfMemoryError as err:
+                row = dict(policy=policy, frames=frames, oom=str(err).splitlines()[0][:120])
+            except Exception as err:          # noqa: BLE001 - EngineResourceError wraps OOM
+                row = dict(policy=policy, frames=frames, error=f"{type(err).__name__}: {str(err)[:160]}")
+            rows.append(row)
+            log("response", json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
+            free(engine)
+    results["response"] = rows
+
+
+def bench_capacity(adapter, results, budget, max_frames):
+    """How many frames each policy holds on this GPU: fill until out of memory (simulated KV)."""
+    T = adapter.tokens_per_frame
+    kv_frame = adapter.kv.bytes_per_token() * T
+    free_now = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+    results["capacity"] = dict(kv_bytes_per_frame=kv_frame, free_bytes_with_weights_loaded=free_now,
+                               full_cache_frames_estimate=free_now // kv_frame)
+    engine = make_engine(adapter, "full", None)
+    step = 256
+    held = 0
+    try:
+        while held < max_frames:
+            simulate_fill(engine, step)
+            held += step
+    except (torch.OutOfMemoryError, RuntimeError):
+        pass
+    results["capacity"]["full_cache_frames_measured"] = held
+    log(f"capacity: full cache held {held} frames before running out of memory "
+        f"(KV {kv_frame / 1e6:.1f} MB/frame); LiveVLM holds any number within {budget} tokens")
+    free(engine)
+
+
+# ------------------------------------------------------------------------------------------------
+def plots(results, out: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in results["response"] if "ttft_ms" in r]
+    for key, ylabel, fname in (("ttft_ms", "time to first token (ms)", "latency_vs_stream.png"),
+                               ("device_kv_bytes", "KV bytes on the GPU", "memory_vs_stream.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for policy in ("livevlm", "sliding_window", "rekv", "full"):
+            pts = [(r["frames"], r[key]) for r in rows if r["policy"] == policy]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=policy)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("stream length (frames)")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+
+
+def summary(results):
+    r = results
+    hw_tflops, hw_gbs = r.get("matmul_tflops"), r.get("copy_gbs")
+    lines = ["", "==== summary (ratios measured in this run) ===="]
+    ing = r.get("ingest", {})
+    for k, v in ing.items():
+        if "achieved_tflops" in v:
+            frac = f", {v['achieved_tflops'] / hw_tflops:.1%} of the measured bf16 matmul rate" if hw_tflops else ""
+            floor = v["flops_per_frame"]["total"] / (hw_tflops * 1e12) * 1e3 if hw_tflops else float("nan")
+            lines.append(f"ingest {k}: {v['ms_per_frame']:.1f} ms/frame; compute floor {floor:.1f} ms{frac}")
+    if "sliding_window_clip1" in ing and "clip1" in ing:
+        lines.append(f"VSB overhead: {ing['clip1']['ms_per_frame'] / ing['sliding_window_clip1']['ms_per_frame']:.2f}x "
+                     "the ingest time of the same stream without scoring")
+    hf = r.get("hf_baseline")
+    if hf and "clip1" in ing:
+        lines.append(f"ingest vs plain transformers (1 frame/call, at {hf['frames']} frames): "
+                     f"{hf['ms_per_frame_last10'] / ing['clip1']['ms_per_frame']:.1f}x faster per frame")
+    rows = {(x["policy"], x["frames"]): x for x in r.get("response", [])}
+    for frames in sorted({x["frames"] for x in r.get("response", [])}):
+        lv, fu = rows.get(("livevlm", frames)), rows.get(("full", frames))
+        if lv and "ttft_ms" in lv:
+            s = f"{frames:>6} frames: LiveVLM TTFT {lv['ttft_ms']:.1f} ms, answer {lv['answer_ms']:.0f} ms"
+            for p in ("full", "rekv", "sliding_window"):
+                o = rows.get((p, frames))
+                if o and "ttft_ms" in o:
+                    s += f" | {p} {o['ttft_ms']:.1f} ms ({o['ttft_ms'] / lv['ttft_ms']:.1f}x)"
+                elif o:
+                    s += f" | {p} failed ({'OOM' if 'oom' in o or 'memory' in o.get('error', '') else 'error'})"
+            lines.append(s)
+        if lv and "decode_tps" in lv and frames == max(x["frames"] for x in r["response"]):
+            gbs = hw_gbs or float("nan")
+            lines.append(f"decode: {lv['decode_tps']:.1f} tok/s; weight-bandwidth limit {gbs * 1e9 / r['lm_weight_bytes']:.0f} "
+                         f"tok/s ({r['lm_weight_bytes'] / 1e9:.1f} GB of LM weights at {gbs:.0f} GB/s)")
+    cap = r.get("capacity")
+    if cap:
+        lines.append(f"capacity: full cache {cap['full_cache_frames_measured']} frames on this GPU; "
+                     f"LiveVLM memory flat at {r['budget_tokens']} tokens for any length")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--shape", default="7b", choices=list(SHAPES))
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the script runs")
+    ap.add_argument("--lengths", default="256,1024,3600,14400")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ingest,hf,response,capacity")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    shape = "tiny" if args.tiny else args.shape
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    skip = set(filter(None, args.skip.split(",")))
+    import transformers
+    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), shape=shape, device=device,
+                   gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                   torch=torch.__version__, transformers=transformers.__version__, command=" ".join(sys.argv))
+    log(json.dumps(results))
+    results["matmul_tflops"], results["copy_gbs"] = bench_matmul_and_copy(device)
+    log(f"measured: bf16 matmul {results['matmul_tflops']} TFLOP/s, copy {results['copy_gbs']} GB/s")
+    t0 = time.time()
+    adapter = build_adapter(shape, device, dtype)
+    log(f"model built in {time.time() - t0:.0f} s; tokens/frame {adapter.tokens_per_frame}; "
+        f"KV {adapter.kv.bytes_per_token() * adapter.tokens_per_frame / 1e6:.2f} MB/frame")
+    results["lm_weight_bytes"] = lm_weight_bytes(adapter)
+    budget = 12288 if not args.tiny else 34 + 2 * adapter.tokens_per_frame + 256
+    results["budget_tokens"] = budget
+    lengths = [int(x) for x in args.lengths.split(",")] if not args.tiny else [16, 64]
+    n = 8 if args.tiny else 48
+    stamp = time.time()
+
+    def part(name, fn, *a):
+        if name in skip:
+            return
+        t = time.time()
+        try:
+            fn(*a)
+        except Exception as err:       # noqa: BLE001 - keep the other parts' numbers
+            results.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"[:400]
+            log(f"!! {name} failed: {err}")
+        log(f"-- {name} took {time.time() - t:.0f} s")
+        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+    part("ingest", lambda: (bench_ingest(adapter, results, n, [1, 8]), bench_ingest_vsb_off(adapter, results, n)))
+    part("hf", bench_hf_baseline, adapter, results, n * 2)
+    part("response", bench_response, adapter, results, lengths, budget)
+    part("capacity", bench_capacity, adapter, results, budget, 20000 if not args.tiny else 512)
+    results["wall_s"] = time.time() - stamp
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if "response" in results:
+        plots(results, args.out)
+    log(summary(results))
+
+
+if __name__ == "__main__":
+    main()
