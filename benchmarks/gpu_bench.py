@@ -166,8 +166,11 @@ def reset_peak():
 
 
 def free(*objs):
+    """Drop benchmark objects; an engine also unhooks itself from the shared model."""
     for o in objs:
-        del o
+        if hasattr(o, "close"):
+            o.close()
+    del objs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -290,6 +293,12 @@ def bench_response(adapter, results, lengths, budget):
             if policy == "rekv":      # read as many tokens as LiveVLM's whole memory (equal context)
                 kw["retrieval_ratio"] = min(1.0, budget / max(1, frames * T))
             engine = None
+            need = frames * T * adapter.kv.bytes_per_token()
+            if policy == "rekv" and need > 0.6 * host_memory_bytes():
+                row = dict(policy=policy, frames=frames, skipped=f"needs {need / 1e9:.0f} GB of host memory")
+                rows.append(row)
+                log("response", json.dumps(row))
+                continue
             try:
                 reset_peak()
                 engine = make_engine(adapter, policy, budget if policy in ("livevlm", "sliding_window") else None, **kw)
@@ -310,25 +319,62 @@ def bench_response(adapter, results, lengths, budget):
     results["response"] = rows
 
 
-def bench_capacity(adapter, results, budget, max_frames):
-    """How many frames each policy holds on this GPU: fill until out of memory (simulated KV)."""
+def host_memory_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_capacity(adapter, results, start_frames, step, max_frames):
+    """The longest stream full cache can hold AND answer on this GPU: memory reserved for the whole
+    stream up front (as a full-cache system that knows its length would), simulated KV, then one
+    question; grow the length by `step` until something runs out of memory."""
     T = adapter.tokens_per_frame
     kv_frame = adapter.kv.bytes_per_token() * T
     free_now = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
     results["capacity"] = dict(kv_bytes_per_frame=kv_frame, free_bytes_with_weights_loaded=free_now,
                                full_cache_frames_estimate=free_now // kv_frame)
-    engine = make_engine(adapter, "full", None)
-    step = 256
-    held = 0
-    try:
-        while held < max_frames:
-            simulate_fill(engine, step)
-            held += step
-    except (torch.OutOfMemoryError, RuntimeError):
-        pass
+    held, frames = 0, start_frames
+    while frames <= max_frames:
+        engine = None
+        try:
+            engine = make_engine(adapter, "full", None)
+            simulate_fill(engine, frames)
+            engine.ask(QUESTION, max_new_tokens=2)
+            held = frames
+        except Exception as err:        # noqa: BLE001 - OutOfMemoryError or EngineResourceError
+            results["capacity"]["full_cache_failed_at"] = dict(frames=frames, error=f"{type(err).__name__}")
+            break
+        finally:
+            free(engine)
+        frames += step
     results["capacity"]["full_cache_frames_measured"] = held
-    log(f"capacity: full cache held {held} frames before running out of memory "
-        f"(KV {kv_frame / 1e6:.1f} MB/frame); LiveVLM holds any number within {budget} tokens")
+    log(f"capacity: full cache held and answered {held} frames, failed at {frames} "
+        f"(KV {kv_frame / 1e6:.1f} MB/frame, {free_now / 1e9:.1f} GB free beside the weights)")
+
+
+def bench_long_run(adapter, results, budget, frames, clip_frames=32):
+    """LiveVLM over a very long simulated stream: device memory at checkpoints, then one answer."""
+    engine = make_engine(adapter, "livevlm", budget)
+    checkpoints = []
+    done, t0 = 0, time.time()
+    chunk = max(clip_frames, frames // 16)
+    reset_peak()
+    while done < frames:
+        simulate_fill(engine, chunk, clip_frames)
+        done += chunk
+        alloc, peak = gpu_mem()
+        checkpoints.append(dict(frames=done, device_kv_bytes=engine.stats()["device_bytes"], gpu_allocated=alloc,
+                                gpu_peak=peak, memory_tokens=engine.memory.total_tokens()))
+    ttft, total, tps, a = time_answer(engine)
+    results["long_run"] = dict(frames=done, wall_s=time.time() - t0, checkpoints=checkpoints, ttft_ms=ttft * 1e3,
+                               answer_ms=total * 1e3, span=a.span)
+    log(f"long run: {done} frames in {time.time() - t0:.0f} s; device KV "
+        f"{checkpoints[0]['device_kv_bytes'] / 1e6:.0f} MB after {checkpoints[0]['frames']} frames, "
+        f"{checkpoints[-1]['device_kv_bytes'] / 1e6:.0f} MB after {done}; GPU allocated "
+        f"{checkpoints[0]['gpu_allocated'] / 1e9:.2f} -> {checkpoints[-1]['gpu_allocated'] / 1e9:.2f} GB; TTFT {ttft * 1e3:.1f} ms")
     free(engine)
 
 
@@ -392,10 +438,15 @@ def summary(results):
             gbs = hw_gbs or float("nan")
             lines.append(f"decode: {lv['decode_tps']:.1f} tok/s; weight-bandwidth limit {gbs * 1e9 / r['lm_weight_bytes']:.0f} "
                          f"tok/s ({r['lm_weight_bytes'] / 1e9:.1f} GB of LM weights at {gbs:.0f} GB/s)")
-    cap = r.get("capacity")
+    cap, lr = r.get("capacity"), r.get("long_run")
     if cap:
-        lines.append(f"capacity: full cache {cap['full_cache_frames_measured']} frames on this GPU; "
-                     f"LiveVLM memory flat at {r['budget_tokens']} tokens for any length")
+        lines.append(f"capacity: full cache held {cap['full_cache_frames_measured']} frames on this GPU")
+    if lr:
+        c = lr["checkpoints"]
+        ratio = f" = {lr['frames'] / cap['full_cache_frames_measured']:.0f}x full cache" if cap and cap["full_cache_frames_measured"] else ""
+        lines.append(f"LiveVLM long run: {lr['frames']} frames{ratio}; GPU allocated {c[0]['gpu_allocated'] / 1e9:.2f} GB "
+                     f"after {c[0]['frames']} frames, {c[-1]['gpu_allocated'] / 1e9:.2f} GB after {c[-1]['frames']}; "
+                     f"TTFT {lr['ttft_ms']:.1f} ms")
     return "\n".join(lines)
 
 
@@ -405,6 +456,7 @@ def main():
     ap.add_argument("--shape", default="7b", choices=list(SHAPES))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the script runs")
     ap.add_argument("--lengths", default="256,1024,3600,14400")
+    ap.add_argument("--long-frames", type=int, default=600_000, help="frames of the LiveVLM long run")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ingest,hf,response,capacity")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -445,7 +497,8 @@ def main():
     part("ingest", lambda: (bench_ingest(adapter, results, n, [1, 8]), bench_ingest_vsb_off(adapter, results, n)))
     part("hf", bench_hf_baseline, adapter, results, n * 2)
     part("response", bench_response, adapter, results, lengths, budget)
-    part("capacity", bench_capacity, adapter, results, budget, 20000 if not args.tiny else 512)
+    part("capacity", bench_capacity, adapter, results, *((4096, 512, 12288) if not args.tiny else (64, 64, 256)))
+    part("long_run", bench_long_run, adapter, results, budget, args.long_frames if not args.tiny else 4096)
     results["wall_s"] = time.time() - stamp
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if "response" in results:

@@ -115,3 +115,15 @@ def test_full_cache_grows_without_bound(tiny_model_path, frames):
     for i, f in enumerate(frames(30)):
         engine.ingest(f, float(i))
     assert engine.stats()["device_tokens"] == PREFIX + 30 * T
+
+
+def test_closed_engines_leave_the_model_clean(tiny_model_path):
+    """Benchmarks build many engines on one model: closing one must unhook it (no leak)."""
+    first = make(tiny_model_path)
+    q_proj = first.model.query_projections()[0]
+    assert len(q_proj._forward_hooks) == 1
+    second = LiveVLMEngine(first.config, adapter=first.model)
+    assert len(q_proj._forward_hooks) == 2
+    first.close()
+    second.close()
+    assert len(q_proj._forward_hooks) == 0

@@ -1,10 +1,12 @@
 """What happens to KV that leaves short-term memory: one small class per rule.
 
-`select(candidates, capacity)` gets the long-term candidates (current long-term memory followed by
-the tokens just evicted from short-term memory, in time order, all layers at once) and returns
-the per-layer indices to keep, sorted by time, or None to keep everything. It may mark vision
-sinks in `candidates.sink`. Every layer keeps the same number of tokens and sinks, so the memory
-stays one rectangular tensor and every layer sees the same positions.
+`select(candidates, capacity, n_sink, stream_tokens)` gets the long-term candidates (current
+long-term memory followed by the tokens just evicted from short-term memory, in time order, all
+layers at once), how many of them are already sinks and how many visual tokens the stream has had
+so far (both known on the host: no device sync). It returns the per-layer indices to keep, sorted
+by time, or None to keep everything, and the new sink count; it may mark vision sinks in
+`candidates.sink`. Every layer keeps the same number of tokens and sinks, so the memory stays one
+rectangular tensor and every layer sees the same positions.
 """
 
 from __future__ import annotations
@@ -20,20 +22,20 @@ class CompressionPolicy(abc.ABC):
     needs_scores = False
 
     @abc.abstractmethod
-    def select(self, cand: Tokens, capacity: int | None) -> torch.Tensor | None: ...
+    def select(self, cand: Tokens, capacity: int | None, n_sink: int,
+               stream_tokens: int) -> tuple[torch.Tensor | None, int]: ...
 
 
 class KeepAll(CompressionPolicy):
     """Full cache / ReKV: nothing is ever dropped."""
 
-    def select(self, cand, capacity):
-        return None
+    def select(self, cand, capacity, n_sink, stream_tokens):
+        return None, n_sink
 
 
-def _mark_sinks(cand: Tokens, wanted: int, rank_key: torch.Tensor) -> int:
+def _mark_sinks(cand: Tokens, have: int, wanted: int, rank_key: torch.Tensor) -> int:
     """Promote the highest-`rank_key` non-sinks until each layer has `wanted` sinks (sticky:
     sinks are never un-marked). Returns the sink count per layer (equal on every layer)."""
-    have = int(cand.sink[0].sum())
     need = min(wanted - have, cand.n - have)
     if need > 0:
         top = rank_key.masked_fill(cand.sink, float("-inf")).topk(need, dim=1).indices
@@ -48,15 +50,15 @@ class SlidingWindow(CompressionPolicy):
     def __init__(self, sinks: int):
         self.sinks = sinks
 
-    def select(self, cand, capacity):
+    def select(self, cand, capacity, n_sink, stream_tokens):
         age = -torch.arange(cand.n, device=cand.token_idx.device, dtype=torch.float32)
-        n_sink = _mark_sinks(cand, self.sinks, age.expand_as(cand.score_sum))
+        n_sink = _mark_sinks(cand, n_sink, self.sinks, age.expand_as(cand.score_sum))
         if capacity is None or cand.n <= capacity:
-            return None
+            return None, n_sink
         # sinks are the oldest tokens, so they sit at the front; keep them and the newest rest
         recent = capacity - n_sink
         idx = torch.cat([torch.arange(n_sink), torch.arange(cand.n - recent, cand.n)]).to(cand.token_idx.device)
-        return idx.expand(cand.token_idx.shape[0], -1)
+        return idx.expand(cand.token_idx.shape[0], -1), n_sink
 
 
 class VisionSinkBucketing(CompressionPolicy):
@@ -77,11 +79,11 @@ class VisionSinkBucketing(CompressionPolicy):
     def __init__(self, sinks: int, bucket_tokens: int, saliency_share: float):
         self.sinks, self.bucket_tokens, self.saliency_share = sinks, bucket_tokens, saliency_share
 
-    def select(self, cand, capacity):
+    def select(self, cand, capacity, n_sink, stream_tokens):
         score = cand.scores()
-        n_sink = _mark_sinks(cand, self.sinks, score)
+        n_sink = _mark_sinks(cand, n_sink, self.sinks, score)
         if capacity is None or cand.n <= capacity:
-            return None
+            return None, n_sink
         layers, n = score.shape
         budget = capacity - n_sink
         free = ~cand.sink
@@ -93,10 +95,9 @@ class VisionSinkBucketing(CompressionPolicy):
             top = score.masked_fill(cand.sink, float("-inf")).topk(n_salient, dim=1).indices
             salient.scatter_(1, top, True)
 
-        # coverage phase: equal ranges of the stream [0, newest candidate]
+        # coverage phase: equal ranges of the stream so far [0, newest candidate]
         n_buckets = max(1, budget // self.bucket_tokens)
-        span = cand.token_idx.max().item() + 1
-        bucket = (cand.token_idx * n_buckets // span).clamp_max(n_buckets - 1)
+        bucket = (cand.token_idx * n_buckets // max(1, stream_tokens)).clamp_max(n_buckets - 1)
         used = torch.zeros(layers, n_buckets, device=score.device).scatter_add_(1, bucket, salient.float())
         room = (self.bucket_tokens - used).clamp_min(0).gather(1, bucket)
         eligible = free & ~salient
@@ -107,7 +108,7 @@ class VisionSinkBucketing(CompressionPolicy):
         lo, hi = score.min(dim=1, keepdim=True).values, score.max(dim=1, keepdim=True).values
         tie = 0.999 * (score - lo) / (hi - lo).clamp_min(1e-12)
         key = 3.0 * cand.sink + 2.0 * salient + 1.0 * covering + tie
-        return key.topk(capacity, dim=1).indices.sort(dim=1).values
+        return key.topk(capacity, dim=1).indices.sort(dim=1).values, n_sink
 
 
 def _rank_within_group(group: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

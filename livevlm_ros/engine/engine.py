@@ -153,10 +153,10 @@ class LiveVLMEngine:
         rows = slice(video_end.shape[0] + q_start, video_end.shape[0] + len(ids))   # the question's own tokens
         embeds = torch.cat([video_end, self.model.embed_tokens(torch.tensor(ids))])
         limit = max_new_tokens or self.config.max_new_tokens
-        pages_used, pages_total = selector.pages_used(self.memory)
         out, first_logits, ttft = [], None, 0.0
         with _device_errors("answer"):
             start = self.hook.begin_answer(selector, rows, limit)
+            pages_used, pages_total = self.hook.pages()
             try:
                 n = embeds.shape[0]
                 positions = torch.arange(start, start + n, device=embeds.device)
@@ -185,6 +185,10 @@ class LiveVLMEngine:
                       span=self.memory.time_span(), pages_used=pages_used, pages_total=pages_total,
                       context_tokens=context_tokens, tokens_generated=len(out), token_ids=out,
                       first_logits=first_logits)
+
+    def close(self):
+        """Detach from the model (which the caller may keep using, e.g. for another engine)."""
+        self.hook.close()
 
     # ---- state --------------------------------------------------------------------------------------
     def stats(self) -> dict:

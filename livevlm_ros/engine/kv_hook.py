@@ -6,17 +6,17 @@ the new tokens' post-RoPE keys and attend to whatever comes back. That is where 
             clip's pre-RoPE keys, and, for VSB, measures the vision-to-vision attention the clip's
             last `observation_window` tokens pay to every token (queries come from a forward hook
             on each layer's query projection, because update() does not see queries);
-  answer  - on the first call per layer, asks the selector which long-term tokens this layer reads
-            (PaR scores pages with the question's pre-RoPE queries), assembles the context, and
-            then grows it token by token while the answer is decoded. Nothing is written back into
-            memory: when the answer ends, the whole answer context is dropped.
+  answer  - on the first call per layer, asks the retrieval plan which long-term tokens this layer
+            reads (PaR scores pages with the question's pre-RoPE queries), assembles the context in
+            a buffer with room for the answer, then appends in place while the answer is decoded.
+            Nothing is written back into memory: when the answer ends, the buffers are dropped.
+Nothing here waits for the device (no .item(), no nonzero()), so the host can run ahead.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .kv_buffer import Tokens
 from .memory import StreamingMemory
 from .retrieval import ContextSelector
 from .rope import apply_rope, remove_rope
@@ -27,13 +27,18 @@ class MemoryKVHook:
         self.memory, self.rope = memory, rope
         self._queries: dict[int, torch.Tensor] = {}
         self._capture = False
-        for i, module in enumerate(query_modules):
-            module.register_forward_hook(self._query_hook(i))
+        self._handles = [m.register_forward_hook(self._query_hook(i)) for i, m in enumerate(query_modules)]
         self.mode = None
         # For tests and benchmarks: the stream indices of the long-term tokens each layer read in
         # the last answer (off by default: it costs a device->host copy per layer).
         self.record_selection = False
         self.last_selection: dict[int, torch.Tensor] = {}
+
+    def close(self):
+        """Detach from the model (the model may outlive this engine)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def _query_hook(self, layer: int):
         def hook(module, args, output):
@@ -49,49 +54,64 @@ class MemoryKVHook:
     # ---- ingest -----------------------------------------------------------------------------------
     def begin_ingest(self, new_positions: torch.Tensor, observation_window: int | None):
         """Prefill of new tokens at `new_positions`, after prefix + attendable memory."""
-        mem = self.memory
+        mem, kv = self.memory, self.memory.kv
         self.mode = "ingest"
-        self._ctx = mem.attendable() if mem.prefix_keys is not None else None
-        p = mem.prefix_len
-        n_ctx = self._ctx.n if self._ctx is not None else 0
-        self._ctx_rope = self.rope(torch.arange(p, p + n_ctx))
+        p, n_att, n = mem.prefix_len, mem.attendable_len(), new_positions.shape[0]
+        self._parts = [b for b in mem.attendable_buffers() if b.len]
+        self._mem_rope = self.rope(torch.arange(p, p + n_att))
         self._new_rope = self.rope(new_positions)
-        self._window = observation_window
+        # one [prefix | memory | new] buffer, reused by every layer: the device runs layer i's
+        # attention before layer i+1's update overwrites it (same stream, in order)
+        self._keys = torch.empty(kv.kv_heads, p + n_att + n, kv.head_dim, dtype=kv.dtype, device=kv.device)
+        self._values = torch.empty_like(self._keys)
+        self._window = None if observation_window is None else min(observation_window, n)
         self._capture = observation_window is not None
+        if self._capture:
+            r, total = self._window, p + n_att + n
+            blocked = torch.arange(total, device=kv.device)[None] > (total - r + torch.arange(r, device=kv.device))[:, None]
+            self._blocked = blocked.repeat(kv.q_heads // kv.kv_heads, 1)       # rows: (head in group, query)
         self.new_keys_pre, self.new_keys_rot, self.new_values, self.scores = [], [], [], []
 
     def _update_ingest(self, k_new, v_new, layer):
+        mem = self.memory
+        p, n = mem.prefix_len, k_new.shape[2]
+        keys, values = self._keys, self._values
+        if p:
+            keys[:, :p], values[:, :p] = mem.prefix_keys[layer], mem.prefix_values[layer]
+        start = p
+        for buf in self._parts:
+            stop = start + buf.len
+            keys[:, start:stop] = buf.keys[layer, :, :buf.len]
+            values[:, start:stop] = buf.values[layer, :, :buf.len]
+            start = stop
+        if start > p:
+            cos, sin = self._mem_rope
+            keys[:, p:start] = apply_rope(keys[:, p:start], cos, sin)
+        keys[:, start:], values[:, start:] = k_new[0], v_new[0]
         cos, sin = self._new_rope
         self.new_keys_rot.append(k_new[0])
         self.new_keys_pre.append(remove_rope(k_new[0], cos, sin))
         self.new_values.append(v_new[0])
-        keys, values = self._context(layer, self._ctx, self._ctx_rope)
-        keys, values = torch.cat([keys, k_new[0]], 1), torch.cat([values, v_new[0]], 1)
         if self._window is not None:
             self.scores.append(self._observation_scores(layer, keys))
         return keys[None], values[None]
 
     def _observation_scores(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        """Mean softmax attention that the last r new tokens pay to every key, [n_keys].
-        Computed one kv-head group at a time: never more than (group * r) x n_keys scores live."""
-        n_new = self._new_rope[0].shape[0]
-        r = min(self._window, n_new)
+        """Mean softmax attention that the last r new tokens pay to every key, [n_keys]. Only the
+        r observation rows are computed (per kv head: group*r x n_keys), never the full matrix."""
+        r = self._window
         cos, sin = self._new_rope
+        n_new = cos.shape[0]
         q = apply_rope(self._query_heads(layer, slice(n_new - r, n_new)), cos[-r:], sin[-r:])
-        kv_heads, n_keys, D = keys.shape
-        group = q.shape[0] // kv_heads
-        # causal: query j of the window sits at key position n_keys - r + j
-        blocked = torch.arange(n_keys, device=keys.device)[None] > (n_keys - r + torch.arange(r, device=keys.device))[:, None]
-        total = torch.zeros(n_keys, dtype=torch.float32, device=keys.device)
-        for h in range(kv_heads):
-            logits = (q[h * group:(h + 1) * group].float() @ keys[h].float().T) * D ** -0.5
-            total += logits.masked_fill(blocked, float("-inf")).softmax(-1).sum(dim=(0, 1))
-        return total / (q.shape[0] * r)
+        kv_heads, _, D = keys.shape
+        q = q.reshape(kv_heads, -1, D).float()                    # query heads grouped by kv head
+        logits = torch.matmul(q, keys.float().transpose(1, 2)) * D ** -0.5
+        probs = logits.masked_fill_(self._blocked, float("-inf")).softmax(-1)
+        return probs.sum(dim=(0, 1)) / (q.shape[0] * q.shape[1])
 
     def finish_ingest(self):
         out = (torch.stack(self.new_keys_pre), torch.stack(self.new_keys_rot), torch.stack(self.new_values),
                torch.stack(self.scores) if self.scores else None)
-        self.new_keys_pre = self.new_keys_rot = self.new_values = self.scores = None
         self.reset()
         return out
 
@@ -99,39 +119,23 @@ class MemoryKVHook:
     def begin_answer(self, selector: ContextSelector, question_rows: slice, max_new_tokens: int):
         mem = self.memory
         self.mode = "answer"
-        self._selector, self._question_rows = selector, question_rows
-        self._room = max_new_tokens
-        n_long, self._short_from = selector.plan(mem)
-        self.context_tokens = n_long + mem.short.len - self._short_from
+        self._plan = selector.plan(mem)
+        self._question_rows, self._room = question_rows, max_new_tokens
+        self.context_tokens = self._plan.n_long + mem.short.len - self._plan.short_from
         p = mem.prefix_len
         self._ctx_rope = self.rope(torch.arange(p, p + self.context_tokens))
-        self._capture = selector.uses_question
+        self._capture = self._plan.uses_question
         self._answer_k: dict[int, torch.Tensor] = {}     # per layer: context + question + room to decode
         self._answer_v: dict[int, torch.Tensor] = {}
         self._answer_len: dict[int, int] = {}
         return p + self.context_tokens
 
+    def pages(self) -> tuple[int, int]:
+        return self._plan.pages_used, self._plan.pages_total
+
     def _update_answer(self, k_new, v_new, layer):
-        if layer not in self._answer_k:                      # question prefill: build the context
-            mem = self.memory
-            q = self._query_heads(layer, self._question_rows) if self._selector.uses_question else None
-            index = self._selector.select_long(mem, layer, q)
-            if self.record_selection:
-                chosen = mem.long.view().token_idx[layer]
-                self.last_selection[layer] = (chosen if index is None else chosen[index]).cpu()
-            long = mem.long.view().slice(0, None)
-            long_layer = _layer(long, layer, index)
-            short_layer = _layer(mem.short.view().slice(self._short_from), layer, None)
-            ctx = Tokens.cat([long_layer.to(mem.kv.device, non_blocking=True), short_layer])
-            keys, values = self._context(layer, ctx, self._ctx_rope, layer_sliced=True)
-            # one allocation per answer: decoding writes in place instead of re-copying the context
-            n = keys.shape[1]
-            size = (keys.shape[0], n + k_new.shape[2] + self._room, keys.shape[2])
-            self._answer_k[layer] = keys.new_empty(size)
-            self._answer_v[layer] = values.new_empty(size)
-            self._answer_k[layer][:, :n] = keys
-            self._answer_v[layer][:, :n] = values
-            self._answer_len[layer] = n
+        if layer not in self._answer_k:
+            self._build_answer_context(layer, k_new.shape[2])
         start = self._answer_len[layer]
         stop = start + k_new.shape[2]
         self._answer_k[layer][:, start:stop] = k_new[0]
@@ -139,25 +143,41 @@ class MemoryKVHook:
         self._answer_len[layer] = stop
         return self._answer_k[layer][None, :, :stop], self._answer_v[layer][None, :, :stop]
 
+    def _build_answer_context(self, layer: int, n_question: int):
+        """prefix + the long-term tokens this layer reads + short-term memory, re-rotated to
+        positions p.., in one buffer with room for the question and the answer."""
+        mem, kv = self.memory, self.memory.kv
+        q = self._query_heads(layer, self._question_rows) if self._plan.uses_question else None
+        index = self._plan.long_index(layer, q)
+        long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
+        if index is not None:
+            index = index.to(long_k.device)
+            long_k, long_v = long_k[:, index], long_v[:, index]
+            if self.record_selection:
+                self.last_selection[layer] = mem.long.token_idx[layer, index].cpu()
+        elif self.record_selection:
+            self.last_selection[layer] = mem.long.token_idx[layer, :mem.long.len].cpu()
+        s0, s1 = self._plan.short_from, mem.short.len
+        p, n_ctx = mem.prefix_len, self.context_tokens
+        size = (kv.kv_heads, p + n_ctx + n_question + self._room, kv.head_dim)
+        keys = torch.empty(size, dtype=kv.dtype, device=kv.device)
+        values = torch.empty_like(keys)
+        n_long = long_k.shape[1]
+        keys[:, :p], values[:, :p] = mem.prefix_keys[layer], mem.prefix_values[layer]
+        keys[:, p:p + n_long] = long_k.to(kv.device, non_blocking=True)
+        values[:, p:p + n_long] = long_v.to(kv.device, non_blocking=True)
+        keys[:, p + n_long:p + n_ctx] = mem.short.keys[layer, :, s0:s1]
+        values[:, p + n_long:p + n_ctx] = mem.short.values[layer, :, s0:s1]
+        cos, sin = self._ctx_rope
+        keys[:, p:p + n_ctx] = apply_rope(keys[:, p:p + n_ctx], cos, sin)
+        self._answer_k[layer], self._answer_v[layer], self._answer_len[layer] = keys, values, p + n_ctx
+
+    # ---- shared -----------------------------------------------------------------------------------
     def reset(self):
         """Leave any mode, dropping everything an unfinished ingest or an answer built."""
         self.mode, self._capture, self._queries = None, False, {}
-        self._answer_k = self._answer_v = self._ctx = None
-
-    # ---- shared -----------------------------------------------------------------------------------
-    def _context(self, layer, ctx: Tokens | None, rope, layer_sliced=False):
-        """prefix (post-RoPE) + ctx keys rotated to the positions right after it."""
-        mem = self.memory
-        if mem.prefix_keys is None:
-            empty = torch.empty(mem.kv.kv_heads, 0, mem.kv.head_dim, dtype=mem.kv.dtype, device=mem.kv.device)
-            return empty, empty
-        if ctx is None or ctx.n == 0:
-            return mem.prefix_keys[layer], mem.prefix_values[layer]
-        k = ctx.keys[0] if layer_sliced else ctx.keys[layer]
-        v = ctx.values[0] if layer_sliced else ctx.values[layer]
-        cos, sin = rope
-        return (torch.cat([mem.prefix_keys[layer], apply_rope(k, cos, sin)], 1),
-                torch.cat([mem.prefix_values[layer], v], 1))
+        self._answer_k = self._answer_v = self._keys = self._values = self._parts = None
+        self.new_keys_pre = self.new_keys_rot = self.new_values = self.scores = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.mode == "ingest":
@@ -173,12 +193,3 @@ class MemoryKVHook:
     @property
     def is_compileable(self) -> bool:
         return False
-
-
-def _layer(t: Tokens, layer: int, index: torch.Tensor | None) -> Tokens:
-    """One layer of `t` (kept 4-D with a layer axis of 1), optionally only the tokens at `index`."""
-    keys, values = t.keys[layer:layer + 1], t.values[layer:layer + 1]
-    if index is not None:
-        keys, values = keys[:, :, index], values[:, :, index]
-    return Tokens(keys, values, *(x[layer:layer + 1] if index is None else x[layer:layer + 1, index]
-                                  for x in (t.token_idx, t.score_sum, t.score_cnt, t.sink)))

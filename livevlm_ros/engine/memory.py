@@ -55,6 +55,7 @@ class StreamingMemory:
         self.long_capacity: int | None = None
         self.frame_times: list[float] = []     # timestamp of every ingested frame, by frame number
         self.next_token = 0                     # stream index of the next visual token
+        self.n_sinks = 0                        # vision sinks per layer (same on every layer)
 
     # ---- set-up -------------------------------------------------------------------------------
     def set_prefix(self, keys_rot: torch.Tensor, values: torch.Tensor):
@@ -73,16 +74,13 @@ class StreamingMemory:
         return 0 if self.prefix_keys is None else self.prefix_keys.shape[2]
 
     # ---- what a new clip attends to -------------------------------------------------------------
-    def attendable(self) -> Tokens:
+    def attendable_buffers(self) -> list[KVBuffer]:
         """Visual memory a new clip attends to while being prefilled, in time order. An offloaded
         (CPU) long-term tier is not attended during ingest: that is what makes ReKV cheap."""
-        parts = [self.short.view()]
-        if self.page_means is None:
-            parts.insert(0, self.long.view())
-        return Tokens.cat(parts)
+        return [self.short] if self.page_means is not None else [self.long, self.short]
 
     def attendable_len(self) -> int:
-        return self.short.len + (self.long.len if self.page_means is None else 0)
+        return sum(b.len for b in self.attendable_buffers())
 
     def add_observations(self, scores: torch.Tensor):
         """scores [L, n_attendable]: attention the attendable tokens just received."""
@@ -119,7 +117,8 @@ class StreamingMemory:
             self.long.append(evicted)
             return
         cand = Tokens.cat([self.long.view(), evicted])
-        keep = self.policy.select(cand, self.long_capacity)
+        left_short_term = self.next_token - self.short.len          # stream tokens the candidates span
+        keep, self.n_sinks = self.policy.select(cand, self.long_capacity, self.n_sinks, left_short_term)
         self.long.replace(cand if keep is None else cand.gather(keep))
 
     # ---- bookkeeping ------------------------------------------------------------------------------
@@ -151,7 +150,7 @@ class StreamingMemory:
             "prefix_tokens": self.prefix_len,
             "long_term_tokens": self.long.len,
             "short_term_tokens": self.short.len,
-            "vision_sinks": int(self.long.view().sink[0].sum()) if self.long.len else 0,
+            "vision_sinks": self.n_sinks,
             "budget_tokens": self.config.budget_tokens if self.config.bounded else None,
             # "device" is the model's device (the GPU on a robot); "offload" is host memory (ReKV)
             "device_tokens": device_tokens,
