@@ -127,3 +127,23 @@ def test_closed_engines_leave_the_model_clean(tiny_model_path):
     first.close()
     second.close()
     assert len(q_proj._forward_hooks) == 0
+
+
+def test_vsb_span_option_keeps_whole_spans():
+    from livevlm_ros.engine.compression import VisionSinkBucketing
+    from livevlm_ros.engine.kv_buffer import Tokens
+
+    torch.manual_seed(0)
+    L, n = 3, 64
+    cand = Tokens(torch.randn(L, 2, n, 4), torch.randn(L, 2, n, 4), torch.arange(n).expand(L, -1).clone(),
+                  torch.rand(L, n), torch.ones(L, n), torch.zeros(L, n, dtype=torch.bool))
+    keep, sinks = VisionSinkBucketing(sinks=0, bucket_tokens=8, saliency_share=1.0, span_tokens=8).select(
+        cand, 32, 0, n)
+    assert sinks == 0 and keep.shape == (L, 32)
+    for layer in range(L):
+        spans = torch.bincount(keep[layer] // 8, minlength=8)
+        assert sorted(spans.tolist()) == [0, 0, 0, 0, 8, 8, 8, 8]        # four whole spans, nothing split
+    # and per-token selection (span 1) does split spans on random scores
+    keep1, _ = VisionSinkBucketing(sinks=0, bucket_tokens=8, saliency_share=1.0).select(cand, 32, 0, n)
+    assert any(sorted(torch.bincount(keep1[l] // 8, minlength=8).tolist()) != [0, 0, 0, 0, 8, 8, 8, 8]
+               for l in range(L))

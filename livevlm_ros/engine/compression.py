@@ -72,16 +72,22 @@ class VisionSinkBucketing(CompressionPolicy):
       room. As the stream grows the ranges widen, so old buckets merge and are re-selected and the
       kept tokens keep covering the whole stream;
     - any budget left (buckets with too few candidates) goes by score.
+    With `span_tokens` > 1 (ours, off by default), the score of each token is the mean over its
+    span of `span_tokens` neighbouring candidates, so spans are kept or dropped together (text keeps
+    whole words and numbers; see benchmarks/recall_bench.py).
     """
 
     needs_scores = True
 
-    def __init__(self, sinks: int, bucket_tokens: int, saliency_share: float):
+    def __init__(self, sinks: int, bucket_tokens: int, saliency_share: float, span_tokens: int = 1):
         self.sinks, self.bucket_tokens, self.saliency_share = sinks, bucket_tokens, saliency_share
+        self.span_tokens = span_tokens
 
     def select(self, cand, capacity, n_sink, stream_tokens):
         score = cand.scores()
         n_sink = _mark_sinks(cand, n_sink, self.sinks, score)
+        if self.span_tokens > 1:
+            score = _span_mean(score, self.span_tokens)
         if capacity is None or cand.n <= capacity:
             return None, n_sink
         layers, n = score.shape
@@ -111,6 +117,20 @@ class VisionSinkBucketing(CompressionPolicy):
         return key.topk(capacity, dim=1).indices.sort(dim=1).values, n_sink
 
 
+def _span_mean(score: torch.Tensor, span: int) -> torch.Tensor:
+    """Each element replaced by the mean of its span of `span` neighbours, minus a tiny amount per
+    span index so that equal means still order span by span (ties never interleave spans)."""
+    layers, n = score.shape
+    span_id = torch.arange(n, device=score.device) // span
+    n_spans = int(span_id[-1]) + 1 if n else 0
+    sums = torch.zeros(layers, n_spans, device=score.device, dtype=torch.float64)
+    sums.scatter_add_(1, span_id.expand(layers, -1), score.double())
+    counts = torch.bincount(span_id, minlength=n_spans).double()
+    means = sums / counts
+    scale = means.abs().max().clamp_min(1e-30)
+    return (means - scale * 1e-9 * torch.arange(n_spans, device=score.device))[:, span_id]
+
+
 def _rank_within_group(group: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """For each element, how many elements of the same group (per row) have a higher score."""
     by_score = score.argsort(dim=1, descending=True)
@@ -128,4 +148,4 @@ def make_compression(config) -> CompressionPolicy:
         return KeepAll()
     if config.compression == "sliding_window":
         return SlidingWindow(config.vision_sinks)
-    return VisionSinkBucketing(config.vision_sinks, config.bucket_tokens, config.saliency_share)
+    return VisionSinkBucketing(config.vision_sinks, config.bucket_tokens, config.saliency_share, config.span_tokens)

@@ -51,6 +51,7 @@ class EngineConfig:
     bucket_tokens: int = 1               # VSB bucket capacity B; buckets = long-term budget / B
     saliency_share: float = 0.5          # VSB: share of the long-term budget filled purely by score
     observation_window: int = 64         # VSB: last r visual tokens of a clip whose attention scores the memory
+    span_tokens: int = 1                 # VSB: neighbouring tokens scored (and kept) together; 1 = per token
 
     # --- retrieval (PaR) ---------------------------------------------------------------------
     page_tokens: int = 16                # consecutive long-term tokens per page
@@ -97,6 +98,7 @@ class EngineConfig:
         need(self.bucket_tokens >= 1, "bucket_tokens must be >= 1")
         need(0.0 <= self.saliency_share <= 1.0, "saliency_share must be in [0, 1]")
         need(self.observation_window >= 1, "observation_window must be >= 1")
+        need(self.span_tokens >= 1, "span_tokens must be >= 1")
         need(self.page_tokens >= 1, "page_tokens must be >= 1")
         need(0.0 < self.retrieval_ratio <= 1.0, "retrieval_ratio must be in (0, 1]")
         need(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
