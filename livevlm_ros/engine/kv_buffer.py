@@ -33,9 +33,6 @@ class Tokens:
     def scores(self) -> torch.Tensor:
         return self.score_sum / self.score_cnt.clamp_min(1.0)
 
-    def to(self, device, non_blocking=False) -> "Tokens":
-        return Tokens(*(t.to(device, non_blocking=non_blocking) for t in self.fields()))
-
     def fields(self):
         return (self.keys, self.values, self.token_idx, self.score_sum, self.score_cnt, self.sink)
 
@@ -118,6 +115,3 @@ class KVBuffer:
         front = Tokens(*(x.clone() for x in self.view().slice(0, n).fields()))
         self.replace(self.view().slice(n))
         return front
-
-    def nbytes(self) -> int:
-        return self.len * self.kv.bytes_per_token()

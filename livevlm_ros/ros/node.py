@@ -55,6 +55,7 @@ NODE_PARAMETERS = [
     ("bucket_tokens", _ENGINE_DEFAULTS.bucket_tokens, "VSB: capacity of each time bucket."),
     ("saliency_share", _ENGINE_DEFAULTS.saliency_share, "VSB: share of the budget filled by score alone."),
     ("observation_window", _ENGINE_DEFAULTS.observation_window, "VSB: last tokens of a clip whose attention scores memory."),
+    ("span_tokens", _ENGINE_DEFAULTS.span_tokens, "VSB: neighbouring tokens scored and kept together."),
     ("page_tokens", _ENGINE_DEFAULTS.page_tokens, "PaR: long-term tokens per page."),
     ("retrieval_ratio", _ENGINE_DEFAULTS.retrieval_ratio, "PaR: share of long-term pages an answer reads."),
     ("sample_fps", _ENGINE_DEFAULTS.sample_fps, "Frames per second taken from the cameras (> 0)."),
