@@ -109,7 +109,7 @@ class LiveVLMEngine:
     def _prefill_prefix(self):
         ids = torch.tensor(self.model.tokenize(self.config.system_prompt), dtype=torch.long)
         _, keys_rot, values, _ = self._prefill(self.model.embed_tokens(ids), score=False)
-        self.memory.set_prefix(keys_rot, values)
+        self.memory.set_prefix(torch.stack(keys_rot), values)
 
     @torch.inference_mode()
     def _prefill(self, embeds: torch.Tensor, score: bool):

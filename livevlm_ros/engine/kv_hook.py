@@ -110,7 +110,8 @@ class MemoryKVHook:
         return probs.sum(dim=(0, 1)) / (q.shape[0] * q.shape[1])
 
     def finish_ingest(self):
-        out = (torch.stack(self.new_keys_pre), torch.stack(self.new_keys_rot), torch.stack(self.new_values),
+        # post-RoPE keys stay a per-layer list: only the prefix keeps them, so clips skip the copy
+        out = (torch.stack(self.new_keys_pre), self.new_keys_rot, torch.stack(self.new_values),
                torch.stack(self.scores) if self.scores else None)
         self.reset()
         return out
