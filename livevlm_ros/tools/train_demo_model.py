@@ -1,0 +1,261 @@
+"""Train the demo model: a small LLaVA-OneVision that narrates and answers questions about the
+synthetic robot world (`synthetic_world.py`), from scratch, reproducibly from a seed.
+
+    python -m livevlm_ros.tools.train_demo_model models/demo [--steps 4000] [--seed 0] [--device cuda]
+
+The model is the class real checkpoints use (`LlavaOnevisionForConditionalGeneration`: SigLIP,
+projector, Qwen2), so the engine runs it exactly as it runs LLaVA-OneVision-7B. Every training
+sequence is laid out as the engine lays out an answer: system prompt, the frames' visual tokens
+(vision tower -> projector -> 2x2 pooling, 9 per 48x48 frame), the video-end newline, the question
+template, then the answer and <|im_end|> (the only tokens with a loss). Narration examples see only
+the last two frames, as `engine.describe()` does.
+
+Episodes use seeds from TRAIN_SEEDS; the quality benchmark uses seeds below it, never trained on.
+Robustness augmentations (stated, because they matter for bounded memory): frames may be dropped
+(labels follow the frames kept), and in frames older than the last two, tokens that show no object
+may be dropped at random, with the rest given contiguous positions, which is what any pruned or
+retrieved memory looks like to the model. The same model serves every memory policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from livevlm_ros.engine.config import DEFAULT_NARRATION_PROMPT, DEFAULT_QUESTION_TEMPLATE, DEFAULT_SYSTEM_PROMPT
+from livevlm_ros.tools import synthetic_world as world
+from livevlm_ros.tools.make_tiny_model import SPECIAL_TOKENS, build_tokenizer, new_model, save
+
+IMAGE_SIZE = 48            # 6x6 patches of 8 px -> 3x3 tokens after pooling: one token per floor spot
+TOKENS_PER_FRAME = 9
+CAMERA = (160, 120)        # frames are drawn at camera resolution, then resized as the engine does
+FPS = 2.0                  # frames per second the model sees (the demo's sample_fps)
+MAX_FRAMES = 128           # longest stream trained on (64 s)
+TRAIN_SEEDS = 1_000_000    # training episodes use seeds >= this; benchmarks use seeds below it
+MIX = {"where": 0.3, "seen": 0.12, "spot": 0.14, "door": 0.1, "room": 0.1, "narration": 0.24}
+
+
+def corpus(n_episodes: int = 300) -> list[str]:
+    """Every kind of text the model reads or writes, for the tokenizer."""
+    rng = np.random.default_rng(0)
+    texts = [DEFAULT_SYSTEM_PROMPT, DEFAULT_QUESTION_TEMPLATE.format(question=DEFAULT_NARRATION_PROMPT)]
+    for seed in range(n_episodes):
+        ep = world.Episode.generate(TRAIN_SEEDS + seed, 60)
+        states = [ep.state(k / FPS) for k in range(120)]
+        for k in range(1, 120, 7):
+            texts.append(world.narration(states[k - 1], states[k]))
+            texts += [f"{qa.question} {qa.answer}" for qa in world.questions(states[: k + 1], rng)]
+    return texts
+
+
+class FrameBank:
+    """Clean frames at model resolution, cached by (state, pan): the world has few distinct views.
+    Lighting and sensor noise are added on the device per frame."""
+
+    PANS = np.linspace(-0.02, 0.02, 5)
+
+    def __init__(self):
+        self.cache: dict = {}
+
+    def __call__(self, state: world.State, pan: int) -> np.ndarray:
+        key = (state, pan)
+        if key not in self.cache:
+            img = world.draw(state, *CAMERA, pan=float(self.PANS[pan]))
+            self.cache[key] = cv2.resize(img, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA)
+        return self.cache[key]
+
+
+class Examples(torch.utils.data.IterableDataset):
+    """Endless batches of (frames, token-keep masks, question ids, answer ids) from fresh episodes."""
+
+    def __init__(self, tokenizer, batch: int, seed: int, max_frames: int = MAX_FRAMES):
+        self.tok, self.batch, self.seed, self.max_frames = tokenizer, batch, seed, max_frames
+        self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        rng = np.random.default_rng([self.seed, worker])
+        bank = FrameBank()
+        while True:
+            yield self._batch(rng, bank)
+
+    def _batch(self, rng, bank):
+        frames, keeps, questions, answers, kinds = [], [], [], [], []
+        for _ in range(self.batch):
+            f, keep, q, a, kind = self.example(rng, bank)
+            frames += f
+            keeps.append(keep)
+            questions.append(q)
+            answers.append(a)
+            kinds.append(kind)
+        return dict(pixels=torch.from_numpy(np.stack(frames)), keeps=keeps, questions=questions,
+                    answers=answers, kinds=kinds)
+
+    def example(self, rng, bank):
+        n = max(1, int(self.max_frames * math.sqrt(rng.random())))      # favour long streams
+        ep = world.Episode.generate(int(TRAIN_SEEDS + rng.integers(0, 2**40)), n / FPS + 1)
+        offset = rng.uniform(0, 1 / FPS)
+        times = offset + np.arange(n) / FPS
+        if rng.random() < 0.3 and n > 3:                       # frame dropout (the last two stay)
+            kept = rng.random(n - 2) > rng.uniform(0, 0.5)
+            times = np.concatenate([times[:-2][kept], times[-2:]])
+        states = [ep.state(t) for t in times]
+        kind = str(rng.choice(list(MIX), p=list(MIX.values())))
+        if kind == "narration":
+            states = states[-2:]
+            question = DEFAULT_NARRATION_PROMPT
+            answer = world.narration(states[-2] if len(states) == 2 else None, states[-1])
+        else:
+            qa = next(qa for qa in world.questions(states, rng) if qa.kind == kind)
+            question, answer = qa.question, qa.answer
+        keep = np.ones((len(states), TOKENS_PER_FRAME), bool)
+        if kind != "narration" and len(states) > 2 and rng.random() < 0.5:     # token dropout, old frames
+            keep[:-2] = rng.random((len(states) - 2, TOKENS_PER_FRAME)) < rng.uniform(0.05, 0.7)
+            for i, s in enumerate(states[:-2]):
+                for spot, _ in s.spots:
+                    keep[i, 6 + world.SPOTS.index(spot)] = True                # the floor row shows objects
+        frames = [bank(s, int(rng.integers(0, len(FrameBank.PANS)))) for s in states]
+        q_ids = self.tok(DEFAULT_QUESTION_TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
+        a_ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.im_end]
+        return frames, keep, q_ids, a_ids, kind
+
+
+# ---- the model side: the engine's sequence layout, with gradients ------------------------------------
+def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
+    """[F, 3, H, W] normalised -> [F, tokens_per_frame, hidden], as the engine's adapter computes it."""
+    cfg = model.config
+    out = model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    return model.model.apply_pooling(model.model.multi_modal_projector(feats))
+
+
+def normalise(pixels_uint8: torch.Tensor, dtype, augment: bool, generator=None) -> torch.Tensor:
+    x = pixels_uint8.permute(0, 3, 1, 2).float()
+    if augment:
+        n = x.shape[0]
+        light = torch.empty(n, 1, 1, 1, device=x.device).uniform_(0.88, 1.12, generator=generator)
+        x = (x * light + torch.randn(x.shape, device=x.device, generator=generator) * 2.5).clamp(0, 255)
+    return ((x / 255.0 - 0.5) / 0.5).to(dtype)
+
+
+def sequences(model, prefix_ids, batch, dtype, augment=True, generator=None):
+    """Input embeddings [B, T, hidden] and targets [B, T] (-100 where no loss) for a batch."""
+    device = model.lm_head.weight.device
+    embed = model.model.language_model.embed_tokens
+    vis = visual_tokens(model, normalise(batch["pixels"].to(device), dtype, augment, generator))
+    prefix = embed(torch.tensor(prefix_ids, device=device))
+    newline = model.model.image_newline.to(dtype)[None]
+    seqs, targets, offset = [], [], 0
+    for keep, q, a in zip(batch["keeps"], batch["questions"], batch["answers"]):
+        n = len(keep)
+        frames = vis[offset:offset + n][torch.as_tensor(keep, device=device)]
+        offset += n
+        text = embed(torch.tensor(q + a, device=device))
+        seqs.append(torch.cat([prefix, frames, newline, text]))
+        t = torch.full((seqs[-1].shape[0],), -100, dtype=torch.long)
+        t[-len(a):] = torch.tensor(a)
+        targets.append(t)
+    length = max(s.shape[0] for s in seqs)
+    # right padding: with causal attention no real token attends to the padding after it
+    x = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[0])) for s in seqs])
+    y = torch.stack([torch.nn.functional.pad(t, (0, length - t.shape[0]), value=-100) for t in targets])
+    return x, y.to(device)
+
+
+def forward_loss(model, x, y):
+    hidden = model.model.language_model(inputs_embeds=x, use_cache=False).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1]).float()
+    target = y[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100)
+    mask = target != -100
+    right = (logits.argmax(-1) == target) | ~mask
+    return loss, right.all(dim=1)              # per example: every answer token right (teacher forced)
+
+
+def train(out: Path, steps: int, seed: int, device: str, batch: int, lr: float, workers: int,
+          max_minutes: float, size: dict) -> dict:
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(corpus(), vocab_size=800)
+    model = new_model(tokenizer, image_size=IMAGE_SIZE, **size).to(device)
+    model.model.image_newline.data.normal_(0, 0.02)
+    params = sum(p.numel() for p in model.parameters())
+    prefix_ids = tokenizer(DEFAULT_SYSTEM_PROMPT, add_special_tokens=False)["input_ids"]
+    data = torch.utils.data.DataLoader(Examples(tokenizer, batch, seed), batch_size=None, num_workers=workers,
+                                       pin_memory=device.startswith("cuda"), persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers else None)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.05), dict(params=other, weight_decay=0.0)],
+                            lr=lr, betas=(0.9, 0.95))
+    warmup = min(300, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
+        "cpu", enabled=False)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    log, t0, window = [], time.time(), {}
+    model.train()
+    step = 0
+    for step, b in enumerate(data, start=1):
+        with autocast:
+            x, y = sequences(model, prefix_ids, b, torch.float32, generator=gen)
+            loss, exact = forward_loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        for kind, ok in zip(b["kinds"], exact.tolist()):
+            window.setdefault(kind, []).append(ok)
+        if step % 100 == 0 or step == steps:
+            row = dict(step=step, loss=round(loss.item(), 4), minutes=round((time.time() - t0) / 60, 2),
+                       lr=sched.get_last_lr()[0], **{k: round(float(np.mean(v)), 3) for k, v in sorted(window.items())})
+            log.append(row)
+            print(json.dumps(row), flush=True)
+            window = {}
+        if step >= steps or (time.time() - t0) / 60 > max_minutes:
+            break
+    model.eval()
+    save(model.half(), tokenizer, out)
+    report = dict(steps_done=step, steps_planned=steps, seed=seed, batch=batch, lr=lr, params=params,
+                  size=size, minutes=round((time.time() - t0) / 60, 2), device=torch.cuda.get_device_name()
+                  if device.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  torch=torch.__version__, log=log)
+    (out / "training_log.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+SIZES = {  # LM layers / hidden / heads, vision width / layers
+    "demo": dict(layers=6, hidden=256, heads=8, kv_heads=4, vision_hidden=128, vision_layers=3),
+    "smoke": dict(layers=2, hidden=64, heads=4, kv_heads=2, vision_hidden=32, vision_layers=1),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--max-minutes", type=float, default=float("inf"), help="stop early and save (logged)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="demo")
+    args = ap.parse_args()
+    report = train(args.out, args.steps, args.seed, args.device, args.batch, args.lr, args.workers,
+                   args.max_minutes, SIZES[args.size])
+    print(json.dumps({k: v for k, v in report.items() if k != "log"}))
+
+
+if __name__ == "__main__":
+    main()
