@@ -151,7 +151,7 @@ def draw(state: State, width: int, height: int, pan: float = 0.0) -> np.ndarray:
     cv2.rectangle(img, (x0, y0), (x1, horizon), (70, 50, 30), -1)                      # door frame
     m = max(1, width // 80)
     cv2.rectangle(img, (x0 + m, y0 + m), (x1 - m, horizon), DOOR_OPEN if state.door_open else DOOR_CLOSED, -1)
-    r, cy = int(0.06 * width), int(0.78 * height)
+    r, cy = int(0.075 * width), int(0.78 * height)
     for spot, name in state.spots:
         colour, shape = OBJECTS[name]
         _draw(img, shape, int(SPOT_X[spot] * width) + dx, cy, r, colour)
@@ -169,8 +169,8 @@ def _draw(img, shape, cx, cy, r, colour):
         cv2.ellipse(img, (cx, cy + r // 3), (r, 2 * r // 3), 0, 0, 360, colour, -1)
         cv2.ellipse(img, (cx, cy - r // 3), (r // 2, r // 2), 0, 180, 360, colour, max(1, r // 4))
     else:  # bottle
-        cv2.rectangle(img, (cx - r // 2, cy - r // 3), (cx + r // 2, cy + r), colour, -1)
-        cv2.rectangle(img, (cx - r // 5, cy - r), (cx + r // 5, cy - r // 3), colour, -1)
+        cv2.rectangle(img, (cx - 2 * r // 3, cy - r // 3), (cx + 2 * r // 3, cy + r), colour, -1)
+        cv2.rectangle(img, (cx - r // 3, cy - r), (cx + r // 3, cy - r // 3), colour, -1)
 
 
 # ---- questions and answers over the frames a model saw ----------------------------------------------

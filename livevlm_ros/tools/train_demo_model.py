@@ -75,22 +75,30 @@ class FrameBank:
 class Examples(torch.utils.data.IterableDataset):
     """Endless batches of (frames, token-keep masks, question ids, answer ids) from fresh episodes."""
 
-    def __init__(self, tokenizer, batch: int, seed: int, max_frames: int = MAX_FRAMES):
-        self.tok, self.batch, self.seed, self.max_frames = tokenizer, batch, seed, max_frames
+    def __init__(self, tokenizer, batch: int, seed: int, curriculum_steps: int = 0):
+        self.tok, self.batch, self.seed, self.curriculum_steps = tokenizer, batch, seed, curriculum_steps
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def max_frames(self, step: int) -> int:
+        """Curriculum: streams grow from 16 frames to MAX_FRAMES over the first `curriculum_steps`
+        (short streams first: retrieval is learnt faster where there is less to search)."""
+        if step >= self.curriculum_steps:
+            return MAX_FRAMES
+        return 16 + (MAX_FRAMES - 16) * step // self.curriculum_steps
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.seed, worker])
         bank = FrameBank()
-        while True:
-            yield self._batch(rng, bank)
+        for k in range(2**62):
+            # the loader takes batches from its workers in turn, so this is the batch's training step
+            yield self._batch(rng, bank, self.max_frames(k * workers + worker))
 
-    def _batch(self, rng, bank):
+    def _batch(self, rng, bank, max_frames=MAX_FRAMES):
         frames, keeps, questions, answers, kinds = [], [], [], [], []
         for _ in range(self.batch):
-            f, keep, q, a, kind = self.example(rng, bank)
+            f, keep, q, a, kind = self.example(rng, bank, max_frames)
             frames += f
             keeps.append(keep)
             questions.append(q)
@@ -99,8 +107,8 @@ class Examples(torch.utils.data.IterableDataset):
         return dict(pixels=torch.from_numpy(np.stack(frames)), keeps=keeps, questions=questions,
                     answers=answers, kinds=kinds)
 
-    def example(self, rng, bank):
-        n = max(1, int(self.max_frames * math.sqrt(rng.random())))      # favour long streams
+    def example(self, rng, bank, max_frames=MAX_FRAMES):
+        n = max(1, int(max_frames * math.sqrt(rng.random())))           # favour long streams
         ep = world.Episode.generate(int(TRAIN_SEEDS + rng.integers(0, 2**40)), n / FPS + 1)
         offset = rng.uniform(0, 1 / FPS)
         times = offset + np.arange(n) / FPS
@@ -182,14 +190,14 @@ def forward_loss(model, x, y):
 
 
 def train(out: Path, steps: int, seed: int, device: str, batch: int, lr: float, workers: int,
-          max_minutes: float, size: dict) -> dict:
+          max_minutes: float, size: dict, stop_after: int | None = None, curriculum: float = 0.3) -> dict:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(corpus(), vocab_size=800)
     model = new_model(tokenizer, image_size=IMAGE_SIZE, **size).to(device)
     model.model.image_newline.data.normal_(0, 0.02)
     params = sum(p.numel() for p in model.parameters())
     prefix_ids = tokenizer(DEFAULT_SYSTEM_PROMPT, add_special_tokens=False)["input_ids"]
-    data = torch.utils.data.DataLoader(Examples(tokenizer, batch, seed), batch_size=None, num_workers=workers,
+    data = torch.utils.data.DataLoader(Examples(tokenizer, batch, seed, int(curriculum * steps)), batch_size=None, num_workers=workers,
                                        pin_memory=device.startswith("cuda"), persistent_workers=workers > 0,
                                        prefetch_factor=4 if workers else None)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -202,10 +210,11 @@ def train(out: Path, steps: int, seed: int, device: str, batch: int, lr: float, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
         "cpu", enabled=False)
     gen = torch.Generator(device=device).manual_seed(seed)
-    log, t0, window = [], time.time(), {}
+    log, t0, window, waited = [], time.time(), {}, 0.0
     model.train()
-    step = 0
+    step, t_ready = 0, time.time()
     for step, b in enumerate(data, start=1):
+        waited += time.time() - t_ready            # time the GPU waited for data
         with autocast:
             x, y = sequences(model, prefix_ids, b, torch.float32, generator=gen)
             loss, exact = forward_loss(model, x, y)
@@ -216,17 +225,20 @@ def train(out: Path, steps: int, seed: int, device: str, batch: int, lr: float, 
         sched.step()
         for kind, ok in zip(b["kinds"], exact.tolist()):
             window.setdefault(kind, []).append(ok)
-        if step % 100 == 0 or step == steps:
+        stop = step >= (stop_after or steps) or (time.time() - t0) / 60 > max_minutes
+        if step % 100 == 0 or stop:
             row = dict(step=step, loss=round(loss.item(), 4), minutes=round((time.time() - t0) / 60, 2),
-                       lr=sched.get_last_lr()[0], **{k: round(float(np.mean(v)), 3) for k, v in sorted(window.items())})
+                       data_wait_s=round(waited, 1), tokens=x.shape[1], lr=round(sched.get_last_lr()[0], 6),
+                       **{k: round(float(np.mean(v)), 3) for k, v in sorted(window.items())})
             log.append(row)
             print(json.dumps(row), flush=True)
-            window = {}
-        if step >= steps or (time.time() - t0) / 60 > max_minutes:
+            window, waited = {}, 0.0
+        if stop:
             break
+        t_ready = time.time()
     model.eval()
     save(model.half(), tokenizer, out)
-    report = dict(steps_done=step, steps_planned=steps, seed=seed, batch=batch, lr=lr, params=params,
+    report = dict(steps_done=step, steps_planned=steps, curriculum=curriculum, seed=seed, batch=batch, lr=lr, params=params,
                   size=size, minutes=round((time.time() - t0) / 60, 2), device=torch.cuda.get_device_name()
                   if device.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   torch=torch.__version__, log=log)
@@ -250,10 +262,13 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--max-minutes", type=float, default=float("inf"), help="stop early and save (logged)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (reproduces a "
+                    "--max-minutes run: same --steps, its steps_done)")
+    ap.add_argument("--curriculum", type=float, default=0.3, help="share of --steps over which streams grow")
     ap.add_argument("--size", choices=sorted(SIZES), default="demo")
     args = ap.parse_args()
     report = train(args.out, args.steps, args.seed, args.device, args.batch, args.lr, args.workers,
-                   args.max_minutes, SIZES[args.size])
+                   args.max_minutes, SIZES[args.size], args.stop_after, args.curriculum)
     print(json.dumps({k: v for k, v in report.items() if k != "log"}))
 
 
