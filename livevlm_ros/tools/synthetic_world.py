@@ -38,7 +38,7 @@ OBJECTS = {  # name: (RGB, shape)
 }
 SPOTS = ("left", "center", "right")
 SPOT_X = {"left": 1 / 6, "center": 1 / 2, "right": 5 / 6}   # object centre, fraction of the width
-DOOR_CLOSED, DOOR_OPEN = (118, 76, 38), (22, 22, 28)
+DOOR_CLOSED, DOOR_OPEN = (118, 76, 38), (250, 246, 226)     # open: daylight through the doorway
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def draw(state: State, width: int, height: int, pan: float = 0.0) -> np.ndarray:
     img[:horizon] = wall
     img[horizon:] = floor
     dx = int(round(pan * width))
-    x0, x1, y0 = int(0.07 * width) + dx, int(0.25 * width) + dx, int(0.12 * height)
+    x0, x1, y0 = int(0.04 * width) + dx, int(0.28 * width) + dx, int(0.10 * height)
     cv2.rectangle(img, (x0, y0), (x1, horizon), (70, 50, 30), -1)                      # door frame
     m = max(1, width // 80)
     cv2.rectangle(img, (x0 + m, y0 + m), (x1 - m, horizon), DOOR_OPEN if state.door_open else DOOR_CLOSED, -1)
