@@ -1,11 +1,12 @@
 """The main job, end to end, on one machine: a rosbag of a robot camera is replayed into the node
 (separate processes over DDS, as on a robot); narration is printed as it arrives; then the query
-service is asked a few questions.
+service is asked a few questions. Next to every narration and answer the demo prints the ground
+truth of the synthetic episode the bag was drawn from.
 
     python -m livevlm_ros.tools.demo [--model DIR] [--bag DIR] [--rate 2]
 
-Without --model it builds and uses the tiny random LLaVA-OneVision (models/tiny): the pipeline is
-the real one, but with random weights the words it produces mean nothing.
+The default model is models/livevlm-demo, a small LLaVA-OneVision trained on this synthetic world
+by `train_demo_model.py` (see QUALITY.md for what it can and cannot answer).
 """
 
 from __future__ import annotations
@@ -21,29 +22,42 @@ from pathlib import Path
 
 import yaml
 
-QUESTIONS = ["Where did I last see the red toolbox?", "Is the door on the left open?",
-             "What happened in the last minute?"]
+QUESTIONS = ["Which room am I in?", "Is the door on the left open?", "What is on the left?",
+             "What is on the right?", "Where did I last see the red toolbox?"]
+
+
+SECONDS = 60.0
+BAG_START = 1_700_000_000.0
+
+
+def truth(episode, question: str, t_end: float) -> str:
+    """The ground-truth answer, from the frames the node sampled (2 per second up to t_end)."""
+    from livevlm_ros.tools import synthetic_world as world
+    answer = world.ground_truth([episode.state(k / 2.0) for k in range(int(t_end * 2.0) + 1)], question)
+    return answer or "(no ground truth for this question)"
 
 
 def main():
     repo = Path(__file__).resolve().parents[2]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="model folder (default: build models/tiny)")
-    ap.add_argument("--bag", type=Path, default=repo / "artifacts" / "demo_bag")
+    ap.add_argument("--model", type=Path, default=repo / "models" / "livevlm-demo")
+    ap.add_argument("--bag", type=Path, default=None, help="a bag to replay instead of the demo bag "
+                    "(then no ground truth is printed)")
     ap.add_argument("--rate", type=float, default=2.0)
     ap.add_argument("--config", type=Path, default=repo / "config" / "demo.yaml")
     args = ap.parse_args()
 
-    from livevlm_ros.tools import make_demo_bag, make_tiny_model
+    from livevlm_ros.tools import make_demo_bag, synthetic_world
     model = args.model
-    if model is None:
-        model = repo / "models" / "tiny"
-        if not (model / "config.json").exists():
-            make_tiny_model.build(model)
-        print("[demo] model: tiny random LLaVA-OneVision (random weights: the text is meaningless)")
-    if not (args.bag / "metadata.yaml").exists():
-        events = make_demo_bag.write_bag(args.bag, seconds=30, fps=10, size=(640, 480))
-        print("[demo] wrote", args.bag, "with events:", ", ".join(f"{e.name} {e.start:.0f}-{e.stop:.0f}s" for e in events))
+    print(f"[demo] model: {model}")
+    episode = None
+    if args.bag is None:
+        args.bag = Path(tempfile.mkdtemp()) / "demo_bag"
+        episode = make_demo_bag.write_bag(args.bag, seconds=SECONDS, fps=10, seed=make_demo_bag.DEMO_SEED,
+                                          start_time=BAG_START)
+        print(f"[demo] bag {args.bag}: {SECONDS:.0f} s, 10 fps, what happens in it:")
+        print(make_demo_bag.describe(episode))
+    stamp = lambda t: t.sec + t.nanosec * 1e-9 - BAG_START  # noqa: E731   (bag time, seconds)
 
     os.environ.setdefault("ROS_DOMAIN_ID", str(120 + os.getpid() % 50))
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -62,8 +76,13 @@ def main():
 
     rclpy.init()
     client = Node("livevlm_demo")
-    client.create_subscription(Narration, "/livevlm/narration", lambda m: print(
-        f"[narration {m.span_start.sec % 1000:>3}-{m.span_end.sec % 1000:>3}s] {m.text!r}"), 10)
+    def on_narration(m):
+        t0, t1 = stamp(m.span_start), stamp(m.span_end)
+        print(f"[narration {t0:4.1f}-{t1:4.1f}s] {m.text}")
+        if episode:
+            truth = synthetic_world.narration(episode.state(t0) if t1 > t0 else None, episode.state(t1))
+            print(f"{'':>24}truth: {truth}")
+    client.create_subscription(Narration, "/livevlm/narration", on_narration, 10)
     query = client.create_client(Query, "/livevlm/query")
     executor = SingleThreadedExecutor()
     executor.add_node(client)
@@ -80,9 +99,11 @@ def main():
             while not future.done():
                 time.sleep(0.05)
             r = future.result()
-            span = f"{r.span_start.sec % 1000}-{r.span_end.sec % 1000}s"
             print(f"[query] {q}\n        -> {r.answer if r.success else 'ERROR: ' + r.error_message!r} "
-                  f"(latency {r.latency_s * 1000:.0f} ms, memory span {span}, pages {r.pages_used}/{r.pages_total})")
+                  f"(latency {r.latency_s * 1000:.0f} ms, memory {stamp(r.span_start):.1f}-{stamp(r.span_end):.1f}s, "
+                  f"pages {r.pages_used}/{r.pages_total})")
+            if episode:
+                print(f"        truth: {truth(episode, q, stamp(r.span_end))}")
     finally:
         executor.shutdown()
         client.destroy_node()

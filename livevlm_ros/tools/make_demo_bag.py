@@ -1,73 +1,27 @@
-"""Write a synthetic robot-camera rosbag2 (sqlite3 or mcap): a room seen by a slowly panning camera,
-with objects that appear, move and disappear at known times. Test fixtures and the demo use it.
+"""Write a synthetic robot-camera rosbag2 (sqlite3 or mcap) of the world in `synthetic_world.py`:
+rooms, a door that opens and closes, objects that appear, move and disappear at known times. The
+demo, the tests and the demo model's training all draw from the same world; the episode returned
+is the ground truth.
 
-    python -m livevlm_ros.tools.make_demo_bag out_bag [--seconds 30] [--fps 10] [--storage mcap]
-                                              [--compressed] [--size 640x480] [--seed 0]
+    python -m livevlm_ros.tools.make_demo_bag out_bag [--seconds 60] [--fps 10] [--storage mcap]
+                                              [--compressed] [--size 320x240] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import numpy as np
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+from livevlm_ros.tools.synthetic_world import Episode
 
-
-@dataclass
-class Event:
-    name: str          # e.g. "red toolbox"
-    colour: str
-    shape: str         # "box" | "ball"
-    start: float       # seconds into the stream
-    stop: float
-    x0: float          # start/end x position (0..1 of the width)
-    x1: float
+DEMO_SEED = 7        # a held-out episode (training used seeds >= 1,000,000)
 
 
-def scenario(seconds: float, seed: int) -> list[Event]:
-    rng = np.random.default_rng(seed)
-    names = [("red", "box", "red toolbox"), ("blue", "ball", "blue ball"),
-             ("green", "box", "green crate"), ("yellow", "ball", "yellow ball")]
-    events = []
-    for i, (colour, shape, name) in enumerate(names):
-        start = seconds * (0.05 + 0.2 * i) + rng.uniform(0, 1)
-        stop = min(seconds, start + seconds * rng.uniform(0.15, 0.3))
-        events.append(Event(name, colour, shape, start, stop, rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9)))
-    return events
-
-
-def render(t: float, events: list[Event], width: int, height: int) -> np.ndarray:
-    """RGB frame at time t: floor, wall, a door, and the objects visible at t."""
-    img = np.zeros((height, width, 3), np.uint8)
-    horizon = height // 2
-    img[:horizon] = (180, 175, 165)                       # wall
-    img[horizon:] = (110, 95, 80)                         # floor
-    pan = int(0.1 * width * np.sin(t / 5.0))
-    door_x = width // 6 + pan
-    cv2.rectangle(img, (door_x, horizon // 3), (door_x + width // 8, horizon), (90, 60, 30), -1)
-    door_open = int(t // 10) % 2 == 1                      # the door opens and closes every 10 s
-    if door_open:
-        cv2.rectangle(img, (door_x + 4, horizon // 3 + 4), (door_x + width // 8 - 4, horizon), (20, 20, 20), -1)
-    for e in events:
-        if e.start <= t < e.stop:
-            a = (t - e.start) / max(e.stop - e.start, 1e-6)
-            x = int((e.x0 + (e.x1 - e.x0) * a) * width) + pan
-            y = horizon + height // 4
-            r = max(4, height // 12)
-            if e.shape == "box":
-                cv2.rectangle(img, (x - r, y - r), (x + r, y + r), COLOURS[e.colour], -1)
-            else:
-                cv2.circle(img, (x, y), r, COLOURS[e.colour], -1)
-    return img
-
-
-def write_bag(out: Path, seconds: float = 30.0, fps: float = 10.0, storage: str = "sqlite3",
-              compressed: bool = False, size: tuple[int, int] = (640, 480), seed: int = 0,
-              topic: str | None = None, start_time: float = 1_700_000_000.0) -> list[Event]:
+def write_bag(out: Path, seconds: float = 60.0, fps: float = 10.0, storage: str = "sqlite3",
+              compressed: bool = False, size: tuple[int, int] = (320, 240), seed: int = DEMO_SEED,
+              topic: str | None = None, start_time: float = 1_700_000_000.0) -> Episode:
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
@@ -76,7 +30,7 @@ def write_bag(out: Path, seconds: float = 30.0, fps: float = 10.0, storage: str 
     CompressedImage = store.types["sensor_msgs/msg/CompressedImage"]
     Header = store.types["std_msgs/msg/Header"]
     Time = store.types["builtin_interfaces/msg/Time"]
-    events = scenario(seconds, seed)
+    episode = Episode.generate(seed, seconds)
     width, height = size
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     topic = topic or ("/camera/image_raw/compressed" if compressed else "/camera/image_raw")
@@ -88,7 +42,7 @@ def write_bag(out: Path, seconds: float = 30.0, fps: float = 10.0, storage: str 
             stamp = start_time + t
             sec = int(stamp)
             header = Header(stamp=Time(sec=sec, nanosec=int(round((stamp - sec) * 1e9))), frame_id="camera")
-            rgb = render(t, events, width, height)
+            rgb = episode.render(t, width, height)
             if compressed:
                 ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
                 msg = CompressedImage(header=header, format="jpeg", data=jpg.reshape(-1))
@@ -96,22 +50,34 @@ def write_bag(out: Path, seconds: float = 30.0, fps: float = 10.0, storage: str 
                 msg = Image(header=header, height=height, width=width, encoding="rgb8", is_bigendian=0,
                             step=width * 3, data=rgb.reshape(-1))
             writer.write(conn, int(stamp * 1e9), store.serialize_cdr(msg, msgtype))
-    return events
+    return episode
+
+
+def describe(episode: Episode) -> str:
+    lines = []
+    for v in episode.visits:
+        door = "open" if v.door_open else "closed"
+        if v.door_toggle is not None:
+            door += f", {'closes' if v.door_open else 'opens'} at {v.door_toggle:.1f}s"
+        lines.append(f"{v.start:5.1f}-{v.stop:5.1f}s  {v.room} (door {door})")
+        for s in v.sightings:
+            move = f", moves {s.spot2} at {s.move_at:.1f}s" if s.move_at is not None else ""
+            lines.append(f"    {s.appear:5.1f}-{s.disappear:5.1f}s  {s.name} {s.spot}{move}")
+    return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--fps", type=float, default=10.0)
     ap.add_argument("--storage", choices=["sqlite3", "mcap"], default="sqlite3")
     ap.add_argument("--compressed", action="store_true")
-    ap.add_argument("--size", default="640x480")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", default="320x240")
+    ap.add_argument("--seed", type=int, default=DEMO_SEED)
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
-    for e in write_bag(args.out, args.seconds, args.fps, args.storage, args.compressed, (w, h), args.seed):
-        print(f"{e.start:6.1f}s - {e.stop:6.1f}s  {e.name}")
+    print(describe(write_bag(args.out, args.seconds, args.fps, args.storage, args.compressed, (w, h), args.seed)))
 
 
 if __name__ == "__main__":

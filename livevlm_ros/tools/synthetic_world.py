@@ -227,6 +227,26 @@ def questions(states: list[State], rng: np.random.Generator) -> list[QA]:
     ]
 
 
+def ground_truth(states: list[State], question: str) -> str | None:
+    """The right answer to one of the phrasings `questions()` uses, or None for any other question."""
+    q, now = question.strip(), states[-1]
+    for name in OBJECTS:
+        seen = last_seen(states, name)
+        if q in (f"Where did I last see the {name}?", f"Where was the {name}?"):
+            return where_answer(seen[1], seen[2]) if seen else NOT_SEEN
+        if q in (f"Did you see the {name}?", f"Have you seen the {name}?"):
+            return "Yes." if seen else "No."
+    for spot in SPOTS:
+        if q in (f"What is {place(spot)}?", f"What do you see {place(spot)}?"):
+            obj = now.at(spot)
+            return f"{a(obj).capitalize()}." if obj else "Nothing."
+    if q in ("Is the door open?", "Is the door on the left open?"):
+        return "Yes." if now.door_open else "No."
+    if q in ("Which room am I in?", "Where am I?"):
+        return f"The {now.room}."
+    return None
+
+
 def narration(prev: State | None, now: State) -> str:
     """What changed between the last two frames, then the scene: the narration a planner reads."""
     events = []

@@ -76,16 +76,18 @@ class FrameBank:
 class Examples(torch.utils.data.IterableDataset):
     """Endless batches of (frames, token-keep masks, question ids, answer ids) from fresh episodes."""
 
-    def __init__(self, tokenizer, batch: int, seed: int, curriculum_steps: int = 0):
+    def __init__(self, tokenizer, batch: int, seed: int, curriculum_steps: int = 0, max_frames: int = MAX_FRAMES,
+                 mix: dict = MIX):
         self.tok, self.batch, self.seed, self.curriculum_steps = tokenizer, batch, seed, curriculum_steps
+        self.longest, self.mix = max_frames, mix
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def max_frames(self, step: int) -> int:
         """Curriculum: streams grow from 16 frames to MAX_FRAMES over the first `curriculum_steps`
         (short streams first: retrieval is learnt faster where there is less to search)."""
         if step >= self.curriculum_steps:
-            return MAX_FRAMES
-        return 16 + (MAX_FRAMES - 16) * step // self.curriculum_steps
+            return self.longest
+        return 16 + (self.longest - 16) * step // self.curriculum_steps
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -117,7 +119,7 @@ class Examples(torch.utils.data.IterableDataset):
             kept = rng.random(n - 2) > rng.uniform(0, 0.5)
             times = np.concatenate([times[:-2][kept], times[-2:]])
         states = [ep.state(t) for t in times]
-        kind = str(rng.choice(list(MIX), p=list(MIX.values())))
+        kind = str(rng.choice(list(self.mix), p=list(self.mix.values())))
         if kind == "narration":
             states = states[-2:]
             question = DEFAULT_NARRATION_PROMPT
@@ -194,25 +196,31 @@ def forward_loss(model, x, y):
 
 def train(out: Path, steps: int, seed: int, device: str, batch: int, lr: float, workers: int,
           max_minutes: float, size: dict, stop_after: int | None = None, curriculum: float = 0.6,
-          train_vision: bool = False) -> dict:
+          train_vision: bool = False, init: Path | None = None, max_frames: int = MAX_FRAMES,
+          mix: dict = MIX) -> dict:
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(corpus(), vocab_size=800)
-    model = new_model(tokenizer, image_size=IMAGE_SIZE, **size).to(device)
-    model.model.image_newline.data.normal_(0, 0.02)
+    if init is None:
+        tokenizer = build_tokenizer(corpus(), vocab_size=800)
+        model = new_model(tokenizer, image_size=IMAGE_SIZE, **size).to(device)
+        model.model.image_newline.data.normal_(0, 0.02)
+    else:                                           # a further stage, from a saved model
+        from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+        tokenizer = AutoTokenizer.from_pretrained(str(init))
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32).to(device)
     if not train_vision:
         # Trained from scratch on this little world, the tower collapsed onto the room colour (objects
         # and doors vanished from its features); a random tower keeps them, the projector learns to read it.
         model.model.vision_tower.requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     prefix_ids = tokenizer(DEFAULT_SYSTEM_PROMPT, add_special_tokens=False)["input_ids"]
-    data = torch.utils.data.DataLoader(Examples(tokenizer, batch, seed, int(curriculum * steps)), batch_size=None, num_workers=workers,
+    data = torch.utils.data.DataLoader(Examples(tokenizer, batch, seed, int(curriculum * steps), max_frames, mix), batch_size=None, num_workers=workers,
                                        pin_memory=device.startswith("cuda"), persistent_workers=workers > 0,
                                        prefetch_factor=4 if workers else None)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.05), dict(params=other, weight_decay=0.0)],
                             lr=lr, betas=(0.9, 0.95))
-    warmup = min(300, steps // 10)
+    warmup = min(300, steps // 10) if init is None else min(50, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
@@ -246,7 +254,9 @@ def train(out: Path, steps: int, seed: int, device: str, batch: int, lr: float, 
         t_ready = time.time()
     model.eval()
     save(model.half(), tokenizer, out)
-    report = dict(steps_done=step, steps_planned=steps, curriculum=curriculum, train_vision=train_vision, seed=seed, batch=batch, lr=lr, params=params,
+    previous = json.loads((init / "training_log.json").read_text()) if init and (init / "training_log.json").exists() else None
+    report = dict(steps_done=step, steps_planned=steps, curriculum=curriculum, train_vision=train_vision, seed=seed,
+                  init=str(init) if init else None, previous_stage=previous, max_frames=max_frames, mix=mix, batch=batch, lr=lr, params=params,
                   size=size, minutes=round((time.time() - t0) / 60, 2), device=torch.cuda.get_device_name()
                   if device.startswith("cuda") else "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   torch=torch.__version__, log=log)
@@ -258,6 +268,15 @@ SIZES = {  # LM layers / hidden / heads, vision width / layers
     "demo": dict(layers=6, hidden=256, heads=8, kv_heads=4, vision_hidden=128, vision_layers=3),
     "smoke": dict(layers=2, hidden=64, heads=4, kv_heads=2, vision_hidden=32, vision_layers=1),
 }
+
+
+def parse_mix(text: str) -> dict:
+    mix = {k: float(v) for k, v in (item.split("=") for item in text.split(","))}
+    unknown = set(mix) - set(MIX)
+    if unknown:
+        raise SystemExit(f"unknown question kinds {sorted(unknown)}; known: {sorted(MIX)}")
+    total = sum(mix.values())
+    return {k: v / total for k, v in mix.items()}
 
 
 def main():
@@ -274,10 +293,14 @@ def main():
                     "--max-minutes run: same --steps, its steps_done)")
     ap.add_argument("--curriculum", type=float, default=0.6, help="share of --steps over which streams grow")
     ap.add_argument("--train-vision", action="store_true", help="train the SigLIP tower too (default: random, frozen)")
+    ap.add_argument("--init", type=Path, default=None, help="continue from a saved model (a further stage)")
+    ap.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="longest training stream")
+    ap.add_argument("--mix", default=None, help="question mix, e.g. where=0.5,seen=0.2,narration=0.3")
     ap.add_argument("--size", choices=sorted(SIZES), default="demo")
     args = ap.parse_args()
     report = train(args.out, args.steps, args.seed, args.device, args.batch, args.lr, args.workers,
-                   args.max_minutes, SIZES[args.size], args.stop_after, args.curriculum, args.train_vision)
+                   args.max_minutes, SIZES[args.size], args.stop_after, args.curriculum, args.train_vision,
+                   args.init, args.max_frames, parse_mix(args.mix) if args.mix else MIX)
     print(json.dumps({k: v for k, v in report.items() if k != "log"}))
 
 
