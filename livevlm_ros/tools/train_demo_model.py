@@ -32,7 +32,7 @@ import torch
 
 from livevlm_ros.engine.config import DEFAULT_NARRATION_PROMPT, DEFAULT_QUESTION_TEMPLATE, DEFAULT_SYSTEM_PROMPT
 from livevlm_ros.tools import synthetic_world as world
-from livevlm_ros.tools.make_tiny_model import SPECIAL_TOKENS, build_tokenizer, new_model, save
+from livevlm_ros.tools.make_tiny_model import build_tokenizer, new_model, save
 
 IMAGE_SIZE = 48            # 6x6 patches of 8 px -> 3x3 tokens after pooling: one token per floor spot
 TOKENS_PER_FRAME = 9
