@@ -206,43 +206,50 @@ class QA:
     age: int | None = None   # frames between the evidence and the last frame (where/seen questions)
 
 
+# How each kind of question is asked; "{}" is the object's name or the spot's place.
+PHRASINGS = {
+    "where": ("Where did I last see the {}?", "Where was the {}?"),
+    "seen": ("Did you see the {}?", "Have you seen the {}?"),
+    "spot": ("What is {}?", "What do you see {}?"),
+    "door": ("Is the door open?", "Is the door on the left open?"),
+    "room": ("Which room am I in?", "Where am I?"),
+}
+
+
 def questions(states: list[State], rng: np.random.Generator) -> list[QA]:
-    """Every question type once (random phrasing, object and spot), answered from `states`."""
-    now = states[-1]
+    """Every kind of question once (random phrasing, object and spot), answered from `states`."""
     name = str(rng.choice(list(OBJECTS)))
     seen = last_seen(states, name)
     age = None if seen is None else len(states) - 1 - seen[0]
-    where_q = str(rng.choice(["Where did I last see the {}?", "Where was the {}?"])).format(name)
-    seen_q = str(rng.choice(["Did you see the {}?", "Have you seen the {}?"])).format(name)
+    where_q = str(rng.choice(PHRASINGS["where"])).format(name)
+    seen_q = str(rng.choice(PHRASINGS["seen"])).format(name)
     spot = str(rng.choice(SPOTS))
-    obj = now.at(spot)
-    spot_q = str(rng.choice(["What is {}?", "What do you see {}?"])).format(place(spot))
-    return [
-        QA("where", where_q, where_answer(seen[1], seen[2]) if seen else NOT_SEEN, age),
-        QA("seen", seen_q, "Yes." if seen else "No.", age),
-        QA("spot", spot_q, f"{a(obj).capitalize()}." if obj else "Nothing."),
-        QA("door", str(rng.choice(["Is the door open?", "Is the door on the left open?"])),
-           "Yes." if now.door_open else "No."),
-        QA("room", str(rng.choice(["Which room am I in?", "Where am I?"])), f"The {now.room}."),
-    ]
+    spot_q = str(rng.choice(PHRASINGS["spot"])).format(place(spot))
+    door_q = str(rng.choice(PHRASINGS["door"]))
+    room_q = str(rng.choice(PHRASINGS["room"]))
+    return [QA("where", where_q, ground_truth(states, where_q), age),
+            QA("seen", seen_q, ground_truth(states, seen_q), age),
+            QA("spot", spot_q, ground_truth(states, spot_q)),
+            QA("door", door_q, ground_truth(states, door_q)),
+            QA("room", room_q, ground_truth(states, room_q))]
 
 
 def ground_truth(states: list[State], question: str) -> str | None:
-    """The right answer to one of the phrasings `questions()` uses, or None for any other question."""
+    """The right answer to a question in one of PHRASINGS, or None for any other question."""
     q, now = question.strip(), states[-1]
     for name in OBJECTS:
-        seen = last_seen(states, name)
-        if q in (f"Where did I last see the {name}?", f"Where was the {name}?"):
+        if q in (f.format(name) for f in PHRASINGS["where"] + PHRASINGS["seen"]):
+            seen = last_seen(states, name)
+            if q in (f.format(name) for f in PHRASINGS["seen"]):
+                return "Yes." if seen else "No."
             return where_answer(seen[1], seen[2]) if seen else NOT_SEEN
-        if q in (f"Did you see the {name}?", f"Have you seen the {name}?"):
-            return "Yes." if seen else "No."
     for spot in SPOTS:
-        if q in (f"What is {place(spot)}?", f"What do you see {place(spot)}?"):
+        if q in (f.format(place(spot)) for f in PHRASINGS["spot"]):
             obj = now.at(spot)
             return f"{a(obj).capitalize()}." if obj else "Nothing."
-    if q in ("Is the door open?", "Is the door on the left open?"):
+    if q in PHRASINGS["door"]:
         return "Yes." if now.door_open else "No."
-    if q in ("Which room am I in?", "Where am I?"):
+    if q in PHRASINGS["room"]:
         return f"The {now.room}."
     return None
 

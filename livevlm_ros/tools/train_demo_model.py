@@ -20,7 +20,6 @@ retrieved memory looks like to the model. The same model serves every memory pol
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from livevlm_ros.engine.config import DEFAULT_NARRATION_PROMPT, DEFAULT_QUESTION_TEMPLATE, DEFAULT_SYSTEM_PROMPT
+from livevlm_ros.engine.models.llava_onevision import visual_tokens
 from livevlm_ros.tools import synthetic_world as world
 from livevlm_ros.tools.make_tiny_model import build_tokenizer, new_model, save
 
@@ -140,16 +140,6 @@ class Examples(torch.utils.data.IterableDataset):
 
 
 # ---- the model side: the engine's sequence layout, with gradients ------------------------------------
-def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
-    """[F, 3, H, W] normalised -> [F, tokens_per_frame, hidden], as the engine's adapter computes it."""
-    cfg = model.config
-    tower = model.model.vision_tower
-    frozen = not next(tower.parameters()).requires_grad
-    with torch.no_grad() if frozen else contextlib.nullcontext():
-        feats = tower(pixels, output_hidden_states=True, return_dict=True).hidden_states[cfg.vision_feature_layer]
-    return model.model.apply_pooling(model.model.multi_modal_projector(feats))
-
-
 def normalise(pixels_uint8: torch.Tensor, dtype, augment: bool, generator=None) -> torch.Tensor:
     x = pixels_uint8.permute(0, 3, 1, 2).float()
     if augment:

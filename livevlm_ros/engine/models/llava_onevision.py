@@ -61,18 +61,24 @@ class LlavaOnevisionAdapter(TransformersLanguageModel, VideoLLMAdapter):
 
     @torch.inference_mode()
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        cfg = self.model.config
-        out = self.model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True)
-        layer = cfg.vision_feature_layer
-        if isinstance(layer, int):
-            feats = out.hidden_states[layer]
-        else:
-            feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-        if cfg.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        feats = self.model.model.multi_modal_projector(feats)
-        feats = self.model.model.apply_pooling(feats)
+        feats = visual_tokens(self.model, pixels)
         return feats.reshape(-1, feats.shape[-1])
 
     def video_end_embeddings(self) -> torch.Tensor:
         return self.model.model.image_newline.detach()[None, :]
+
+
+def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
+    """[frames, 3, H, W] normalised pixels -> [frames, tokens_per_frame, hidden]: vision tower ->
+    chosen hidden layer(s) -> projector -> 2x2 pooling. Differentiable: the demo model's training
+    calls it too, so what it learns from is what the engine feeds it."""
+    cfg = model.config
+    out = model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+    layer = cfg.vision_feature_layer
+    if isinstance(layer, int):
+        feats = out.hidden_states[layer]
+    else:
+        feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    return model.model.apply_pooling(model.model.multi_modal_projector(feats))
