@@ -50,14 +50,15 @@ def main():
     from livevlm_ros.tools import make_demo_bag, synthetic_world
     model = args.model
     print(f"[demo] model: {model}")
-    episode = None
+    episode, scratch = None, tempfile.TemporaryDirectory()
     if args.bag is None:
-        args.bag = Path(tempfile.mkdtemp()) / "demo_bag"
+        args.bag = Path(scratch.name) / "demo_bag"
         episode = make_demo_bag.write_bag(args.bag, seconds=SECONDS, fps=10, seed=make_demo_bag.DEMO_SEED,
                                           start_time=BAG_START)
         print(f"[demo] bag {args.bag}: {SECONDS:.0f} s, 10 fps, what happens in it:")
         print(make_demo_bag.describe(episode))
-    stamp = lambda t: t.sec + t.nanosec * 1e-9 - BAG_START  # noqa: E731   (bag time, seconds)
+    origin = BAG_START if episode else 0.0
+    stamp = lambda t: t.sec + t.nanosec * 1e-9 - origin  # noqa: E731   (seconds into the demo bag)
 
     os.environ.setdefault("ROS_DOMAIN_ID", str(120 + os.getpid() % 50))
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -110,6 +111,7 @@ def main():
         rclpy.try_shutdown()
         node.terminate()
         node.wait(15)
+        scratch.cleanup()
 
 
 if __name__ == "__main__":
