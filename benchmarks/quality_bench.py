@@ -63,13 +63,11 @@ def run_stream(adapter, policy, budget, n_frames, seed) -> list[dict]:
         for name in world.OBJECTS:
             seen = world.last_seen(states, name)
             age = None if seen is None else n_frames - 1 - seen[0]
-            qas.append(world.QA("where", f"Where did I last see the {name}?",
-                                world.where_answer(seen[1], seen[2]) if seen else world.NOT_SEEN, age))
-            qas.append(world.QA("seen", f"Did you see the {name}?", "Yes." if seen else "No.", age))
+            qas += [world.QA(kind, q, world.ground_truth(states, q), age)
+                    for kind in ("where", "seen") for q in [world.PHRASINGS[kind][0].format(name)]]
         qas += [qa for qa in world.questions(states, rng) if qa.kind in ("door", "room")]
-        qas += [world.QA("spot", f"What is {world.place(s)}?",
-                         f"{world.a(states[-1].at(s)).capitalize()}." if states[-1].at(s) else "Nothing.")
-                for s in world.SPOTS]
+        qas += [world.QA("spot", q, world.ground_truth(states, q))
+                for q in (world.PHRASINGS["spot"][0].format(world.place(s)) for s in world.SPOTS)]
         for qa in qas:
             answer = engine.ask(qa.question)
             rows.append(dict(kind=qa.kind, question=qa.question, truth=qa.answer, answer=answer.text, age=qa.age,
@@ -103,8 +101,7 @@ def summarise(rows, policies, lengths) -> str:
         for p in policies:
             sel = [r for r in rows if r["policy"] == p and r["frames"] == n]
             kind = lambda k: [r for r in sel if r["kind"] == k]  # noqa: E731
-            room = [r for r in kind("room")]
-            present.append(f"| {p} | {n} | {round(np.mean([r['memory_tokens'] for r in sel]))} | {acc(room)} | "
+            present.append(f"| {p} | {n} | {round(np.mean([r['memory_tokens'] for r in sel]))} | {acc(kind('room'))} | "
                            f"{acc(kind('door'))} | {acc(kind('spot'))} | {acc(kind('narration'))} |")
             seen, where = kind("seen"), kind("where")
             recall.append(f"| {p} | {n} | " + " / ".join(acc(by_age(seen, name)) for _, _, name in AGE_BINS) +

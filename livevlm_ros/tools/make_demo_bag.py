@@ -4,7 +4,7 @@ demo, the tests and the demo model's training all draw from the same world; the 
 is the ground truth.
 
     python -m livevlm_ros.tools.make_demo_bag out_bag [--seconds 60] [--fps 10] [--storage mcap]
-                                              [--compressed] [--size 320x240] [--seed 0]
+                                              [--compressed] [--size 320x240] [--seed 7]
 """
 
 from __future__ import annotations

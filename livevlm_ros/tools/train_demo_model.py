@@ -1,7 +1,9 @@
 """Train the demo model: a small LLaVA-OneVision that narrates and answers questions about the
 synthetic robot world (`synthetic_world.py`), from scratch, reproducibly from a seed.
 
-    python -m livevlm_ros.tools.train_demo_model models/demo [--steps 4000] [--seed 0] [--device cuda]
+    python -m livevlm_ros.tools.train_demo_model models/demo [--steps 1300] [--seed 0] [--device cuda]
+
+(models/livevlm-demo/README.md has the exact commands of the shipped model.)
 
 The model is the class real checkpoints use (`LlavaOnevisionForConditionalGeneration`: SigLIP,
 projector, Qwen2), so the engine runs it exactly as it runs LLaVA-OneVision-7B. Every training
@@ -83,7 +85,7 @@ class Examples(torch.utils.data.IterableDataset):
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def max_frames(self, step: int) -> int:
-        """Curriculum: streams grow from 16 frames to MAX_FRAMES over the first `curriculum_steps`
+        """Curriculum: streams grow from 16 frames to the longest over the first `curriculum_steps`
         (short streams first: retrieval is learnt faster where there is less to search)."""
         if step >= self.curriculum_steps:
             return self.longest
@@ -203,7 +205,8 @@ def train(out: Path, steps: int, seed: int, device: str, batch: int, lr: float, 
         model.model.vision_tower.requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     prefix_ids = tokenizer(DEFAULT_SYSTEM_PROMPT, add_special_tokens=False)["input_ids"]
-    data = torch.utils.data.DataLoader(Examples(tokenizer, batch, seed, int(curriculum * steps), max_frames, mix), batch_size=None, num_workers=workers,
+    examples = Examples(tokenizer, batch, seed, int(curriculum * steps), max_frames, mix)
+    data = torch.utils.data.DataLoader(examples, batch_size=None, num_workers=workers,
                                        pin_memory=device.startswith("cuda"), persistent_workers=workers > 0,
                                        prefetch_factor=4 if workers else None)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
