@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 QUESTIONS = ["Which room am I in?", "Is the door on the left open?", "What is on the left?",
-             "What is on the right?", "Where did I last see the red toolbox?"]
+             "What is on the right?", "Did you see the red toolbox?", "Where did I last see the red toolbox?"]
 
 
 SECONDS = 60.0

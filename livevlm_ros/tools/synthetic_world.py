@@ -174,9 +174,6 @@ def _draw(img, shape, cx, cy, r, colour):
 
 
 # ---- questions and answers over the frames a model saw ----------------------------------------------
-NOT_SEEN = "I have not seen it."
-
-
 def place(spot: str) -> str:
     return "in the center" if spot == "center" else f"on the {spot}"
 
@@ -185,8 +182,22 @@ def a(name: str) -> str:
     return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
-def where_answer(room: str, spot: str) -> str:
-    return f"In the {room}, {place(spot)}."
+# Answers name what was asked about before they give the finding ("On the left: a red toolbox.",
+# "The red toolbox was in the office, on the left."): the word the answer depends on is then one or
+# two tokens back when the model decides, not behind the whole question template. (The first demo
+# model answered "Yes."/"Nothing." at once, and its hidden state there differed by <1% between
+# "left" and "right"; copying the asked name it learnt within 200 steps. This format came in together
+# with other training changes, so its own share of the gain was not measured.)
+def where_answer(name: str, room: str, spot: str) -> str:
+    return f"The {name} was in the {room}, {place(spot)}."
+
+
+def not_seen(name: str) -> str:
+    return f"The {name} was not seen."
+
+
+def spot_answer(spot: str, name: str | None) -> str:
+    return f"{place(spot).capitalize()}: {a(name) if name else 'nothing'}."
 
 
 def last_seen(states: list[State], name: str) -> tuple[int, str, str] | None:
@@ -216,14 +227,16 @@ PHRASINGS = {
 }
 
 
-def questions(states: list[State], rng: np.random.Generator) -> list[QA]:
-    """Every kind of question once (random phrasing, object and spot), answered from `states`."""
-    name = str(rng.choice(list(OBJECTS)))
+def questions(states: list[State], rng: np.random.Generator, name: str | None = None,
+              spot: str | None = None) -> list[QA]:
+    """Every kind of question once (random phrasing; the object and the spot random unless given),
+    answered from `states`."""
+    name = str(rng.choice(list(OBJECTS))) if name is None else name
     seen = last_seen(states, name)
     age = None if seen is None else len(states) - 1 - seen[0]
     where_q = str(rng.choice(PHRASINGS["where"])).format(name)
     seen_q = str(rng.choice(PHRASINGS["seen"])).format(name)
-    spot = str(rng.choice(SPOTS))
+    spot = str(rng.choice(SPOTS)) if spot is None else spot
     spot_q = str(rng.choice(PHRASINGS["spot"])).format(place(spot))
     door_q = str(rng.choice(PHRASINGS["door"]))
     room_q = str(rng.choice(PHRASINGS["room"]))
@@ -240,13 +253,14 @@ def ground_truth(states: list[State], question: str) -> str | None:
     for name in OBJECTS:
         if q in (f.format(name) for f in PHRASINGS["where"] + PHRASINGS["seen"]):
             seen = last_seen(states, name)
+            if not seen:
+                return not_seen(name)
             if q in (f.format(name) for f in PHRASINGS["seen"]):
-                return "Yes." if seen else "No."
-            return where_answer(seen[1], seen[2]) if seen else NOT_SEEN
+                return f"The {name} was seen."
+            return where_answer(name, seen[1], seen[2])
     for spot in SPOTS:
         if q in (f.format(place(spot)) for f in PHRASINGS["spot"]):
-            obj = now.at(spot)
-            return f"{a(obj).capitalize()}." if obj else "Nothing."
+            return spot_answer(spot, now.at(spot))
     if q in PHRASINGS["door"]:
         return "Yes." if now.door_open else "No."
     if q in PHRASINGS["room"]:
