@@ -132,8 +132,8 @@ class Examples(torch.utils.data.IterableDataset):
                 # Drawn uniformly, ~75% of spot questions are answered "nothing" and the model learns
                 # that prior instead of looking: ask about an occupied spot / an object the stream
                 # showed with probability `balance`, else about an empty spot / an object it did not.
-                # "Seen" questions drawn uniformly are mostly "Yes." on long streams; asked this way, a
-                # model that does not look gets `balance` or 1 - `balance` of them right, not more.
+                # "Seen" questions drawn uniformly are mostly "was seen" on long streams; asked this way,
+                # a model that does not look gets `balance` or 1 - `balance` of them right, not more.
                 shown = sorted({o for s in states for _, o in s.spots})
                 occupied = [sp for sp, _ in states[-1].spots]
                 yes = rng.random() < self.balance
