@@ -44,6 +44,15 @@ def test_training_sequences_match_what_the_engine_feeds_the_model(tiny_model_pat
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "livevlm-demo"
 
 
+def feed(engine, episode, frames: int) -> list:
+    """Stream `frames` camera frames of `episode` at 2 per second (the model's rate); their states."""
+    states = []
+    for k in range(frames):
+        engine.ingest(episode.render(k / 2, 320, 240), k / 2)
+        states.append(episode.state(k / 2))
+    return states
+
+
 def test_demo_model_knows_the_room_the_door_and_what_is_where_on_held_out_streams():
     """A quality floor, on episodes training never saw, with memory compressed to ~40% (LiveVLM).
     A model or engine change that breaks reading the present frames fails here. Deterministic:
@@ -53,11 +62,7 @@ def test_demo_model_knows_the_room_the_door_and_what_is_where_on_held_out_stream
     for seed in range(4):
         engine = LiveVLMEngine(EngineConfig(model_path=str(DEMO_MODEL), policy="livevlm", budget_tokens=100,
                                             page_tokens=9, sample_fps=0, max_new_tokens=8), adapter=adapter)
-        episode = world.Episode.generate(seed, 13)
-        states = []
-        for k in range(24):
-            engine.ingest(episode.render(k / 2, 320, 240), k / 2)
-            states.append(episode.state(k / 2))
+        states = feed(engine, world.Episode.generate(seed, 13), 24)
         assert engine.stats()["device_tokens"] <= 100
         for q in ("Which room am I in?", "Is the door on the left open?", "Is the door open?", "What is on the left?",
                   "What is in the center?", "What is on the right?"):
@@ -123,19 +128,14 @@ def test_demo_model_remembers_objects_under_livevlm_that_sliding_window_forgets(
             engine = LiveVLMEngine(EngineConfig(
                 model_path=str(DEMO_MODEL), policy=policy, budget_tokens=None if policy == "full" else budget,
                 page_tokens=9, short_term_frames=2, vision_sinks=8, sample_fps=0, max_new_tokens=16), adapter=adapter)
-            episode = world.Episode.generate(seed, frames / 2 + 1)
-            states = []
-            for k in range(frames):
-                engine.ingest(episode.render(k / 2, 320, 240), k / 2)
-                states.append(episode.state(k / 2))
+            states = feed(engine, world.Episode.generate(seed, frames / 2 + 1), frames)
             for name in world.OBJECTS:
                 question = world.PHRASINGS["seen"][0].format(name)
-                qa = world.QA("seen", question, world.ground_truth(states, question))
                 seen = world.last_seen(states, name)
-                if seen is None:
-                    never[policy].append(world.answer_correct(qa, engine.ask(question).text))
-                elif frames - 1 - seen[0] >= 16:
-                    old[policy].append(world.answer_correct(qa, engine.ask(question).text))
+                if seen is None or frames - 1 - seen[0] >= 16:
+                    qa = world.QA("seen", question, world.ground_truth(states, question))
+                    (never if seen is None else old)[policy].append(
+                        world.answer_correct(qa, engine.ask(question).text))
             engine.close()
     assert len(old["full"]) == 8 and len(never["full"]) == 7
     assert sum(old["full"]) >= 7, old
