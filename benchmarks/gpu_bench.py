@@ -120,7 +120,7 @@ def simulate_fill(engine: LiveVLMEngine, frames: int, clip_frames: int = 8):
     """Push `frames` frames of random KV through StreamingMemory.commit_clip (no model forward)."""
     mem, kv = engine.memory, engine.model.kv
     T = engine.model.tokens_per_frame
-    if mem.page_means is not None or not engine.config.bounded:
+    if mem.page_summaries is not None or not engine.config.bounded:
         mem.long.reserve(frames * T)
     g = torch.Generator(device=kv.device).manual_seed(1)
     done = 0

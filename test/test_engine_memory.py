@@ -135,8 +135,9 @@ def test_vsb_span_option_keeps_whole_spans():
 
     torch.manual_seed(0)
     L, n = 3, 64
+    score = torch.rand(L, n)
     cand = Tokens(torch.randn(L, 2, n, 4), torch.randn(L, 2, n, 4), torch.arange(n).expand(L, -1).clone(),
-                  torch.rand(L, n), torch.ones(L, n), torch.zeros(L, n, dtype=torch.bool))
+                  score, score.clone(), torch.ones(L, n), torch.zeros(L, n, dtype=torch.bool))
     keep, sinks = VisionSinkBucketing(sinks=0, bucket_tokens=8, saliency_share=1.0, span_tokens=8).select(
         cand, 32, 0, n)
     assert sinks == 0 and keep.shape == (L, 32)

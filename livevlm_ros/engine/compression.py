@@ -84,7 +84,7 @@ class VisionSinkBucketing(CompressionPolicy):
         self.span_tokens = span_tokens
 
     def select(self, cand, capacity, n_sink, stream_tokens):
-        score = cand.scores()
+        score = cand.score_sum / cand.score_cnt.clamp_min(1.0)
         n_sink = _mark_sinks(cand, n_sink, self.sinks, score)
         if self.span_tokens > 1:
             score = _span_mean(score, self.span_tokens)

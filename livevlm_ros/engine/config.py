@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+PAGE_SCORINGS = ("softmax_mean", "softmax_max", "quest")    # see retrieval.page_scores
+
 POLICIES = {
     # name:            (compression,      retrieval, long_term)
     "livevlm":         ("vsb",            "topk",    "gpu"),   # the paper: VSB + PaR
@@ -56,6 +58,7 @@ class EngineConfig:
     # --- retrieval (PaR) ---------------------------------------------------------------------
     page_tokens: int = 16                # consecutive long-term tokens per page
     retrieval_ratio: float = 0.4         # share of long-term pages an answer reads (topk retrieval)
+    page_scoring: str = "softmax_mean"   # how the question scores pages: softmax_mean | softmax_max | quest
 
     # --- answering ---------------------------------------------------------------------------
     max_new_tokens: int = 64
@@ -101,6 +104,7 @@ class EngineConfig:
         need(self.span_tokens >= 1, "span_tokens must be >= 1")
         need(self.page_tokens >= 1, "page_tokens must be >= 1")
         need(0.0 < self.retrieval_ratio <= 1.0, "retrieval_ratio must be in (0, 1]")
+        need(self.page_scoring in PAGE_SCORINGS, f"page_scoring must be one of {PAGE_SCORINGS}")
         need(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
         need(self.max_question_tokens >= 1, "max_question_tokens must be >= 1")
         need(1 <= self.narration_frames <= self.short_term_frames,

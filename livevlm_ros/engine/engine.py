@@ -146,11 +146,14 @@ class LiveVLMEngine:
             raise NoFramesError("no frame has been ingested yet: nothing to answer from")
         t0 = time.perf_counter()
         text = self.config.question_template.format(question=question)
-        head, _, _ = text.partition(question)
+        head = text[:text.index(question)]
         ids = self.model.tokenize(text)
         q_start = len(self.model.tokenize(head)) if head else 0
+        q_stop = len(self.model.tokenize(head + question))
         video_end = self.model.video_end_embeddings()
-        rows = slice(video_end.shape[0] + q_start, video_end.shape[0] + len(ids))   # the question's own tokens
+        # only the question's own tokens score pages: the template around it is the same for every
+        # question and would pull every question towards the same pages
+        rows = slice(video_end.shape[0] + q_start, video_end.shape[0] + q_stop)
         embeds = torch.cat([video_end, self.model.embed_tokens(torch.tensor(ids))])
         limit = max_new_tokens or self.config.max_new_tokens
         out, first_logits, ttft = [], None, 0.0

@@ -22,38 +22,23 @@ class Tokens:
     keys: torch.Tensor        # pre-RoPE keys   [L, H, n, D]
     values: torch.Tensor      #                 [L, H, n, D]
     token_idx: torch.Tensor   # stream index    [L, n] int64 (global visual token counter)
-    score_sum: torch.Tensor   # attention received, summed over observations [L, n] float32
-    score_cnt: torch.Tensor   # number of observations                      [L, n] float32
-    sink: torch.Tensor        # vision sink flag                             [L, n] bool
+    score: torch.Tensor       # attention received from the newest observation window [L, n] float32
+    score_sum: torch.Tensor   # attention received, summed over all observations      [L, n] float32
+    score_cnt: torch.Tensor   # number of observations                                [L, n] float32
+    sink: torch.Tensor        # vision sink flag                                       [L, n] bool
+
+    BOOKKEEPING = ("token_idx", "score", "score_sum", "score_cnt", "sink")
 
     @property
     def n(self) -> int:
         return self.keys.shape[2]
 
-    def scores(self) -> torch.Tensor:
-        return self.score_sum / self.score_cnt.clamp_min(1.0)
-
     def fields(self):
-        return (self.keys, self.values, self.token_idx, self.score_sum, self.score_cnt, self.sink)
-
-    def gather(self, index: torch.Tensor) -> "Tokens":
-        """index [L, m] into the token axis (per layer)."""
-        kv_index = index[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[3])
-        return Tokens(self.keys.gather(2, kv_index), self.values.gather(2, kv_index),
-                      *(t.gather(1, index) for t in (self.token_idx, self.score_sum, self.score_cnt, self.sink)))
+        return (self.keys, self.values) + tuple(getattr(self, f) for f in self.BOOKKEEPING)
 
     def slice(self, start: int, stop: int | None = None) -> "Tokens":
         return Tokens(self.keys[:, :, start:stop], self.values[:, :, start:stop],
-                      *(t[:, start:stop] for t in (self.token_idx, self.score_sum, self.score_cnt, self.sink)))
-
-    @staticmethod
-    def cat(parts: list["Tokens"]) -> "Tokens":
-        parts = [p for p in parts if p.n > 0] or parts[:1]
-        if len(parts) == 1:
-            return parts[0]
-        return Tokens(torch.cat([p.keys for p in parts], 2), torch.cat([p.values for p in parts], 2),
-                      *(torch.cat([getattr(p, f) for p in parts], 1)
-                        for f in ("token_idx", "score_sum", "score_cnt", "sink")))
+                      *(getattr(self, f)[:, start:stop] for f in self.BOOKKEEPING))
 
 
 class KVBuffer:
@@ -73,6 +58,7 @@ class KVBuffer:
         self.keys = empty(L, H, capacity, D, dtype=self.kv.dtype)
         self.values = empty(L, H, capacity, D, dtype=self.kv.dtype)
         self.token_idx = empty(L, capacity, dtype=torch.int64)
+        self.score = empty(L, capacity, dtype=torch.float32)
         self.score_sum = empty(L, capacity, dtype=torch.float32)
         self.score_cnt = empty(L, capacity, dtype=torch.float32)
         self.sink = empty(L, capacity, dtype=torch.bool)
@@ -84,13 +70,12 @@ class KVBuffer:
         stop = start + t.n
         self.keys[:, :, start:stop].copy_(t.keys)
         self.values[:, :, start:stop].copy_(t.values)
-        for name in ("token_idx", "score_sum", "score_cnt", "sink"):
+        for name in Tokens.BOOKKEEPING:
             getattr(self, name)[:, start:stop].copy_(getattr(t, name))
 
     def view(self) -> Tokens:
         n = self.len
-        return Tokens(self.keys[:, :, :n], self.values[:, :, :n], self.token_idx[:, :n],
-                      self.score_sum[:, :n], self.score_cnt[:, :n], self.sink[:, :n])
+        return Tokens(self.keys[:, :, :n], self.values[:, :, :n], *(getattr(self, f)[:, :n] for f in Tokens.BOOKKEEPING))
 
     def reserve(self, capacity: int):
         """Grow to hold `capacity` tokens now (e.g. a known stream length), not by doubling later."""
@@ -103,15 +88,27 @@ class KVBuffer:
         self._write(self.len, t)
         self.len += t.n
 
-    def replace(self, t: Tokens):
-        """Make `t` (which may alias this buffer) the whole content."""
-        t = Tokens(*(x.clone() for x in t.fields())) if t.keys.device == self.device else t
-        self.len = 0
-        self.append(t)
+    def keep(self, index: torch.Tensor):
+        """Keep only the tokens at `index` [L, m] (per layer, ascending), compacted to the front,
+        in place. Keys and values move one layer at a time, so the extra memory this takes is one
+        layer's share of the kept tokens, not a second copy of the tier."""
+        m = index.shape[1]
+        for layer in range(index.shape[0]):
+            i = index[layer].to(self.device)
+            # the right side is gathered into a temporary before the copy: safe although it aliases
+            self.keys[layer, :, :m] = self.keys[layer, :, i]
+            self.values[layer, :, :m] = self.values[layer, :, i]
+        index = index.to(self.device)
+        for name in Tokens.BOOKKEEPING:
+            t = getattr(self, name)
+            t[:, :m] = t[:, :self.len].gather(1, index)
+        self.len = m
 
     def pop_front(self, n: int) -> Tokens:
-        """Remove and return the oldest n tokens."""
+        """Remove and return the oldest n tokens (a copy; the rest moves to the front)."""
         n = min(n, self.len)
         front = Tokens(*(x.clone() for x in self.view().slice(0, n).fields()))
-        self.replace(self.view().slice(n))
+        rest = Tokens(*(x.clone() for x in self.view().slice(n).fields()))
+        self.len = 0
+        self.append(rest)
         return front

@@ -20,21 +20,24 @@ from .kv_buffer import KVBuffer, Tokens
 from .models.base import KVShape
 
 
-class PageMeans:
-    """Mean pre-RoPE key of every full page of an append-only tier, kept on the GPU, so a
-    question can score pages that live in CPU memory without touching them (ReKV-style)."""
+class PageSummaries:
+    """Summaries (retrieval.PageSummary) of every full page of an append-only tier, kept on the
+    GPU, so a question can score pages that live in CPU memory without touching them (ReKV-style)."""
 
     def __init__(self, kv: KVShape, page_tokens: int):
+        from .retrieval import PageSummary
+
         self.page_tokens = page_tokens
-        self.means = torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=torch.float32, device=kv.device)
+        empty = lambda: torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=torch.float32,  # noqa: E731
+                                    device=kv.device)
+        self.summary = PageSummary(empty(), empty(), empty())
         self.tail = torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=kv.dtype, device=kv.device)
 
     def append(self, keys: torch.Tensor):
         keys = torch.cat([self.tail, keys.to(self.tail.device)], dim=2)
         full = keys.shape[2] // self.page_tokens * self.page_tokens
         L, H, _, D = keys.shape
-        new = keys[:, :, :full].float().view(L, H, -1, self.page_tokens, D).mean(3)
-        self.means = torch.cat([self.means, new], dim=2)
+        self.summary = self.summary.cat(type(self.summary).of(keys[:, :, :full].view(L, H, -1, self.page_tokens, D)))
         self.tail = keys[:, :, full:].clone()
 
 
@@ -50,7 +53,7 @@ class StreamingMemory:
         self.long = KVBuffer(kv, "cpu" if offload else kv.device, long_cap,
                              pin=offload and kv.device.type == "cuda")
         self.short = KVBuffer(kv, kv.device, short_cap)
-        self.page_means = PageMeans(kv, config.page_tokens) if offload else None
+        self.page_summaries = PageSummaries(kv, config.page_tokens) if offload else None
         self.prefix_keys = self.prefix_values = None
         self.long_capacity: int | None = None
         self.frame_times: list[float] = []     # timestamp of every ingested frame, by frame number
@@ -77,17 +80,20 @@ class StreamingMemory:
     def attendable_buffers(self) -> list[KVBuffer]:
         """Visual memory a new clip attends to while being prefilled, in time order. An offloaded
         (CPU) long-term tier is not attended during ingest: that is what makes ReKV cheap."""
-        return [self.short] if self.page_means is not None else [self.long, self.short]
+        return [self.short] if self.page_summaries is not None else [self.long, self.short]
 
     def attendable_len(self) -> int:
         return sum(b.len for b in self.attendable_buffers())
 
     def add_observations(self, scores: torch.Tensor):
-        """scores [L, n_attendable]: attention the attendable tokens just received."""
-        n_long = self.long.len if self.page_means is None else 0
+        """scores [L, n_attendable]: attention the attendable tokens just received from the
+        newest clip's observation window. It becomes their current score and adds to their
+        accumulated attention."""
+        n_long = self.long.len if self.page_summaries is None else 0
         for buf, part in ((self.long, scores[:, :n_long]), (self.short, scores[:, n_long:])):
             if part.shape[1]:
                 view = buf.view()
+                view.score.copy_(part)
                 view.score_sum.add_(part)
                 view.score_cnt.add_(1.0)
 
@@ -100,7 +106,8 @@ class StreamingMemory:
         idx = torch.arange(self.next_token, self.next_token + n, device=dev).expand(L, -1)
         if scores is None:
             scores = torch.zeros(L, n, device=dev)
-        self.short.append(Tokens(keys_pre, values, idx, scores.float(), torch.ones(L, n, device=dev),
+        scores = scores.float()
+        self.short.append(Tokens(keys_pre, values, idx, scores, scores, torch.ones(L, n, device=dev),
                                  torch.zeros(L, n, dtype=torch.bool, device=dev)))
         self.next_token += n
         self.frame_times.extend(frame_times)
@@ -111,15 +118,15 @@ class StreamingMemory:
         if over <= 0:
             return
         evicted = self.short.pop_front(over)
-        if isinstance(self.policy, KeepAll):
-            if self.page_means is not None:
-                self.page_means.append(evicted.keys)
-            self.long.append(evicted)
-            return
-        cand = Tokens.cat([self.long.view(), evicted])
+        if self.page_summaries is not None:
+            self.page_summaries.append(evicted.keys)
+        # the long-term buffer has room for its capacity plus one eviction: candidates are
+        # appended and compacted in place, never copied as a whole
+        self.long.append(evicted)
         left_short_term = self.next_token - self.short.len          # stream tokens the candidates span
-        keep, self.n_sinks = self.policy.select(cand, self.long_capacity, self.n_sinks, left_short_term)
-        self.long.replace(cand if keep is None else cand.gather(keep))
+        keep, self.n_sinks = self.policy.select(self.long.view(), self.long_capacity, self.n_sinks, left_short_term)
+        if keep is not None:
+            self.long.keep(keep)
 
     # ---- bookkeeping ------------------------------------------------------------------------------
     @property
@@ -141,7 +148,7 @@ class StreamingMemory:
 
     def stats(self) -> dict:
         bpt = self.kv.bytes_per_token()
-        offloaded = self.page_means is not None
+        offloaded = self.page_summaries is not None
         device_tokens = self.prefix_len + self.short.len + (0 if offloaded else self.long.len)
         offload_tokens = self.long.len if offloaded else 0
         return {
