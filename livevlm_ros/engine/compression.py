@@ -64,8 +64,10 @@ class SlidingWindow(CompressionPolicy):
 class VisionSinkBucketing(CompressionPolicy):
     """VSB (LiveVLM): keep vision sinks, then fill the budget in two phases.
 
-    Scores are the vision-to-vision attention each token has received (mean over observations).
-    - sinks: the first `sinks` highest-scoring tokens to reach long-term memory, kept for good;
+    A token's score is the vision-to-vision attention it received from the newest clip's
+    observation window (the paper's rule; `scores="running_mean"` averages over every clip that
+    observed it instead). Its accumulated attention is the sum over all observations.
+    - sinks: the `sinks` tokens with the most accumulated attention, re-chosen at every eviction;
     - saliency: the top `saliency_share` of the remaining budget by score, wherever they are;
     - coverage: the stream so far is cut into equal time ranges ("buckets") of capacity
       `bucket_tokens`; the rest of the budget goes, in score order, only to tokens whose bucket has
@@ -79,12 +81,13 @@ class VisionSinkBucketing(CompressionPolicy):
 
     needs_scores = True
 
-    def __init__(self, sinks: int, bucket_tokens: int, saliency_share: float, span_tokens: int = 1):
+    def __init__(self, sinks: int, bucket_tokens: int, saliency_share: float, span_tokens: int = 1,
+                 scores: str = "latest"):
         self.sinks, self.bucket_tokens, self.saliency_share = sinks, bucket_tokens, saliency_share
-        self.span_tokens = span_tokens
+        self.span_tokens, self.scores = span_tokens, scores
 
     def select(self, cand, capacity, n_sink, stream_tokens):
-        score = cand.score_sum / cand.score_cnt.clamp_min(1.0)
+        score = cand.score if self.scores == "latest" else cand.score_sum / cand.score_cnt.clamp_min(1.0)
         n_sink = _mark_sinks(cand, n_sink, self.sinks, score)
         if self.span_tokens > 1:
             score = _span_mean(score, self.span_tokens)
@@ -148,4 +151,5 @@ def make_compression(config) -> CompressionPolicy:
         return KeepAll()
     if config.compression == "sliding_window":
         return SlidingWindow(config.vision_sinks)
-    return VisionSinkBucketing(config.vision_sinks, config.bucket_tokens, config.saliency_share, config.span_tokens)
+    return VisionSinkBucketing(config.vision_sinks, config.bucket_tokens, config.saliency_share, config.span_tokens,
+                               config.vsb_scores)

@@ -52,7 +52,8 @@ class EngineConfig:
     vision_sinks: int = 8                # per layer, kept for the whole stream (VSB and sliding window)
     bucket_tokens: int = 1               # VSB bucket capacity B; buckets = long-term budget / B
     saliency_share: float = 0.5          # VSB: share of the long-term budget filled purely by score
-    observation_window: int = 64         # VSB: last r visual tokens of a clip whose attention scores the memory
+    observation_window: int = 0          # VSB: last r tokens of a clip whose attention scores memory; 0 = one frame
+    vsb_scores: str = "latest"           # VSB: a token's score is the newest window's attention | running_mean
     span_tokens: int = 1                 # VSB: neighbouring tokens scored (and kept) together; 1 = per token
 
     # --- retrieval (PaR) ---------------------------------------------------------------------
@@ -100,7 +101,8 @@ class EngineConfig:
         need(self.vision_sinks >= 0, "vision_sinks must be >= 0")
         need(self.bucket_tokens >= 1, "bucket_tokens must be >= 1")
         need(0.0 <= self.saliency_share <= 1.0, "saliency_share must be in [0, 1]")
-        need(self.observation_window >= 1, "observation_window must be >= 1")
+        need(self.observation_window >= 0, "observation_window must be >= 0 (0 = one frame of tokens)")
+        need(self.vsb_scores in ("latest", "running_mean"), "vsb_scores must be latest or running_mean")
         need(self.span_tokens >= 1, "span_tokens must be >= 1")
         need(self.page_tokens >= 1, "page_tokens must be >= 1")
         need(0.0 < self.retrieval_ratio <= 1.0, "retrieval_ratio must be in (0, 1]")

@@ -116,7 +116,8 @@ class LiveVLMEngine:
         start = self.memory.prefix_len + self.memory.attendable_len() if self.memory.prefix_len else 0
         n = embeds.shape[0]
         positions = torch.arange(start, start + n, device=embeds.device)
-        self.hook.begin_ingest(positions, self.config.observation_window if score else None)
+        window = self.config.observation_window or self.model.tokens_per_frame
+        self.hook.begin_ingest(positions, window if score else None)
         try:
             self.model.run_language_model(embeds[None], positions, self.hook)
         except BaseException:
