@@ -35,13 +35,25 @@ class KeepAll(CompressionPolicy):
 
 def _mark_sinks(cand: Tokens, have: int, wanted: int, rank_key: torch.Tensor) -> int:
     """Promote the highest-`rank_key` non-sinks until each layer has `wanted` sinks (sticky:
-    sinks are never un-marked). Returns the sink count per layer (equal on every layer)."""
+    sinks are never un-marked; the sliding window's positional sinks). Returns the sink count per
+    layer (equal on every layer)."""
     need = min(wanted - have, cand.n - have)
     if need > 0:
         top = rank_key.masked_fill(cand.sink, float("-inf")).topk(need, dim=1).indices
         cand.sink.scatter_(1, top, True)
         have += need
     return have
+
+
+def _choose_sinks(cand: Tokens, wanted: int) -> int:
+    """Vision sinks: on every layer, the `wanted` candidates that have drawn the most attention
+    over all observations so far. Re-chosen at every eviction, so a token that stops drawing
+    attention stops being a sink (and competes like any other)."""
+    n = min(wanted, cand.n)
+    cand.sink.zero_()
+    if n:
+        cand.sink.scatter_(1, cand.score_sum.topk(n, dim=1).indices, True)
+    return n
 
 
 class SlidingWindow(CompressionPolicy):
@@ -88,7 +100,7 @@ class VisionSinkBucketing(CompressionPolicy):
 
     def select(self, cand, capacity, n_sink, stream_tokens):
         score = cand.score if self.scores == "latest" else cand.score_sum / cand.score_cnt.clamp_min(1.0)
-        n_sink = _mark_sinks(cand, n_sink, self.sinks, score)
+        n_sink = _choose_sinks(cand, self.sinks)
         if self.span_tokens > 1:
             score = _span_mean(score, self.span_tokens)
         if capacity is None or cand.n <= capacity:
