@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine
-from livevlm_ros.engine.rope import apply_rope, remove_rope
+from livevlm_ros.engine.rope import apply_rope
 
 
 def offline_logits(engine: LiveVLMEngine, frames, question: str) -> torch.Tensor:
@@ -51,19 +51,28 @@ def test_bounded_memory_does_not_match_offline(tiny_model_path, frames):
     assert (answer.first_logits - ref).abs().max() > 1e-3
 
 
-def test_rope_unrotate_identities(tiny_model_path):
+def test_rope_equals_the_models_own_rotation(tiny_model_path):
+    """Keys stored pre-RoPE and rotated to new positions must equal transformers' own rotation there."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
     engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path))
     D = engine.model.kv.head_dim
     torch.manual_seed(0)
-    k = torch.randn(2, 50, D, dtype=torch.float64)
-    pos = torch.arange(100, 150)
-    cos, sin = (t.double() for t in engine.model.rope(pos))
-    rotated = apply_rope(k, cos, sin)
-    # un-rotating a key at its own position gives back the pre-RoPE key
-    torch.testing.assert_close(remove_rope(rotated, cos, sin), k, atol=1e-6, rtol=1e-6)
-    # moving a key to a new position equals computing RoPE there directly
-    cos2, sin2 = (t.double() for t in engine.model.rope(torch.arange(7, 57)))
-    moved = apply_rope(remove_rope(rotated, cos, sin), cos2, sin2)
-    torch.testing.assert_close(moved, apply_rope(k, cos2, sin2), atol=1e-6, rtol=1e-6)
-    # and it is not the identity: the position really matters
-    assert (moved - rotated).abs().max() > 1e-2
+    k = torch.randn(1, 2, 50, D)
+    cos, sin = engine.model.rope(torch.arange(100, 150))
+    _, expected = apply_rotary_pos_emb(k, k, cos[None], sin[None])
+    torch.testing.assert_close(apply_rope(k, cos, sin), expected)
+    assert (apply_rope(k, *engine.model.rope(torch.arange(7, 57))) - expected).abs().max() > 1e-2
+
+
+def test_empty_system_prompt_still_places_clips_one_after_another(tiny_model_path, frames):
+    """With no prefix every clip used to start at position 0; the offline forward catches that."""
+    cfg = EngineConfig(model_path=tiny_model_path, policy="full", system_prompt="", sample_fps=0)
+    engine = LiveVLMEngine(cfg)
+    video = frames(4)
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i))
+    assert engine.memory.prefix_len == 0
+    answer = engine.ask("Is the door on the left open?", max_new_tokens=1, return_logits=True)
+    torch.testing.assert_close(answer.first_logits, offline_logits(engine, video, "Is the door on the left open?"),
+                               atol=2e-5, rtol=1e-4)

@@ -123,15 +123,24 @@ def test_full_cache_grows_without_bound(tiny_model_path, frames):
 
 
 def test_closed_engines_leave_the_model_clean(tiny_model_path):
-    """Benchmarks build many engines on one model: closing one must unhook it (no leak)."""
+    """Benchmarks build many engines on one model: closing one must unhook it (no leak), an engine
+    that fails to start must not stay hooked, and the model keeps its own attention outside our calls."""
     first = make(tiny_model_path)
-    q_proj = first.model.query_projections()[0]
-    assert len(q_proj._forward_hooks) == 1
+    lm = first.model.model.model.language_model
+    q_proj, k_proj = first.model.query_projections()[0], first.model.key_projections()[0]
+    assert len(q_proj._forward_hooks) == 1 and len(k_proj._forward_hooks) == 1
     second = LiveVLMEngine(first.config, adapter=first.model)
     assert len(q_proj._forward_hooks) == 2
+    with pytest.raises(ValueError, match="budget_tokens"):
+        LiveVLMEngine(first.config.replace(budget_tokens=40), adapter=first.model)
+    assert len(q_proj._forward_hooks) == 2 and len(k_proj._forward_hooks) == 2
+    second.ingest(np.zeros((32, 32, 3), np.uint8), 0.0)
+    second.ask("Is the door open?", max_new_tokens=1)                # runs on our attention, then not
+    assert lm.config._attn_implementation == "sdpa"
     first.close()
     second.close()
-    assert len(q_proj._forward_hooks) == 0
+    assert len(q_proj._forward_hooks) == 0 and len(k_proj._forward_hooks) == 0
+    assert lm.config._attn_implementation == "sdpa"
 
 
 def test_vsb_span_option_keeps_whole_spans():

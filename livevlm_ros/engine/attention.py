@@ -14,22 +14,21 @@ mask; it is built once per forward and shared by all layers.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 
 NAME = "livevlm_stream"
-_mask_cache: dict = {}
 
 
+@functools.lru_cache(maxsize=2)        # one forward's layers share it; lru_cache is thread-safe
 def _folded_causal_mask(groups: int, n: int, kv_len: int, device) -> torch.Tensor:
     """[groups*n, kv_len] bool: row (j, i) - head j of the group, new token i - sees keys <= kv_len - n + i."""
-    key = (groups, n, kv_len, device)
-    if key not in _mask_cache:
-        _mask_cache.clear()
-        limit = kv_len - n + torch.arange(n, device=device)
-        mask = torch.arange(kv_len, device=device)[None, :] <= limit[:, None]
-        _mask_cache[key] = mask.repeat(groups, 1)
-    return _mask_cache[key]
+    limit = kv_len - n + torch.arange(n, device=device)
+    mask = torch.arange(kv_len, device=device)[None, :] <= limit[:, None]
+    return mask.repeat(groups, 1)
 
 
 def stream_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
@@ -48,3 +47,15 @@ def register() -> str:
 
     AttentionInterface.register(NAME, stream_attention)
     return NAME
+
+
+@contextlib.contextmanager
+def in_use(config):
+    """The model runs on our attention only inside the engine's own forwards: a model shared with
+    other code (or outliving the engine) keeps its own implementation everywhere else."""
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

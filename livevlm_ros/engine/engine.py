@@ -61,11 +61,16 @@ class LiveVLMEngine:
         self.memory = StreamingMemory(self.model.kv, config, self.model.tokens_per_frame)
         self.compression = self.memory.policy
         self.selector = make_selector(config)
-        self.hook = MemoryKVHook(self.memory, self.model.rope, self.model.query_projections())
+        self.hook = MemoryKVHook(self.memory, self.model.rope, self.model.query_projections(),
+                                 self.model.key_projections())
         self._pending: list[tuple[np.ndarray, float]] = []
         self._last_sampled: float | None = None
         self.frames_seen = 0
-        self._prefill_prefix()
+        try:
+            self._prefill_prefix()
+        except BaseException:
+            self.hook.close()             # the model may outlive a failed engine: leave it unhooked
+            raise
 
     # ---- ingest -------------------------------------------------------------------------------------
     def ingest(self, frame: np.ndarray, timestamp: float) -> bool:
@@ -108,12 +113,17 @@ class LiveVLMEngine:
 
     def _prefill_prefix(self):
         ids = torch.tensor(self.model.tokenize(self.config.system_prompt), dtype=torch.long)
+        if len(ids) == 0:                 # no system prompt: an empty prefix, nothing to run
+            kv = self.model.kv
+            empty = torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=kv.dtype, device=kv.device)
+            self.memory.set_prefix(empty, empty.clone())
+            return
         _, keys_rot, values, _ = self._prefill(self.model.embed_tokens(ids), score=False)
         self.memory.set_prefix(torch.stack(keys_rot), values)
 
     @torch.inference_mode()
     def _prefill(self, embeds: torch.Tensor, score: bool):
-        start = self.memory.prefix_len + self.memory.attendable_len() if self.memory.prefix_len else 0
+        start = self.memory.prefix_len + self.memory.attendable_len()
         n = embeds.shape[0]
         positions = torch.arange(start, start + n, device=embeds.device)
         window = self.config.observation_window or self.model.tokens_per_frame
@@ -132,12 +142,15 @@ class LiveVLMEngine:
 
     # ---- answer -------------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False) -> Answer:
-        """Answer from memory as it is now. Memory is not changed."""
+        """Answer from memory as it is now, including sampled frames still waiting for a full clip
+        (they are prefilled first). The answer itself does not change memory."""
         question = self._check_question(question)
+        self.flush()
         return self._answer(question, self.selector, max_new_tokens, return_logits)
 
     def describe(self, max_new_tokens: int | None = None) -> Answer:
         """Narrate the last `narration_frames` frames (short-term memory only)."""
+        self.flush()
         return self._answer(self.config.narration_prompt, RecentFrames(self.config.narration_frames),
                             max_new_tokens, False)
 

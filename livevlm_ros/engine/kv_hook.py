@@ -3,9 +3,10 @@
 transformers' attention layers call `cache.update(key_states, value_states, layer_idx, ...)` with
 the new tokens' post-RoPE keys and attend to whatever comes back. That is where this hook works:
   ingest  - hands back memory (pre-RoPE keys rotated to fresh positions) + the new clip, keeps the
-            clip's pre-RoPE keys, and, for VSB, measures the vision-to-vision attention the clip's
-            last `observation_window` tokens pay to every token (queries come from a forward hook
-            on each layer's query projection, because update() does not see queries);
+            clip's pre-RoPE keys exactly as each layer's key projection made them, and, for VSB,
+            measures the vision-to-vision attention the clip's last `observation_window` tokens pay
+            to every token (pre-RoPE queries and keys come from forward hooks on each layer's
+            q_proj / k_proj, because update() sees only rotated keys and no queries);
   answer  - on the first call per layer, asks the retrieval plan which long-term tokens this layer
             reads (PaR scores pages with the question's pre-RoPE queries), assembles the context in
             a buffer with room for the answer, then appends in place while the answer is decoded.
@@ -19,15 +20,20 @@ import torch
 
 from .memory import StreamingMemory
 from .retrieval import ContextSelector
-from .rope import apply_rope, remove_rope
+from .rope import apply_rope
 
 
 class MemoryKVHook:
-    def __init__(self, memory: StreamingMemory, rope, query_modules: list[torch.nn.Module]):
+    def __init__(self, memory: StreamingMemory, rope, query_modules: list[torch.nn.Module],
+                 key_modules: list[torch.nn.Module]):
         self.memory, self.rope = memory, rope
         self._queries: dict[int, torch.Tensor] = {}
+        self._keys_pre: dict[int, torch.Tensor] = {}
         self._capture = False
-        self._handles = [m.register_forward_hook(self._query_hook(i)) for i, m in enumerate(query_modules)]
+        self._handles = [m.register_forward_hook(self._capture_hook(self._queries, i, lambda: self._capture))
+                         for i, m in enumerate(query_modules)]
+        self._handles += [m.register_forward_hook(self._capture_hook(self._keys_pre, i, lambda: self.mode == "ingest"))
+                          for i, m in enumerate(key_modules)]
         self.mode = None
         # For tests and benchmarks: the stream indices of the long-term tokens each layer read in
         # the last answer (off by default: it costs a device->host copy per layer).
@@ -40,10 +46,11 @@ class MemoryKVHook:
             h.remove()
         self._handles = []
 
-    def _query_hook(self, layer: int):
+    @staticmethod
+    def _capture_hook(store: dict, layer: int, active):
         def hook(module, args, output):
-            if self._capture:
-                self._queries[layer] = output
+            if active():
+                store[layer] = output
         return hook
 
     def _query_heads(self, layer: int, rows: slice) -> torch.Tensor:
@@ -88,9 +95,9 @@ class MemoryKVHook:
             cos, sin = self._mem_rope
             keys[:, p:start] = apply_rope(keys[:, p:start], cos, sin)
         keys[:, start:], values[:, start:] = k_new[0], v_new[0]
-        cos, sin = self._new_rope
         self.new_keys_rot.append(k_new[0])
-        self.new_keys_pre.append(remove_rope(k_new[0], cos, sin))
+        pre = self._keys_pre.pop(layer)[0]                       # [n, kv_heads * D], as k_proj made it
+        self.new_keys_pre.append(pre.view(n, -1, keys.shape[2]).transpose(0, 1))
         self.new_values.append(v_new[0])
         if self._window is not None:
             self.scores.append(self._observation_scores(layer, keys))
@@ -176,7 +183,9 @@ class MemoryKVHook:
     # ---- shared -----------------------------------------------------------------------------------
     def reset(self):
         """Leave any mode, dropping everything an unfinished ingest or an answer built."""
-        self.mode, self._capture, self._queries = None, False, {}
+        self.mode, self._capture = None, False
+        self._queries.clear()
+        self._keys_pre.clear()
         self._answer_k = self._answer_v = self._keys = self._values = self._parts = None
         self.new_keys_pre = self.new_keys_rot = self.new_values = self.scores = None
 

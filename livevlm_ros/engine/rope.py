@@ -1,9 +1,8 @@
-"""Rotary position embedding as a rotation we can undo.
+"""Rotary position embedding, applied to stored keys at the positions a context gives them.
 
-RoPE rotates pairs of key channels by an angle proportional to the position. A rotation is
-orthogonal, so a post-RoPE key can be turned back into the pre-RoPE key exactly (up to rounding)
-by rotating with the opposite angle. The memory stores pre-RoPE keys and re-rotates them to
-whatever positions the current context gives them (Position-agnostic KV Retrieval).
+RoPE rotates pairs of key channels by an angle proportional to the position. The memory stores
+pre-RoPE keys (taken from each layer's key projection) and rotates them to whatever positions the
+current context gives them (Position-agnostic KV Retrieval).
 
 cos/sin are the tensors a transformers rotary embedding module returns: [batch, seq, head_dim],
 in the half-split layout that `rotate_half` expects.
@@ -20,8 +19,3 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [..., heads, seq, head_dim]; cos/sin broadcastable to [..., 1, seq, head_dim]."""
     return x * cos + rotate_half(x) * sin
-
-
-def remove_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Inverse of apply_rope at the same positions (rotation by the opposite angle)."""
-    return x * cos - rotate_half(x) * sin

@@ -79,6 +79,10 @@ class VideoLLMAdapter(abc.ABC):
         """Per layer, the module whose output is that layer's pre-RoPE queries [1, n, q_heads*head_dim]."""
 
     @abc.abstractmethod
+    def key_projections(self) -> list[torch.nn.Module]:
+        """Per layer, the module whose output is that layer's pre-RoPE keys [1, n, kv_heads*head_dim]."""
+
+    @abc.abstractmethod
     def run_language_model(self, embeds: torch.Tensor, positions: torch.Tensor, kv_hook) -> torch.Tensor:
         """embeds [1, n, hidden], positions [n] -> final hidden states [1, n, hidden].
 
@@ -98,8 +102,7 @@ class TransformersLanguageModel:
     def _init_language_model(self, lm, lm_head, tokenizer):
         self._lm, self._lm_head, self.tokenizer = lm, lm_head, tokenizer
         self._cache_kwarg = cache_kwarg_name(lm.forward)
-        # only the language model switches to our attention; a vision tower keeps its own
-        lm.config._attn_implementation = attention.register()
+        attention.register()
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_token_ids = tuple(sorted(t for t in stops if isinstance(t, int) and t >= 0))
 
@@ -127,10 +130,16 @@ class TransformersLanguageModel:
     def query_projections(self) -> list[torch.nn.Module]:
         return [layer.self_attn.q_proj for layer in self._lm.layers]
 
+    def key_projections(self) -> list[torch.nn.Module]:
+        # Qwen2 / Llama / Mistral rotate k_proj's output directly (no key norm in between)
+        return [layer.self_attn.k_proj for layer in self._lm.layers]
+
     @torch.inference_mode()
     def run_language_model(self, embeds, positions, kv_hook):
-        out = self._lm(inputs_embeds=embeds, position_ids=positions[None], use_cache=True,
-                       **{self._cache_kwarg: kv_hook})
+        # only the language model switches to our attention, only for this call
+        with attention.in_use(self._lm.config):
+            out = self._lm(inputs_embeds=embeds, position_ids=positions[None], use_cache=True,
+                           **{self._cache_kwarg: kv_hook})
         return out.last_hidden_state
 
     @torch.inference_mode()

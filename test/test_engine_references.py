@@ -1,0 +1,270 @@
+"""The engine against references that share none of its code (CPU, float32).
+
+Each reference is computed by transformers run the ordinary way (a separate model instance, its own
+attention), or worked out by hand, never through the engine's attention, hook or memory code:
+  - VSB scores = the attention transformers' eager forward returns for the same tokens;
+  - the two-phase bucket fill keeps exactly the tokens worked out by hand;
+  - page scoring groups query heads by kv head the way the model does;
+  - bounded memory (VSB + PaR) equals one offline forward over what it kept (1-layer model);
+  - a checkpoint with the real 196-token frame layout equals LlavaOnevisionForConditionalGeneration
+    fed by LlavaOnevisionProcessor.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from livevlm_ros.engine import EngineConfig, LiveVLMEngine
+from livevlm_ros.engine.compression import VisionSinkBucketing
+from livevlm_ros.engine.kv_buffer import Tokens
+from livevlm_ros.engine.retrieval import PageSummary, page_scores
+from livevlm_ros.tools.make_tiny_model import build, build_tokenizer, new_model
+
+QUESTION = "Is the door on the left open?"
+
+
+def load_reference(path):
+    """A second, independent instance of the checkpoint, on transformers' eager attention."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def video_ids(engine, n_frames, question=None):
+    """Token ids transformers expects for [system prompt, video of n_frames + newline, (question)]."""
+    a = engine.model
+    n_video = n_frames * a.tokens_per_frame + 1          # transformers puts one newline after a video
+    ids = a.tokenize(engine.config.system_prompt) + [a.model.config.video_token_index] * n_video
+    if question is not None:
+        ids += a.tokenize(engine.config.question_template.format(question=question))
+    return torch.tensor([ids])
+
+
+# ---- VSB scores -------------------------------------------------------------------------------
+def test_vsb_scores_equal_the_attention_transformers_returns(tiny_model_path, frames):
+    """After a few one-frame clips with nothing dropped, every visual token's score is the attention
+    the newest frame's tokens (the observation window: one frame) pay it, mean over heads and rows."""
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, policy="livevlm", budget_tokens=None,
+                                        sample_fps=0, frames_per_clip=1, short_term_frames=2))
+    video = frames(4)
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i))
+    T = engine.model.tokens_per_frame
+    assert engine.stats()["long_term_tokens"] == 2 * T, "the test must cover long-term memory too"
+
+    ref_model = load_reference(tiny_model_path)
+    pixels = engine.model.preprocess(video)[None]          # pixels only; attention is what is checked
+    with torch.inference_mode():
+        out = ref_model(input_ids=video_ids(engine, 4), pixel_values_videos=pixels, output_attentions=True)
+    p = engine.memory.prefix_len
+    for layer, attn in enumerate(out.attentions):               # [1, heads, tokens, tokens]
+        # what frame 4's tokens (the last before the newline) pay each visual token
+        expected = attn[0, :, -T - 1:-1, :].mean(dim=(0, 1))[p:-1]
+        m = engine.memory
+        got = torch.cat([m.long.view().score[layer], m.short.view().score[layer]])
+        idx = torch.cat([m.long.view().token_idx[layer], m.short.view().token_idx[layer]])
+        torch.testing.assert_close(got, expected[idx].float(), atol=1e-6, rtol=1e-4)
+
+
+# ---- the two-phase bucket fill, by hand -------------------------------------------------------
+def candidates(score, attention_total=None, token_idx=None):
+    score = torch.tensor([score], dtype=torch.float32)
+    n = score.shape[1]
+    total = score if attention_total is None else torch.tensor([attention_total], dtype=torch.float32)
+    idx = torch.arange(n)[None] if token_idx is None else torch.tensor([token_idx])
+    return Tokens(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2), idx, score, total, torch.ones(1, n),
+                  torch.zeros(1, n, dtype=torch.bool))
+
+
+def kept(policy, cand, capacity, stream_tokens):
+    keep, n_sink = policy.select(cand, capacity, 0, stream_tokens)
+    return keep[0].tolist(), cand.token_idx[0][cand.sink[0]].tolist(), n_sink
+
+
+def test_bucket_fill_with_one_token_per_bucket():
+    # 12 candidates, tokens 0..11 of a 12-token stream; capacity 8 with 2 sinks -> 6 left:
+    #   sinks   = the 2 highest accumulated attention: tokens 3 (9.0) and 10 (8.0)
+    #   salient = int(0.5 * 6) = 3 highest current scores among the rest: 0 (.95), 1 (.9), 2 (.85)
+    #   buckets = 6 of 2 tokens each: [0,1] [2,3] [4,5] [6,7] [8,9] [10,11]
+    #   [0,1] and [2,3] already hold salient tokens -> full; the other buckets take their best:
+    #   [4,5] -> 5 (.3), [6,7] -> 6 (.2), [8,9] -> 9 (.25), [10,11] -> 11 (.05) = 4 tokens, 3 places:
+    #   the top 3 by score of those: 5, 9, 6
+    score = [.95, .9, .85, .1, .01, .3, .2, .02, .03, .25, .5, .05]
+    total = [1, 1, 1, 9, 0, 0, 0, 0, 0, 0, 8, 0]
+    cand = candidates(score, total)
+    keep, sinks, n_sink = kept(VisionSinkBucketing(sinks=2, bucket_tokens=1, saliency_share=0.5), cand, 8, 12)
+    assert n_sink == 2 and sorted(sinks) == [3, 10]
+    assert keep == [0, 1, 2, 3, 5, 6, 9, 10]
+
+
+def test_bucket_fill_with_two_tokens_per_bucket_and_leftovers():
+    # 14 candidates, capacity 9, 1 sink -> 8 left; saliency 0.25 -> int(2) salient; B = 2 -> 4 buckets
+    # of 4 stream tokens: [0-3] [4-7] [8-11] [12-15].
+    #   sink     = token 15 (accumulated 5.0)
+    #   salient  = 12 (.99), 13 (.98)                      -> bucket 3 holds 2 = full
+    #   coverage = 2 best of each other bucket: [0-3] -> 0 (.5), 1 (.4); [4-7] -> 4 (.3), 5 (.2);
+    #              [8-11] -> only two candidates in the stream range, 8 (.1), 9 (.05) -> 6 tokens
+    #   total so far 1 + 2 + 6 = 9 = capacity: nothing left over for 14 (.9), the best of the rest
+    score = [.5, .4, .01, .02, .3, .2, .03, .04, .1, .05, .9]
+    idx = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14]          # 10-11 were dropped earlier
+    score += [.99, .98, .001]
+    idx += [12, 13, 15]
+    order = np.argsort(idx)
+    score, idx = [score[i] for i in order], [idx[i] for i in order]
+    total = [5.0 if i == 15 else 0.0 for i in idx]
+    cand = candidates(score, total, idx)
+    keep, sinks, n_sink = kept(VisionSinkBucketing(sinks=1, bucket_tokens=2, saliency_share=0.25), cand, 9, 16)
+    assert sinks == [15]
+    assert [idx[i] for i in keep] == [0, 1, 4, 5, 8, 9, 12, 13, 15]
+    # a bigger capacity leaves room after the coverage phase, which goes by score: capacity 11 ->
+    # 10 free, 2 salient (12, 13), 5 buckets: token t sits in bucket t * 5 // 16, so
+    # b0 {0,1,2,3} b1 {4,5,6} b2 {7,8,9} b3 {12} b4 {13,14,15}; salient 12 and 13 fill half of b3 and
+    # b4, and sinks are not charged to buckets. Coverage: b0 -> 0, 1; b1 -> 4, 5; b2 -> 8, 9;
+    # b4 -> 14. 1 + 2 + 7 = 10 places used, one left: the best remaining score is 7 (.04)
+    cand = candidates(score, total, idx)
+    keep, _, _ = kept(VisionSinkBucketing(sinks=1, bucket_tokens=2, saliency_share=0.25), cand, 11, 16)
+    assert [idx[i] for i in keep] == [0, 1, 4, 5, 7, 8, 9, 12, 13, 14, 15]
+
+
+# ---- page scoring ----------------------------------------------------------------------------
+def test_page_scoring_groups_query_heads_like_the_model():
+    """4 query heads share 2 kv heads as the model groups them: q heads 0,1 read kv head 0 and
+    2,3 read kv head 1 (adjacent). Page 3 matches each kv head's own query group; page 5 matches
+    the interleaved grouping (0,2 | 1,3) a reshape error would produce. Heads are asymmetric:
+    kv head 1's logits are 4x larger, so pooling raw dot products would let it decide alone."""
+    torch.manual_seed(0)
+    D, pages = 32, 8
+    q = torch.nn.functional.normalize(torch.randn(4, 3, D), dim=-1) * 4
+    mean = torch.randn(2, pages, D) * 0.05
+    direction = lambda heads: q[heads].mean(dim=(0, 1))  # noqa: E731
+    mean[0, 3], mean[1, 3] = direction([0, 1]), 4 * direction([2, 3])
+    mean[0, 5], mean[1, 5] = direction([0, 2]), 4 * direction([1, 3])
+    summary = PageSummary(mean, mean - 0.01, mean + 0.01)
+    for scoring in ("softmax_mean", "softmax_max", "quest"):
+        assert int(page_scores(q, summary, scoring).argmax()) == 3, scoring
+    # the same test with the grouping wrong picks the decoy: the check above can fail
+    interleaved = q.view(2, 2, 3, D).transpose(0, 1).reshape(4, 3, D)
+    assert int(page_scores(interleaved, summary, "softmax_mean").argmax()) == 5
+
+
+def test_page_scoring_is_an_attention_every_head_votes_in():
+    """A page one head loves with a huge logit must not beat a page every other head prefers."""
+    D = 16
+    q = torch.zeros(4, 1, D)
+    q[:, 0, 0] = 1.0
+    mean = torch.zeros(4, 3, D)
+    mean[:, 1, 0] = 8.0                       # page 1: every kv head likes it
+    mean[0, 2, 0] = 200.0                     # page 2: head 0 likes it enormously, the rest do not
+    mean[1:, 2, 0] = -8.0
+    summary = PageSummary(mean, mean, mean)
+    assert int(page_scores(q, summary, "softmax_mean").argmax()) == 1
+    raw_dot_mean = torch.einsum("hqd,hpd->p", q, mean)
+    assert int(raw_dot_mean.argmax()) == 2          # what the old scoring chose
+
+
+# ---- bounded memory against an offline forward ----------------------------------------------
+@pytest.fixture(scope="module")
+def one_layer_model(tmp_path_factory):
+    return str(build(tmp_path_factory.mktemp("models") / "one_layer", seed=3, layers=1))
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.4])
+def test_bounded_answer_equals_offline_forward_over_what_was_kept(one_layer_model, frames, ratio):
+    """With one layer a token's keys and values depend on its embedding alone, so whatever VSB kept
+    and PaR read, the answer must equal transformers' forward over [prefix, the tokens read in time
+    order, newline, question] at positions 0.. . A wrong token, order or position breaks it."""
+    engine = LiveVLMEngine(EngineConfig(model_path=one_layer_model, budget_tokens=34 + 2 * 16 + 48,
+                                        retrieval_ratio=ratio, page_tokens=4, vision_sinks=4, sample_fps=0))
+    video = frames(12)
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i))
+    engine.hook.record_selection = True
+    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
+    assert answer.pages_used < answer.pages_total or ratio == 1.0
+    read = torch.cat([engine.hook.last_selection[0], engine.memory.short.view().token_idx[0]])
+    T = engine.model.tokens_per_frame
+    assert len(read) < 12 * T and torch.equal(read, read.sort().values)
+
+    ref = load_reference(one_layer_model)
+    with torch.inference_mode():
+        # per frame: T visual tokens, then the newline transformers appends to a video (dropped)
+        visual = torch.cat([ref.model.get_video_features(engine.model.preprocess([f])[None]).pooler_output[0, :-1]
+                            for f in video])
+        embed = ref.model.get_input_embeddings()
+        a = engine.model
+        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
+        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
+        seq = torch.cat([prefix, visual[read], ref.model.image_newline[None], suffix])[None]
+        logits = ref(inputs_embeds=seq).logits[0, -1]
+    torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
+
+
+# ---- a real checkpoint's layout through the real processor -----------------------------------
+def torchvision_works() -> bool:
+    """transformers' video processor needs torchvision; the only torchvision wheel these CPU
+    machines can install is a CUDA build that fails to load next to the CPU torch."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def checkpoint_196(tmp_path_factory):
+    """Random weights, but the 7B checkpoints' vision geometry: 384 px, patch 14 -> 27x27 patches,
+    2x2 pooling -> 196 tokens per frame; saved with save_pretrained (and the real processor where
+    torchvision can load)."""
+    torch.manual_seed(5)
+    tok = build_tokenizer()
+    model = new_model(tok, image_size=384, layers=2, vision_layers=1)
+    model.config.vision_config.patch_size = 14
+    model = type(model)(model.config).eval()             # rebuilt with patch 14
+    out = tmp_path_factory.mktemp("models") / "layout196"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    if torchvision_works():
+        from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+        norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        LlavaOnevisionProcessor(
+            image_processor=LlavaOnevisionImageProcessor(size={"height": 384, "width": 384}, **norm),
+            video_processor=LlavaOnevisionVideoProcessor(size={"height": 384, "width": 384}, **norm),
+            tokenizer=tok, num_image_tokens=196, vision_feature_select_strategy="full",
+            video_token="<video>", image_token="<image>").save_pretrained(out)
+    else:
+        (out / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
+    return str(out)
+
+
+def test_engine_equals_transformers_on_a_real_layout(checkpoint_196):
+    """Full memory, 2-frame clips: the engine's first-token logits equal transformers' own
+    LlavaOnevisionForConditionalGeneration run on pixel_values_videos. Where torchvision loads (the
+    GPU machine), LlavaOnevisionProcessor makes the inputs; on these CPU machines it cannot, and the
+    inputs are made here by the processor's rule for 384x384 frames (no resize, x/255, then
+    (x - 0.5) / 0.5; one video token per visual token plus one for the newline)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    engine = LiveVLMEngine(EngineConfig(model_path=checkpoint_196, policy="livevlm", budget_tokens=None,
+                                        retrieval_ratio=1.0, sample_fps=0, frames_per_clip=2))
+    assert engine.model.tokens_per_frame == 196
+    rng = np.random.default_rng(7)
+    video = [rng.integers(0, 256, (384, 384, 3), dtype=np.uint8) for _ in range(5)]   # no resize either way
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i))
+    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint_196).eval()
+    if torchvision_works():
+        from transformers import LlavaOnevisionProcessor
+
+        processor = LlavaOnevisionProcessor.from_pretrained(checkpoint_196)
+        text = engine.config.system_prompt + "<video>" + engine.config.question_template.format(question=QUESTION)
+        inputs = dict(processor(text=text, videos=[np.stack(video)], return_tensors="pt"))
+    else:
+        pixels = torch.from_numpy(np.stack(video)).permute(0, 3, 1, 2).float() / 255.0
+        inputs = dict(input_ids=video_ids(engine, 5, QUESTION), pixel_values_videos=((pixels - 0.5) / 0.5)[None])
+    assert int((inputs["input_ids"] == model.config.video_token_index).sum()) == 5 * 196 + 1
+    with torch.inference_mode():
+        ref = model(**inputs).logits[0, -1].float()
+    torch.testing.assert_close(answer.first_logits, ref, atol=5e-5, rtol=1e-4)
