@@ -1,8 +1,11 @@
 """Answer quality of the demo model under bounded memory, on held-out synthetic robot streams (CPU).
 
     source env.sh && python benchmarks/quality_bench.py [--model models/livevlm-demo] [--frames 48,120]
-        [--budget-share 0.25] [--seeds 12] [--policies full,sliding_window,rekv,livevlm,livevlm_read_all]
-        [--out results.json]
+        [--budget-share 0.25] [--seeds 12] [--seed-start 0]
+        [--policies full,sliding_window,rekv,livevlm,livevlm_read_all] [--out results.json]
+    python benchmarks/quality_bench.py --table a.json [b.json ...]       # tables of saved runs, together
+
+A policy may carry engine options: `livevlm:page_scoring=softmax_mean:saliency_share=0.25`.
 
 Each stream is a synthetic episode (`livevlm_ros/tools/synthetic_world.py`, seeds 0..N-1; training
 used seeds >= 1,000,000) rendered at 320x240 and fed to the engine at 2 frames per second, as the
@@ -41,7 +44,8 @@ def age_bin(age: int) -> str:
     return next(name for lo, hi, name in AGE_BINS if lo <= age <= hi)
 
 
-def engine_for(adapter, policy: str, budget: int, stream_tokens: int) -> LiveVLMEngine:
+def engine_for(adapter, spec: str, budget: int, stream_tokens: int) -> LiveVLMEngine:
+    policy, *options = spec.split(":")
     kw = dict(policy=policy, sample_fps=0, max_new_tokens=32, short_term_frames=2, vision_sinks=8, page_tokens=9,
               budget_tokens=None)
     if policy == "livevlm_read_all":      # same memory as livevlm; an answer reads every page, not the top 40%
@@ -51,6 +55,9 @@ def engine_for(adapter, policy: str, budget: int, stream_tokens: int) -> LiveVLM
         kw["budget_tokens"] = budget
     if policy == "rekv":
         kw["retrieval_ratio"] = min(1.0, budget / stream_tokens)
+    for option in options:
+        key, value = option.split("=")
+        kw[key] = type(getattr(EngineConfig, key))(value)
     return LiveVLMEngine(EngineConfig(model_path="(shared)", **kw), adapter=adapter)
 
 
@@ -134,13 +141,14 @@ def main():
     ap.add_argument("--frames", default="48,120")
     ap.add_argument("--budget-share", type=float, default=0.25)
     ap.add_argument("--seeds", type=int, default=12)
+    ap.add_argument("--seed-start", type=int, default=0, help="held-out seeds start..start+seeds-1 (< 1,000,000)")
     ap.add_argument("--policies", default="full,sliding_window,rekv,livevlm,livevlm_read_all")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--table", type=Path, default=None, help="only print the tables of a saved result")
+    ap.add_argument("--label", default="", help="prefix for the policy names in tables (e.g. the code version)")
+    ap.add_argument("--table", type=Path, nargs="+", default=None, help="only print the tables of saved results")
     args = ap.parse_args()
     if args.table:
-        saved = json.loads(args.table.read_text())
-        rows = saved["rows"]
+        rows = [r for path in args.table for r in json.loads(path.read_text())["rows"]]
         print(summarise(rows, list(dict.fromkeys(r["policy"] for r in rows)), sorted({r["frames"] for r in rows})))
         return
     adapter = load_adapter(args.model, "cpu", "float32")
@@ -149,16 +157,20 @@ def main():
     t0, rows, budgets = time.time(), [], {}
     for n in lengths:
         budgets[n] = int(args.budget_share * (prefix + n * adapter.tokens_per_frame))
-        for seed in range(args.seeds):
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
             for policy in policies:
                 rows += run_stream(adapter, policy, budgets[n], n, seed)
             print(f"[{time.time() - t0:5.0f}s] frames={n} seed={seed} done", flush=True)
+    if args.label:
+        for r in rows:
+            r["policy"] = f"{args.label} {r['policy']}"
+        policies = [f"{args.label} {p}" for p in policies]
     table = summarise(rows, policies, lengths)
     print(f"\nbudget (LiveVLM, sliding window; ReKV reads as many): {budgets}\n{table}")
     if args.out:
         args.out.write_text(json.dumps(dict(
             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device="cpu", model=args.model,
-            command=" ".join(sys.argv), seeds=list(range(args.seeds)), budgets=budgets, wall_s=round(time.time() - t0),
+            command=" ".join(sys.argv), seeds=list(range(args.seed_start, args.seed_start + args.seeds)), budgets=budgets, wall_s=round(time.time() - t0),
             table=table, rows=rows), indent=1))
 
 

@@ -151,7 +151,7 @@ def test_vsb_span_option_keeps_whole_spans():
     L, n = 3, 64
     score = torch.rand(L, n)
     cand = Tokens(torch.randn(L, 2, n, 4), torch.randn(L, 2, n, 4), torch.arange(n).expand(L, -1).clone(),
-                  score, score.clone(), torch.ones(L, n), torch.zeros(L, n, dtype=torch.bool))
+                  score, score.clone(), torch.zeros(L, n, dtype=torch.bool))
     keep, sinks = VisionSinkBucketing(sinks=0, bucket_tokens=8, saliency_share=1.0, span_tokens=8).select(
         cand, 32, 0, n)
     assert sinks == 0 and keep.shape == (L, 32)
@@ -162,3 +162,17 @@ def test_vsb_span_option_keeps_whole_spans():
     keep1, _ = VisionSinkBucketing(sinks=0, bucket_tokens=8, saliency_share=1.0).select(cand, 32, 0, n)
     assert any(sorted(torch.bincount(keep1[l] // 8, minlength=8).tolist()) != [0, 0, 0, 0, 8, 8, 8, 8]
                for l in range(L))
+
+
+def test_a_batch_bigger_than_a_clip_does_not_grow_memory(tiny_model_path):
+    """ingest_embeddings may hand over many frames at once: eviction takes them in steps that fit
+    the long-term buffer, which therefore never reallocates (its footprint stays flat)."""
+    engine = make(tiny_model_path, frames_per_clip=1)
+    capacity = (engine.memory.long.capacity, engine.memory.short.capacity)
+    hidden = engine.model.model.config.text_config.hidden_size
+    torch.manual_seed(0)
+    for batch in range(3):
+        engine.ingest_embeddings(torch.randn(20 * T, hidden), [float(batch * 20 + i) for i in range(20)])
+        assert engine.stats()["device_tokens"] <= engine.config.budget_tokens
+    assert engine.memory.long.capacity == capacity[0]
+    engine.ask("Is the door open?", max_new_tokens=1)

@@ -72,7 +72,7 @@ def candidates(score, attention_total=None, token_idx=None):
     n = score.shape[1]
     total = score if attention_total is None else torch.tensor([attention_total], dtype=torch.float32)
     idx = torch.arange(n)[None] if token_idx is None else torch.tensor([token_idx])
-    return Tokens(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2), idx, score, total, torch.ones(1, n),
+    return Tokens(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2), idx, score, total,
                   torch.zeros(1, n, dtype=torch.bool))
 
 

@@ -77,8 +77,8 @@ class VisionSinkBucketing(CompressionPolicy):
     """VSB (LiveVLM): keep vision sinks, then fill the budget in two phases.
 
     A token's score is the vision-to-vision attention it received from the newest clip's
-    observation window (the paper's rule; `scores="running_mean"` averages over every clip that
-    observed it instead). Its accumulated attention is the sum over all observations.
+    observation window (the paper's rule; a running mean over every clip that observed it recalled
+    less: QUALITY.md). Its accumulated attention is the sum over all observations.
     - sinks: the `sinks` tokens with the most accumulated attention, re-chosen at every eviction;
     - saliency: the top `saliency_share` of the remaining budget by score, wherever they are;
     - coverage: the stream so far is cut into equal time ranges ("buckets") of capacity
@@ -93,13 +93,12 @@ class VisionSinkBucketing(CompressionPolicy):
 
     needs_scores = True
 
-    def __init__(self, sinks: int, bucket_tokens: int, saliency_share: float, span_tokens: int = 1,
-                 scores: str = "latest"):
+    def __init__(self, sinks: int, bucket_tokens: int, saliency_share: float, span_tokens: int = 1):
         self.sinks, self.bucket_tokens, self.saliency_share = sinks, bucket_tokens, saliency_share
-        self.span_tokens, self.scores = span_tokens, scores
+        self.span_tokens = span_tokens
 
     def select(self, cand, capacity, n_sink, stream_tokens):
-        score = cand.score if self.scores == "latest" else cand.score_sum / cand.score_cnt.clamp_min(1.0)
+        score = cand.score
         n_sink = _choose_sinks(cand, self.sinks)
         if self.span_tokens > 1:
             score = _span_mean(score, self.span_tokens)
@@ -163,5 +162,4 @@ def make_compression(config) -> CompressionPolicy:
         return KeepAll()
     if config.compression == "sliding_window":
         return SlidingWindow(config.vision_sinks)
-    return VisionSinkBucketing(config.vision_sinks, config.bucket_tokens, config.saliency_share, config.span_tokens,
-                               config.vsb_scores)
+    return VisionSinkBucketing(config.vision_sinks, config.bucket_tokens, config.saliency_share, config.span_tokens)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-PAGE_SCORINGS = ("softmax_mean", "softmax_max", "quest")    # see retrieval.page_scores
+PAGE_SCORINGS = ("quest", "softmax_mean", "softmax_max")    # see retrieval.page_scores
 
 POLICIES = {
     # name:            (compression,      retrieval, long_term)
@@ -53,13 +53,12 @@ class EngineConfig:
     bucket_tokens: int = 1               # VSB bucket capacity B; buckets = long-term budget / B
     saliency_share: float = 0.5          # VSB: share of the long-term budget filled purely by score
     observation_window: int = 0          # VSB: last r tokens of a clip whose attention scores memory; 0 = one frame
-    vsb_scores: str = "latest"           # VSB: a token's score is the newest window's attention | running_mean
     span_tokens: int = 1                 # VSB: neighbouring tokens scored (and kept) together; 1 = per token
 
     # --- retrieval (PaR) ---------------------------------------------------------------------
     page_tokens: int = 16                # consecutive long-term tokens per page
     retrieval_ratio: float = 0.4         # share of long-term pages an answer reads (topk retrieval)
-    page_scoring: str = "softmax_mean"   # how the question scores pages: softmax_mean | softmax_max | quest
+    page_scoring: str = "quest"          # how the question scores pages: quest | softmax_mean | softmax_max
 
     # --- answering ---------------------------------------------------------------------------
     max_new_tokens: int = 64
@@ -102,7 +101,6 @@ class EngineConfig:
         need(self.bucket_tokens >= 1, "bucket_tokens must be >= 1")
         need(0.0 <= self.saliency_share <= 1.0, "saliency_share must be in [0, 1]")
         need(self.observation_window >= 0, "observation_window must be >= 0 (0 = one frame of tokens)")
-        need(self.vsb_scores in ("latest", "running_mean"), "vsb_scores must be latest or running_mean")
         need(self.span_tokens >= 1, "span_tokens must be >= 1")
         need(self.page_tokens >= 1, "page_tokens must be >= 1")
         need(0.0 < self.retrieval_ratio <= 1.0, "retrieval_ratio must be in (0, 1]")

@@ -24,10 +24,9 @@ class Tokens:
     token_idx: torch.Tensor   # stream index    [L, n] int64 (global visual token counter)
     score: torch.Tensor       # attention received from the newest observation window [L, n] float32
     score_sum: torch.Tensor   # attention received, summed over all observations      [L, n] float32
-    score_cnt: torch.Tensor   # number of observations                                [L, n] float32
     sink: torch.Tensor        # vision sink flag                                       [L, n] bool
 
-    BOOKKEEPING = ("token_idx", "score", "score_sum", "score_cnt", "sink")
+    BOOKKEEPING = ("token_idx", "score", "score_sum", "sink")
 
     @property
     def n(self) -> int:
@@ -60,7 +59,6 @@ class KVBuffer:
         self.token_idx = empty(L, capacity, dtype=torch.int64)
         self.score = empty(L, capacity, dtype=torch.float32)
         self.score_sum = empty(L, capacity, dtype=torch.float32)
-        self.score_cnt = empty(L, capacity, dtype=torch.float32)
         self.sink = empty(L, capacity, dtype=torch.bool)
         self.capacity = capacity
         if old is not None and old.n:

@@ -74,8 +74,10 @@ class MemoryKVHook:
         self._window = None if observation_window is None else min(observation_window, n)
         self._capture = observation_window is not None
         if self._capture:
-            r, total = self._window, p + n_att + n
-            blocked = torch.arange(total, device=kv.device)[None] > (total - r + torch.arange(r, device=kv.device))[:, None]
+            # window row i sees every key before the window and window keys <= i: only the last
+            # r columns are ever masked
+            r = self._window
+            blocked = torch.ones(r, r, dtype=torch.bool, device=kv.device).triu(1)
             self._blocked = blocked.repeat(kv.q_heads // kv.kv_heads, 1)       # rows: (head in group, query)
         self.new_keys_pre, self.new_keys_rot, self.new_values, self.scores = [], [], [], []
 
@@ -111,10 +113,15 @@ class MemoryKVHook:
         n_new = cos.shape[0]
         q = apply_rope(self._query_heads(layer, slice(n_new - r, n_new)), cos[-r:], sin[-r:])
         kv_heads, _, D = keys.shape
-        q = q.reshape(kv_heads, -1, D).float()                    # query heads grouped by kv head
-        logits = torch.matmul(q, keys.float().transpose(1, 2)) * D ** -0.5
-        probs = logits.masked_fill_(self._blocked, float("-inf")).softmax(-1)
-        return probs.sum(dim=(0, 1)) / (q.shape[0] * q.shape[1])
+        q = q.reshape(kv_heads, -1, D).float() * D ** -0.5       # query heads grouped by kv head
+        # softmax rows summed over rows, with one [kv_heads, rows, keys] buffer worked in place:
+        # this matrix is the largest thing VSB touches, so it is written once and read three times
+        logits = torch.matmul(q, keys.float().transpose(1, 2))
+        logits[..., -r:].masked_fill_(self._blocked, float("-inf"))
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        inv_norm = logits.sum(dim=-1, keepdim=True).reciprocal_()             # [kv_heads, rows, 1]
+        received = torch.matmul(inv_norm.transpose(1, 2), logits)            # [kv_heads, 1, keys]
+        return received.sum(dim=(0, 1)) / (q.shape[0] * q.shape[1])
 
     def finish_ingest(self):
         # post-RoPE keys stay a per-layer list: only the prefix keeps them, so clips skip the copy

@@ -95,7 +95,6 @@ class StreamingMemory:
                 view = buf.view()
                 view.score.copy_(part)
                 view.score_sum.add_(part)
-                view.score_cnt.add_(1.0)
 
     # ---- ingest ---------------------------------------------------------------------------------
     def commit_clip(self, keys_pre: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None,
@@ -107,7 +106,7 @@ class StreamingMemory:
         if scores is None:
             scores = torch.zeros(L, n, device=dev)
         scores = scores.float()
-        self.short.append(Tokens(keys_pre, values, idx, scores, scores, torch.ones(L, n, device=dev),
+        self.short.append(Tokens(keys_pre, values, idx, scores, scores,
                                  torch.zeros(L, n, dtype=torch.bool, device=dev)))
         self.next_token += n
         self.frame_times.extend(frame_times)
@@ -120,13 +119,19 @@ class StreamingMemory:
         evicted = self.short.pop_front(over)
         if self.page_summaries is not None:
             self.page_summaries.append(evicted.keys)
-        # the long-term buffer has room for its capacity plus one eviction: candidates are
-        # appended and compacted in place, never copied as a whole
-        self.long.append(evicted)
-        left_short_term = self.next_token - self.short.len          # stream tokens the candidates span
-        keep, self.n_sinks = self.policy.select(self.long.view(), self.long_capacity, self.n_sinks, left_short_term)
-        if keep is not None:
-            self.long.keep(keep)
+        # The long-term buffer has room for its capacity plus one clip: candidates are appended and
+        # compacted in place, never copied as a whole. A bigger batch (ingest_embeddings of many
+        # frames) is taken in steps that fit, so the buffer never grows.
+        step = evicted.n if self.long_capacity is None else self.long.capacity - self.long_capacity
+        left_short_term = self.next_token - self.short.len - evicted.n
+        for start in range(0, evicted.n, step):
+            part = evicted.slice(start, start + step)
+            self.long.append(part)
+            left_short_term += part.n                                # stream tokens the candidates span
+            keep, self.n_sinks = self.policy.select(self.long.view(), self.long_capacity, self.n_sinks,
+                                                    left_short_term)
+            if keep is not None:
+                self.long.keep(keep)
 
     # ---- bookkeeping ------------------------------------------------------------------------------
     @property
