@@ -28,9 +28,9 @@ class PageSummaries:
         from .retrieval import PageSummary
 
         self.page_tokens = page_tokens
-        empty = lambda: torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=torch.float32,  # noqa: E731
-                                    device=kv.device)
-        self.summary = PageSummary(empty(), empty(), empty())
+        empty = lambda dtype: torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=dtype,  # noqa: E731
+                                          device=kv.device)
+        self.summary = PageSummary(empty(torch.float32), empty(kv.dtype), empty(kv.dtype))
         self.tail = torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=kv.dtype, device=kv.device)
 
     def append(self, keys: torch.Tensor):

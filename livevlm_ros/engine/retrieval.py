@@ -28,7 +28,8 @@ from .memory import StreamingMemory
 
 @dataclass
 class PageSummary:
-    """Per layer and kv head, one row per page: [L, kv_heads, pages, D] float32 each."""
+    """Per layer and kv head, one row per page, [L, kv_heads, pages, D]: the mean key (float32) and
+    the per-channel min and max (exact in the keys' own dtype, which halves their size in bf16)."""
     mean: torch.Tensor
     low: torch.Tensor
     high: torch.Tensor
@@ -36,8 +37,7 @@ class PageSummary:
     @staticmethod
     def of(keys: torch.Tensor) -> "PageSummary":
         """keys [L, H, pages, page_tokens, D] pre-RoPE."""
-        return PageSummary(keys.sum(3, dtype=torch.float32) / keys.shape[3],
-                           keys.amin(3).float(), keys.amax(3).float())
+        return PageSummary(keys.sum(3, dtype=torch.float32) / keys.shape[3], keys.amin(3), keys.amax(3))
 
     def layer(self, i: int) -> "PageSummary":
         return PageSummary(self.mean[i], self.low[i], self.high[i])
@@ -61,8 +61,8 @@ def page_scores(question_q: torch.Tensor, pages: PageSummary, scoring: str = "so
     # query heads that share a kv head are adjacent in the projection: fold them into rows
     q = question_q.to(device, torch.float32).reshape(kv_heads, -1, D)
     if scoring == "quest":
-        logits = (torch.einsum("hqd,hpd->hqp", q.clamp_min(0), pages.high)
-                  + torch.einsum("hqd,hpd->hqp", q.clamp_max(0), pages.low))
+        logits = (torch.einsum("hqd,hpd->hqp", q.clamp_min(0), pages.high.float())
+                  + torch.einsum("hqd,hpd->hqp", q.clamp_max(0), pages.low.float()))
     else:
         logits = torch.einsum("hqd,hpd->hqp", q, pages.mean)
     probs = (logits * D ** -0.5).softmax(dim=-1)
