@@ -27,7 +27,8 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 
 ros_runtime=(ros-rclpy[fastrtps] ros-sensor-msgs ros-std-msgs ros-std-srvs ros-diagnostic-msgs
-             ros-builtin-interfaces ros-rosidl-default-runtime)
+             ros-builtin-interfaces ros-rosidl-default-runtime ros-rcl-interfaces ros-rosgraph-msgs
+             ros-lifecycle-msgs ros-ament-index-python)
 ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-cmake-core ros-ament-cmake-python
            ros-ament-cmake-ros ros-ament-cmake-ros-core ros-ament-cmake-include-directories
            ros-ament-cmake-libraries ros-ament-cmake-export-definitions ros-ament-cmake-export-dependencies
@@ -41,7 +42,8 @@ ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-
            ros-rosidl-typesupport-introspection-c ros-rosidl-typesupport-introspection-cpp ros-rosidl-adapter
            ros-rosidl-cli ros-rosidl-parser ros-rosidl-pycommon ros-python-cmake-module
            ros-fastrtps-cmake-module ros-rmw-implementation-cmake)
-python_deps=("transformers>=5.17,<5.40" numpy opencv-python-headless pyyaml rosbags rosbags-image pytest
+# pytest < 8.4: launch_testing's plugin (launch_pytest) breaks on 8.4's fixture internals
+python_deps=("transformers>=5.17,<5.40" numpy opencv-python-headless pyyaml rosbags rosbags-image "pytest>=8.3,<8.4"
              pytest-timeout gguf accelerate matplotlib)
 stamp="$venv/.livevlm_deps"
 want=$(printf '%s\n' "${python_deps[@]}" "${ros_runtime[@]}" "${ros_build[@]}" | sha1sum | cut -c1-12)
@@ -57,6 +59,22 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     -e "s#/opt/python/cp311-cp311/include/python3.11#$inc#g" \
     -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages#$site#g"
   echo "$want" >"$stamp"
+fi
+
+# The ROS 2 launch system and command line (launch, launch_ros, launch_pytest, ros2cli) are not on
+# PyPI; shared/ros-tools beside the checkout (or LIVEVLM_ROS_TOOLS) holds them as wheels.
+tools=${LIVEVLM_ROS_TOOLS:-$repo/../shared/ros-tools}
+tools_env="$venv/.ros_tools_env"
+if [ -f "$tools/install.sh" ]; then
+  tools_stamp=$(ls "$tools/wheels" | sha1sum | cut -c1-12)
+  if [ "$(cat "$venv/.ros_tools_stamp" 2>/dev/null)" != "$tools_stamp" ] || [ ! -s "$tools_env" ]; then
+    say "installing the ROS 2 launch system and ros2 command line from $tools"
+    bash "$tools/install.sh" "$venv" "$(dirname "$venv")/ros-tools" >"$tools_env"
+    echo "$tools_stamp" >"$venv/.ros_tools_stamp"
+  fi
+else
+  say "no ROS 2 launch tools at $tools: launch tests will be skipped (set LIVEVLM_ROS_TOOLS)"
+  : >"$tools_env"
 fi
 
 say "building livevlm_ros with colcon (interfaces + Python package)"
@@ -75,5 +93,6 @@ export PATH="$prefix/lib/livevlm_ros:$venv/bin:\$PATH"
 export AMENT_PREFIX_PATH="$prefix:$venv"
 export PYTHONPATH="$prefix/lib/python3.11/site-packages\${PYTHONPATH:+:\$PYTHONPATH}"
 export LD_LIBRARY_PATH="$prefix/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+$(cat "$tools_env")
 EOF
 say "ready: source env.sh"

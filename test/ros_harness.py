@@ -31,10 +31,10 @@ from livevlm_ros.srv import Query  # noqa: E402
 class NodeProcess:
     """`livevlm_node --ros-args --params-file X.yaml`, exactly as a user starts it without launch."""
 
-    def __init__(self, tmp: Path, params: dict, namespace: str | None = None):
+    def __init__(self, tmp: Path, params: dict, namespace: str | None = None, extra_args=()):
         self.params_file = tmp / f"params_{(namespace or 'root').strip('/')}_{time.monotonic_ns()}.yaml"
         self.params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
-        cmd = ["livevlm_node", "--ros-args", "--params-file", str(self.params_file)]
+        cmd = ["livevlm_node", "--ros-args", "--params-file", str(self.params_file)] + list(extra_args)
         if namespace:
             cmd += ["-r", f"__ns:={namespace}"]
         self.log = tmp / f"{self.params_file.stem}.log"
@@ -68,8 +68,9 @@ class Client:
         self.status: dict[str, dict] = {}
         self.node.create_subscription(Narration, f"{self.ns}/livevlm/narration", self.narrations.append, 10)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
-        self.image_pub = self.node.create_publisher(Image, "/camera/image_raw", qos_profile_sensor_data)
-        self.jpeg_pub = self.node.create_publisher(CompressedImage, "/camera/image_raw/compressed",
+        # the node's default camera topic is relative: under a namespace it is <ns>/camera/image_raw
+        self.image_pub = self.node.create_publisher(Image, f"{self.ns}/camera/image_raw", qos_profile_sensor_data)
+        self.jpeg_pub = self.node.create_publisher(CompressedImage, f"{self.ns}/camera/image_raw/compressed",
                                                    qos_profile_sensor_data)
         self.query_client = self.node.create_client(Query, f"{self.ns}/livevlm/query")
         self.executor = MultiThreadedExecutor(num_threads=2)

@@ -16,6 +16,7 @@ Not thread-safe: one caller at a time (the ROS node serialises through its worke
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,15 @@ class NoFramesError(EngineInputError):
 
 class EngineResourceError(RuntimeError):
     """The device ran out of memory; the clip or question was dropped, memory is unchanged."""
+
+
+class AnswerCancelled(RuntimeError):
+    """The caller's `cancel()` said stop; the answer was abandoned between two tokens."""
+
+
+# options that may change while the engine runs (the rest shape memory and need a new engine)
+RUNTIME_OPTIONS = ("retrieval_ratio", "page_scoring", "max_new_tokens", "max_question_tokens",
+                   "narration_frames", "narration_prompt")
 
 
 @dataclass
@@ -63,14 +73,31 @@ class LiveVLMEngine:
         self.selector = make_selector(config)
         self.hook = MemoryKVHook(self.memory, self.model.rope, self.model.query_projections(),
                                  self.model.key_projections())
-        self._pending: list[tuple[np.ndarray, float]] = []
-        self._last_sampled: float | None = None
-        self.frames_seen = 0
         try:
-            self._prefill_prefix()
+            self.reset()
         except BaseException:
             self.hook.close()             # the model may outlive a failed engine: leave it unhooked
             raise
+
+    def reset(self):
+        """Forget the stream: empty memory (the system prompt stays), as after start-up. For a
+        stream that starts over, e.g. a time jump back when a bag is replayed again."""
+        self.hook.reset()
+        self.memory = self.hook.memory = StreamingMemory(self.model.kv, self.config, self.model.tokens_per_frame)
+        self.compression = self.memory.policy
+        self._pending: list[tuple[np.ndarray, float]] = []
+        self._last_sampled: float | None = None
+        self.frames_seen = 0
+        self._prefill_prefix()
+
+    def reconfigure(self, **changes):
+        """Change options that do not shape memory (RUNTIME_OPTIONS) between two calls."""
+        fixed = sorted(set(changes) - set(RUNTIME_OPTIONS))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change while the engine runs")
+        self.config = self.config.replace(**changes)
+        self.memory.config = self.config
+        self.selector = make_selector(self.config)
 
     # ---- ingest -------------------------------------------------------------------------------------
     def ingest(self, frame: np.ndarray, timestamp: float) -> bool:
@@ -141,21 +168,23 @@ class LiveVLMEngine:
         return keys_pre, keys_rot, values, scores
 
     # ---- answer -------------------------------------------------------------------------------------
-    def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False) -> Answer:
+    def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False,
+            cancel: Callable[[], bool] | None = None) -> Answer:
         """Answer from memory as it is now, including sampled frames still waiting for a full clip
-        (they are prefilled first). The answer itself does not change memory."""
+        (they are prefilled first). The answer itself does not change memory. `cancel` is asked
+        after every token; when it returns True the answer stops with AnswerCancelled."""
         question = self._check_question(question)
         self.flush()
-        return self._answer(question, self.selector, max_new_tokens, return_logits)
+        return self._answer(question, self.selector, max_new_tokens, return_logits, cancel)
 
-    def describe(self, max_new_tokens: int | None = None) -> Answer:
+    def describe(self, max_new_tokens: int | None = None, cancel: Callable[[], bool] | None = None) -> Answer:
         """Narrate the last `narration_frames` frames (short-term memory only)."""
         self.flush()
         return self._answer(self.config.narration_prompt, RecentFrames(self.config.narration_frames),
-                            max_new_tokens, False)
+                            max_new_tokens, False, cancel)
 
     @torch.inference_mode()
-    def _answer(self, question: str, selector: ContextSelector, max_new_tokens, return_logits) -> Answer:
+    def _answer(self, question: str, selector: ContextSelector, max_new_tokens, return_logits, cancel) -> Answer:
         if self.memory.frames_ingested == 0:
             raise NoFramesError("no frame has been ingested yet: nothing to answer from")
         t0 = time.perf_counter()
@@ -190,6 +219,8 @@ class LiveVLMEngine:
                     out.append(token)
                     if step + 1 == limit:
                         break
+                    if cancel is not None and cancel():
+                        raise AnswerCancelled(f"cancelled after {len(out)} tokens")
                     hidden = self.model.run_language_model(
                         self.model.embed_tokens(torch.tensor([token]))[None],
                         torch.tensor([pos], device=embeds.device), self.hook)

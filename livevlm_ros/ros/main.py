@@ -3,31 +3,60 @@
     livevlm_node --ros-args --params-file config/robot.yaml [-r __ns:=/robot1] [-p model_path:=...]
 
 `ros2 launch livevlm_ros robot.launch.py` starts this same executable with the same YAML.
+
+SIGINT / SIGTERM (Ctrl-C, or launch stopping the node): questions still waiting are answered
+"shutting down", the answer in progress stops at its next token, and the process exits within a
+few seconds. rclpy's own signal handler would shut the context down first, and the waiting callers
+would never hear back, so the node installs its own.
 """
 
+import signal
 import sys
+import threading
+import time
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
 
 from .node import LiveVLMNode
 
+FLUSH_S = 0.5          # time given to the executor to deliver the last answers
+
 
 def main(args=None):
-    rclpy.init(args=sys.argv if args is None else args)
-    node = LiveVLMNode()
-    # threads: camera callbacks, timers, and up to max_pending_queries waiting service calls
-    executor = MultiThreadedExecutor(num_threads=4 + node.get_parameter("max_pending_queries").value)
+    rclpy.init(args=sys.argv if args is None else args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        node = LiveVLMNode()
+    except Exception as err:                      # noqa: BLE001 - a bad parameter set: say why and exit
+        print(f"livevlm_node: {err}", file=sys.stderr)
+        rclpy.try_shutdown()
+        sys.exit(2)
+    # threads: camera callbacks, timers, service coroutines (which never block a thread)
+    executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
+    spin = threading.Thread(target=_spin, args=(executor, stop), daemon=True)
+    spin.start()
+    stop.wait()
+    node.get_logger().info("shutting down")
+    node.shutdown(timeout=3.0)
+    time.sleep(FLUSH_S)
+    executor.shutdown(timeout_sec=1.0)
+    node.destroy_node()
+    rclpy.try_shutdown()
+    spin.join(timeout=1.0)
+
+
+def _spin(executor, stop: threading.Event):
     try:
         executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except ExternalShutdownException:
         pass
     finally:
-        node.shutdown()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+        stop.set()
 
 
 if __name__ == "__main__":

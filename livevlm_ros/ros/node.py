@@ -1,14 +1,22 @@
 """LiveVLMNode: camera topics in; ~/query service, ~/narration topic and /diagnostics out.
 
 Threads, and why:
-  executor threads  camera callbacks only remember the newest message per camera (no decoding);
-                    a timer at `sample_fps` takes the newest frame of every camera into a bounded
-                    queue (full: the oldest frame is dropped and counted); the query service
-                    enqueues a question and waits for its answer (reentrant group, so other
-                    callbacks keep running meanwhile).
+  executor threads  camera callbacks keep the newest message per camera and, when a frame's header
+                    stamp is a sampling period past the last sample, put the newest frame of every
+                    camera into a bounded queue (full: the oldest is dropped and counted). No
+                    decoding here. The query service callback is a coroutine: it queues the question
+                    and awaits its answer without holding an executor thread, so a burst of callers
+                    is answered or refused, never left waiting in a full request queue.
   engine worker     one plain thread owns the engine (it is not thread-safe): it loads the model,
                     then serves, in this order, questions, narration, frames. Decoding, vision tower
-                    and prefill all happen here, never in an executor callback.
+                    and prefill all happen here, never in an executor callback. Any exception in a
+                    job answers that job with the error and marks diagnostics ERROR; the worker goes on.
+
+Time: sampling, lag and the spans in answers and narrations all use the cameras' header stamps (ROS
+time under use_sim_time, bag time when a bag is replayed). A stamp that goes back by more than
+`time_jump_tolerance_s` (a bag replayed again, a switch from a bag to live cameras) either clears
+memory (`on_time_jump: reset`, like tf2 buffers on a jump) or is refused until the stream catches up
+(`refuse`); both are counted and logged once per jump.
 """
 
 from __future__ import annotations
@@ -16,60 +24,96 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 
-from livevlm_ros.engine import (EngineConfig, EngineInputError, EngineResourceError, LiveVLMEngine,
-                                NoFramesError)
+from livevlm_ros.engine import (RUNTIME_OPTIONS, AnswerCancelled, EngineConfig, EngineInputError,
+                                EngineResourceError, LiveVLMEngine, NoFramesError)
+from livevlm_ros.engine.config import PAGE_SCORINGS, POLICIES
 from livevlm_ros.msg import Narration
 from livevlm_ros.srv import Query
 
 from .image_conversion import ImageConversionError, tile, to_rgb
 
 _ENGINE_DEFAULTS = EngineConfig()
+_BIG = 1_000_000
 
-# (parameter, default, description); engine parameters share their names with EngineConfig fields
+
+def _int(lo, hi=_BIG):
+    return dict(integer_range=[IntegerRange(from_value=lo, to_value=hi, step=1)])
+
+
+def _float(lo, hi=1e9):
+    return dict(floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi, step=0.0)])
+
+
+# (name, default, description, descriptor extras). `restart` = read-only: it shapes the model or the
+# memory and takes a restart (or cleanup + configure); the others take effect when set.
+RESTART = dict(read_only=True)
 NODE_PARAMETERS = [
-    ("camera_topics", ["/camera/image_raw"],
-     "Image topics to watch; a name ending in /compressed is read as sensor_msgs/CompressedImage. "
-     "Several cameras are tiled side by side into one view per sample."),
-    ("frame_queue_size", 4, "Sampled frames waiting for the engine; when full the oldest is dropped."),
-    ("max_pending_queries", 4, "Questions waiting for the engine; more are refused with a 'busy' error."),
-    ("query_timeout_s", 120.0, "A question not answered by then gets a 'timed out' error."),
-    ("narration_period_s", 5.0, "Seconds between narrations on ~/narration (0 = no narration)."),
-    ("status_period_s", 1.0, "Seconds between status reports on /diagnostics."),
-    ("model_path", "", "Local folder of a from_pretrained Video LLM checkpoint (LLaVA-OneVision)."),
-    ("device", _ENGINE_DEFAULTS.device, "Torch device: cpu, cuda, cuda:1, ..."),
-    ("dtype", _ENGINE_DEFAULTS.dtype, "float32 | bfloat16 | float16"),
-    ("policy", _ENGINE_DEFAULTS.policy, "Memory policy: livevlm | full | sliding_window | rekv"),
-    ("budget_tokens", _ENGINE_DEFAULTS.budget_tokens, "Hard cap on memory tokens on the device (-1 = unbounded)."),
-    ("short_term_frames", _ENGINE_DEFAULTS.short_term_frames, "Most recent frames kept whole."),
-    ("vision_sinks", _ENGINE_DEFAULTS.vision_sinks, "Vision sink tokens kept per layer for the whole stream."),
-    ("bucket_tokens", _ENGINE_DEFAULTS.bucket_tokens, "VSB: capacity of each time bucket."),
-    ("saliency_share", _ENGINE_DEFAULTS.saliency_share, "VSB: share of the budget filled by score alone."),
+    ("camera_topics", ["camera/image_raw"],
+     "Image topics to watch (relative to the node's namespace unless they start with /); a name ending "
+     "in /compressed is read as sensor_msgs/CompressedImage. Several cameras are tiled side by side.", RESTART),
+    ("sample_fps", _ENGINE_DEFAULTS.sample_fps, "Frames per second of camera time taken into memory.", _float(0.01, 1000)),
+    ("frame_queue_size", 4, "Sampled frames waiting for the engine; when full the oldest is dropped.", _int(1, 1000)),
+    ("max_pending_queries", 4, "Questions waiting for the engine; more are refused with a 'busy' error.", _int(1, 1000)),
+    ("query_timeout_s", 120.0, "A question not answered by then gets a 'timed out' error.", _float(0.1)),
+    ("narration_period_s", 5.0, "Seconds between narrations on ~/narration (0 = no narration).", _float(0.0)),
+    ("status_period_s", 1.0, "Seconds between status reports on /diagnostics.", _float(0.05)),
+    ("time_jump_tolerance_s", 1.0, "A header stamp this much older than the last sampled frame is a time jump.",
+     _float(0.0)),
+    ("on_time_jump", "reset", "What a time jump does: reset (clear memory, go on) | refuse (drop frames until "
+     "the stamps pass the last sampled frame again)."),
+    ("stale_camera_s", 5.0, "Diagnostics WARN when no camera frame arrived for this long.", _float(0.1)),
+    ("max_lag_s", 5.0, "Diagnostics WARN when the engine is this far (camera time) behind the newest frame.",
+     _float(0.0)),
+    ("model_path", "", "Local folder of a from_pretrained Video LLM checkpoint (LLaVA-OneVision).", RESTART),
+    ("device", _ENGINE_DEFAULTS.device, "Torch device: cpu, cuda, cuda:1, ...", RESTART),
+    ("dtype", _ENGINE_DEFAULTS.dtype, "float32 | bfloat16 | float16", RESTART),
+    ("policy", _ENGINE_DEFAULTS.policy, f"Memory policy: {' | '.join(POLICIES)}", RESTART),
+    ("budget_tokens", _ENGINE_DEFAULTS.budget_tokens, "Hard cap on memory tokens on the device (-1 = unbounded).",
+     RESTART),
+    ("short_term_frames", _ENGINE_DEFAULTS.short_term_frames, "Most recent frames kept whole.", RESTART),
+    ("vision_sinks", _ENGINE_DEFAULTS.vision_sinks, "Vision sink tokens kept per layer.", RESTART),
+    ("bucket_tokens", _ENGINE_DEFAULTS.bucket_tokens, "VSB: capacity of each time bucket.", RESTART),
+    ("saliency_share", _ENGINE_DEFAULTS.saliency_share, "VSB: share of the budget filled by score alone.", RESTART),
     ("observation_window", _ENGINE_DEFAULTS.observation_window,
-     "VSB: last tokens of a clip whose attention scores memory (0 = one frame)."),
-    ("span_tokens", _ENGINE_DEFAULTS.span_tokens, "VSB: neighbouring tokens scored and kept together."),
-    ("page_tokens", _ENGINE_DEFAULTS.page_tokens, "PaR: long-term tokens per page."),
-    ("retrieval_ratio", _ENGINE_DEFAULTS.retrieval_ratio, "PaR: share of long-term pages an answer reads."),
-    ("page_scoring", _ENGINE_DEFAULTS.page_scoring, "PaR: how a question scores pages: quest | softmax_mean | softmax_max."),
-    ("sample_fps", _ENGINE_DEFAULTS.sample_fps, "Frames per second taken from the cameras (> 0)."),
-    ("frames_per_clip", _ENGINE_DEFAULTS.frames_per_clip, "Frames prefilled together."),
-    ("max_new_tokens", _ENGINE_DEFAULTS.max_new_tokens, "Longest answer, in tokens."),
-    ("max_question_tokens", _ENGINE_DEFAULTS.max_question_tokens, "Longest question, in tokens."),
-    ("narration_frames", _ENGINE_DEFAULTS.narration_frames, "Recent frames a narration looks at."),
-    ("system_prompt", _ENGINE_DEFAULTS.system_prompt, "Text before the video (model's chat format)."),
-    ("question_template", _ENGINE_DEFAULTS.question_template, "Text after the video; {question} is replaced."),
+     "VSB: last tokens of a clip whose attention scores memory (0 = one frame).", RESTART),
+    ("span_tokens", _ENGINE_DEFAULTS.span_tokens, "VSB: neighbouring tokens scored and kept together.", RESTART),
+    ("page_tokens", _ENGINE_DEFAULTS.page_tokens, "PaR: long-term tokens per page.", RESTART),
+    ("frames_per_clip", _ENGINE_DEFAULTS.frames_per_clip, "Frames prefilled together.", RESTART),
+    ("system_prompt", _ENGINE_DEFAULTS.system_prompt, "Text before the video (model's chat format).", RESTART),
+    ("question_template", _ENGINE_DEFAULTS.question_template, "Text after the video; {question} is replaced.",
+     RESTART),
+    ("retrieval_ratio", _ENGINE_DEFAULTS.retrieval_ratio, "PaR: share of long-term pages an answer reads.",
+     _float(0.001, 1.0)),
+    ("page_scoring", _ENGINE_DEFAULTS.page_scoring, f"PaR: how a question scores pages: {' | '.join(PAGE_SCORINGS)}."),
+    ("max_new_tokens", _ENGINE_DEFAULTS.max_new_tokens, "Longest answer, in tokens (a request may ask for fewer).",
+     _int(1, 4096)),
+    ("max_question_tokens", _ENGINE_DEFAULTS.max_question_tokens, "Longest question, in tokens.", _int(1, 65536)),
+    ("narration_frames", _ENGINE_DEFAULTS.narration_frames, "Recent frames a narration looks at (<= short_term_frames).",
+     _int(1, 1000)),
     ("narration_prompt", _ENGINE_DEFAULTS.narration_prompt, "The question a narration asks."),
 ]
 _ENGINE_FIELDS = set(EngineConfig.__dataclass_fields__)
+_CHOICES = {"on_time_jump": ("reset", "refuse"), "page_scoring": PAGE_SCORINGS}
+
+# The service takes every request off the wire at once (its callback only queues), so the request
+# queue needs room for one burst of callers, not for the backlog: a few hundred covers any fleet
+# of behaviour trees; refusals beyond max_pending_queries come back as answers.
+SERVICE_QOS = QoSProfile(depth=256, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+# Narration: reliable, and the latest one kept for a planner that subscribes late.
+NARRATION_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 @dataclass
@@ -77,8 +121,8 @@ class _QueryJob:
     question: str
     max_new_tokens: int
     received: float
-    done: threading.Event = field(default_factory=threading.Event)
-    response: Query.Response | None = None
+    future: Future
+    response: Query.Response = field(default_factory=Query.Response)
 
 
 @dataclass
@@ -88,65 +132,134 @@ class _Counters:
     frames_dropped: int = 0        # queue overflow: the engine fell behind
     frames_rejected: int = 0       # malformed images, refused by conversion or the engine
     frames_ingested: int = 0
+    time_jumps: int = 0            # header stamps that went back beyond the tolerance
+    frames_refused_time: int = 0   # dropped while waiting for the stream to pass a jump (refuse)
+    memory_resets: int = 0
     queries_answered: int = 0
     queries_refused: int = 0
     narrations: int = 0
+    worker_errors: int = 0
 
 
 class LiveVLMNode(Node):
     def __init__(self, **kwargs):
         super().__init__("livevlm", **kwargs)
-        for name, default, description in NODE_PARAMETERS:
-            self.declare_parameter(name, default, ParameterDescriptor(description=description))
-        p = {name: self.get_parameter(name).value for name, _, _ in NODE_PARAMETERS}
-        if p["sample_fps"] <= 0:
-            raise ValueError("sample_fps must be > 0 for the node (it samples on a timer)")
-        self._p = p
+        for name, default, description, *extra in NODE_PARAMETERS:
+            self.declare_parameter(name, default, ParameterDescriptor(description=description, **(extra or [{}])[0]))
+        self._p = {name: self.get_parameter(name).value for name, *_ in NODE_PARAMETERS}
+        bad = self._invalid(self._p)
+        if bad:
+            raise ValueError(bad)
         self.count = _Counters()
         self.engine: LiveVLMEngine | None = None
-        self.engine_error: str | None = None
+        self.engine_error: str | None = None       # the engine could not start
+        self.last_error: str | None = None         # the last job that failed (cleared by a success)
         self._stats: dict = {}
-        self._last_ingested_stamp: float | None = None
 
         self._lock = threading.Condition()
         self._latest: dict[str, object] = {}
         self._frames: collections.deque = collections.deque()
         self._queries: collections.deque = collections.deque()
         self._narration_due = False
+        self._reset_due = False
+        self._engine_changes: dict = {}
         self._running = True
+        self._last_sampled_stamp: float | None = None
+        self._newest_stamp: float | None = None
+        self._last_ingested_stamp: float | None = None
+        self._last_frame_wall = time.monotonic()
+        self._started = time.monotonic()
+        self._waiting_for_stamp: float | None = None   # on_time_jump=refuse: frames before this are dropped
 
         cameras = MutuallyExclusiveCallbackGroup()
-        timers = MutuallyExclusiveCallbackGroup()
+        self._timers_group = MutuallyExclusiveCallbackGroup()
         services = ReentrantCallbackGroup()
         self._subs = []
-        for topic in p["camera_topics"]:
+        for topic in self._p["camera_topics"]:
             msg_type = CompressedImage if topic.rstrip("/").endswith("compressed") else Image
             self._subs.append(self.create_subscription(
                 msg_type, topic, lambda msg, t=topic: self._on_image(t, msg), qos_profile_sensor_data,
                 callback_group=cameras))
-        self.create_timer(1.0 / p["sample_fps"], self._sample, callback_group=timers)
-        if p["narration_period_s"] > 0:
-            self.create_timer(p["narration_period_s"], self._request_narration, callback_group=timers)
-        self.create_timer(p["status_period_s"], self._publish_status, callback_group=timers)
-        self.narration_pub = self.create_publisher(Narration, "~/narration", 10)
+        self._narration_timer = self._status_timer = None
+        self._make_timers()
+        self.narration_pub = self.create_publisher(Narration, "~/narration", NARRATION_QOS)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_service(Query, "~/query", self._on_query, callback_group=services)
+        self.create_service(Query, "~/query", self._on_query, qos_profile=SERVICE_QOS, callback_group=services)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
 
         self._worker = threading.Thread(target=self._work, name="livevlm-engine", daemon=True)
         self._worker.start()
 
+    # ---- parameters -------------------------------------------------------------------------------
+    def _invalid(self, p: dict) -> str | None:
+        """The reason a set of parameter values cannot work together, or None."""
+        for name, choices in _CHOICES.items():
+            if p[name] not in choices:
+                return f"{name} must be one of {', '.join(choices)}, got {p[name]!r}"
+        if not p["camera_topics"]:
+            return "camera_topics is empty"
+        if p["narration_frames"] > p["short_term_frames"]:
+            return f"narration_frames ({p['narration_frames']}) must be <= short_term_frames ({p['short_term_frames']})"
+        return None
+
+    def _check_parameters(self, params) -> SetParametersResult:
+        """ros2 param set: ranges and read-only are enforced by rclpy from the descriptors; this
+        adds the rules that span several values. Nothing changes unless all pass."""
+        proposed = dict(self._p, **{p.name: p.value for p in params if p.name in self._p})
+        reason = self._invalid(proposed)
+        return SetParametersResult(successful=reason is None, reason=reason or "")
+
+    def _apply_parameters(self, params):
+        with self._lock:
+            for p in params:
+                if p.name not in self._p:
+                    continue
+                self._p[p.name] = p.value
+                if p.name in RUNTIME_OPTIONS:
+                    self._engine_changes[p.name] = p.value          # the worker applies it between jobs
+            while len(self._frames) > self._p["frame_queue_size"]:
+                self._frames.popleft()
+                self.count.frames_dropped += 1
+        if {p.name for p in params} & {"narration_period_s", "status_period_s"}:
+            self._make_timers()
+        for p in params:
+            self.get_logger().info(f"parameter {p.name} = {p.value!r}")
+
+    def _make_timers(self):
+        for timer in (self._narration_timer, self._status_timer):
+            if timer is not None:
+                self.destroy_timer(timer)
+        period = self._p["narration_period_s"]
+        self._narration_timer = (self.create_timer(period, self._request_narration, callback_group=self._timers_group)
+                                 if period > 0 else None)
+        self._status_timer = self.create_timer(self._p["status_period_s"], self._publish_status,
+                                               callback_group=self._timers_group)
+
     # ---- executor side: cheap, never blocks on the engine ------------------------------------------
     def _on_image(self, topic: str, msg):
+        stamp = _seconds(msg.header.stamp)
         with self._lock:
             self.count.frames_received += 1
             self._latest[topic] = msg
-
-    def _sample(self):
-        with self._lock:
-            if not self._latest:
-                return
+            self._last_frame_wall = time.monotonic()
+            last = self._last_sampled_stamp
+            if self._waiting_for_stamp is not None:      # refusing since a jump: one jump, many frames
+                if stamp <= self._waiting_for_stamp:
+                    self.count.frames_refused_time += 1
+                    return
+                self._waiting_for_stamp = None
+            elif last is not None and stamp < last - self._p["time_jump_tolerance_s"]:
+                self._on_time_jump(last, stamp)
+                if self._waiting_for_stamp is not None:
+                    self.count.frames_refused_time += 1
+                    return
+                last = self._last_sampled_stamp
+            self._newest_stamp = stamp if self._newest_stamp is None else max(self._newest_stamp, stamp)
+            if last is not None and stamp - last < 1.0 / self._p["sample_fps"] - 1e-6:
+                return                                       # not due yet (or slightly out of order)
             msgs = [self._latest.pop(t) for t in self._p["camera_topics"] if t in self._latest]
-            self._latest.clear()
+            self._last_sampled_stamp = stamp
             self.count.frames_sampled += 1
             if len(self._frames) >= self._p["frame_queue_size"]:
                 self._frames.popleft()
@@ -154,16 +267,35 @@ class LiveVLMNode(Node):
             self._frames.append(msgs)
             self._lock.notify()
 
+    def _on_time_jump(self, last: float, stamp: float):
+        """Called with the lock held."""
+        self.count.time_jumps += 1
+        action = self._p["on_time_jump"]
+        self.get_logger().warn(f"camera time jumped back from {last:.3f} s to {stamp:.3f} s: "
+                               + ("clearing memory" if action == "reset" else
+                                  "refusing frames until the stream passes the last sampled stamp"))
+        if action == "reset":
+            self._frames.clear()                 # frames of the old stream would land in the new memory
+            self._reset_due = True
+            self._last_sampled_stamp = self._newest_stamp = self._last_ingested_stamp = None
+            self._lock.notify()
+        else:
+            self._waiting_for_stamp = last
+
     def _request_narration(self):
         with self._lock:
             self._narration_due = True
             self._lock.notify()
 
-    def _on_query(self, request: Query.Request, response: Query.Response) -> Query.Response:
-        job = _QueryJob(request.question, request.max_new_tokens, time.perf_counter())
+    async def _on_query(self, request: Query.Request, response: Query.Response) -> Query.Response:
+        limit = self._p["max_new_tokens"]
+        future = Future()
+        job = _QueryJob(request.question, min(request.max_new_tokens or limit, limit), time.perf_counter(), future)
         with self._lock:
             refusal = None
-            if self.engine is None:
+            if not self._running:
+                refusal = "shutting down"
+            elif self.engine is None:
                 refusal = f"engine not available: {self.engine_error or 'still loading the model'}"
             elif len(self._queries) >= self._p["max_pending_queries"]:
                 refusal = f"busy: {len(self._queries)} questions already waiting; try again"
@@ -173,20 +305,32 @@ class LiveVLMNode(Node):
                 return response
             self._queries.append(job)
             self._lock.notify()
-        if not job.done.wait(self._p["query_timeout_s"]):
-            with self._lock:
-                if job in self._queries:
-                    self._queries.remove(job)
-            response.success = False
-            response.error_message = f"timed out after {self._p['query_timeout_s']} s"
-            return response
-        return job.response
+        timeout = self._p["query_timeout_s"]
+        timer = self.create_timer(timeout, lambda: self._expire(job, timeout), callback_group=self._timers_group)
+        try:
+            return await future
+        finally:
+            self.destroy_timer(timer)
+
+    def _expire(self, job: _QueryJob, timeout: float):
+        with self._lock:
+            if job in self._queries:
+                self._queries.remove(job)
+        self._finish(job, False, f"timed out after {timeout} s")
+
+    def _finish(self, job: _QueryJob, success: bool, error: str = ""):
+        """Complete a question's future once (from any thread); the service coroutine returns it."""
+        if job.future.done():
+            return
+        job.response.success, job.response.error_message = success, error
+        job.response.latency_s = time.perf_counter() - job.received
+        job.future.set_result(job.response)
 
     # ---- the engine worker ------------------------------------------------------------------------
     def _work(self):
         config = {k: v for k, v in self._p.items() if k in _ENGINE_FIELDS}
         config["budget_tokens"] = None if config["budget_tokens"] < 0 else config["budget_tokens"]
-        config["sample_fps"] = 0.0                     # the node already samples at sample_fps
+        config["sample_fps"] = 0.0                     # the node already samples by header stamp
         try:
             engine = LiveVLMEngine(EngineConfig.from_dict(config))
         except Exception as err:                       # noqa: BLE001 - report any load failure, keep serving
@@ -196,20 +340,44 @@ class LiveVLMNode(Node):
         with self._lock:
             self.engine = engine
         self.get_logger().info(f"engine ready: {config['policy']} policy, model {config['model_path']}")
+        handlers = {"query": self._answer, "narration": self._narrate, "frame": self._ingest}
         while True:
             with self._lock:
-                while self._running and not (self._queries or self._narration_due or self._frames):
+                while self._running and not (self._queries or self._narration_due or self._frames
+                                             or self._reset_due or self._engine_changes):
                     self._lock.wait()
                 if not self._running:
                     return
+                changes, self._engine_changes = self._engine_changes, {}
+                reset, self._reset_due = self._reset_due, False
                 if self._queries:
                     job, kind = self._queries.popleft(), "query"
                 elif self._narration_due:
                     job, kind, self._narration_due = None, "narration", False
-                else:
+                elif self._frames:
                     job, kind = self._frames.popleft(), "frame"
-            {"query": self._answer, "narration": self._narrate, "frame": self._ingest}[kind](job)
+                else:
+                    job, kind = None, None
+            try:
+                if changes:
+                    engine.reconfigure(**changes)
+                if reset:
+                    engine.reset()
+                    self.count.memory_resets += 1
+                if kind:
+                    handlers[kind](job)
+                self.last_error = None
+            except Exception as err:                   # noqa: BLE001 - no silent death: report and go on
+                self._job_failed(kind, job, err)
             self._stats = engine.stats()
+
+    def _job_failed(self, kind: str | None, job, err: Exception):
+        self.count.worker_errors += 1
+        self.last_error = f"{kind or 'reconfigure'} failed: {type(err).__name__}: {err}"
+        self.get_logger().error(f"{self.last_error}\n{traceback.format_exc()}")
+        self.engine.hook.reset()                       # leave no half-built ingest or answer behind
+        if kind == "query":
+            self._finish(job, False, f"engine error: {type(err).__name__}: {err}")
 
     def _ingest(self, msgs):
         try:
@@ -228,74 +396,100 @@ class LiveVLMNode(Node):
         self._last_ingested_stamp = stamp
 
     def _answer(self, job: _QueryJob):
-        response = Query.Response()
+        if job.future.done():                          # timed out while waiting
+            return
         try:
-            answer = self.engine.ask(job.question, max_new_tokens=job.max_new_tokens or None)
+            answer = self.engine.ask(job.question, max_new_tokens=job.max_new_tokens,
+                                     cancel=lambda: not self._running or job.future.done())
         except (EngineInputError, EngineResourceError) as err:
-            response.success, response.error_message = False, str(err)
             self.count.queries_refused += 1
-        else:
-            response.success, response.answer = True, answer.text
-            response.time_to_first_token_s = float(answer.ttft_s)
-            if answer.span:
-                response.span_start, response.span_end = _time_msg(answer.span[0]), _time_msg(answer.span[1])
-            response.pages_used, response.pages_total = answer.pages_used, answer.pages_total
-            response.tokens_generated = answer.tokens_generated
-            self.count.queries_answered += 1
-        response.latency_s = time.perf_counter() - job.received
-        job.response = response
-        job.done.set()
+            self._finish(job, False, str(err))
+            return
+        except AnswerCancelled:
+            self._finish(job, False, "shutting down" if not self._running else "cancelled")
+            return
+        r = job.response
+        r.answer = answer.text
+        r.time_to_first_token_s = float(answer.ttft_s)
+        if answer.span:
+            r.span_start, r.span_end = _time_msg(answer.span[0]), _time_msg(answer.span[1])
+        r.pages_used, r.pages_total = answer.pages_used, answer.pages_total
+        r.tokens_generated = answer.tokens_generated
+        self.count.queries_answered += 1
+        self._finish(job, True)
 
     def _narrate(self, _):
         try:
-            answer = self.engine.describe()
-        except NoFramesError:
+            answer = self.engine.describe(cancel=lambda: not self._running)
+        except (NoFramesError, AnswerCancelled):
             return
         except EngineResourceError as err:
             self.get_logger().error(str(err), throttle_duration_sec=5.0)
             return
         msg = Narration(text=answer.text, latency_s=float(answer.latency_s))
-        msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = ",".join(self._p["camera_topics"])
         if answer.span:
+            # stamped in camera time, like the frames it describes
             msg.span_start = _time_msg(self._narration_start())
-            msg.span_end = _time_msg(answer.span[1])
+            msg.header.stamp = msg.span_end = _time_msg(answer.span[1])
         self.narration_pub.publish(msg)
         self.count.narrations += 1
 
     def _narration_start(self) -> float:
         """A narration looks at the last narration_frames frames only."""
         times = self.engine.memory.frame_times
-        return times[-min(len(times), self._p["narration_frames"])]
+        return times[-min(len(times), self.engine.config.narration_frames)]
 
     # ---- status -------------------------------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self) -> tuple[int, str, dict]:
+        """(diagnostic level, message, values)."""
         s = dict(vars(self.count))
-        s.update({k: v for k, v in self._stats.items() if k != "stream_span"})
+        # the engine's own counts start again after a memory reset; the node's are cumulative
+        s.update({(f"memory_{k}" if k in s else k): v for k, v in self._stats.items() if k != "stream_span"})
         s["engine"] = "ready" if self.engine else ("failed" if self.engine_error else "loading")
-        now = self.get_clock().now().nanoseconds * 1e-9
-        s["lag_s"] = None if self._last_ingested_stamp is None else round(now - self._last_ingested_stamp, 3)
         with self._lock:
             s["frames_queued"], s["queries_queued"] = len(self._frames), len(self._queries)
-        return s
+            newest, ingested = self._newest_stamp, self._last_ingested_stamp
+            silent = time.monotonic() - self._last_frame_wall
+        # both in camera time: how far the engine is behind the newest frame it was offered
+        s["lag_s"] = None if newest is None or ingested is None else round(max(0.0, newest - ingested), 3)
+        s["seconds_since_frame"] = round(silent, 1)
+        if self.engine_error:
+            return DiagnosticStatus.ERROR, f"engine failed to start: {self.engine_error}", s
+        if self.last_error:
+            return DiagnosticStatus.ERROR, self.last_error, s
+        if self.engine is None:
+            return DiagnosticStatus.WARN, "loading the model", s
+        if silent > self._p["stale_camera_s"]:
+            return DiagnosticStatus.WARN, f"no camera frame for {silent:.1f} s", s
+        if s["lag_s"] is not None and s["lag_s"] > self._p["max_lag_s"]:
+            return DiagnosticStatus.WARN, f"engine {s['lag_s']:.1f} s behind the camera", s
+        return DiagnosticStatus.OK, "ready", s
 
     def _publish_status(self):
-        s = self.status()
-        level = DiagnosticStatus.OK if s["engine"] == "ready" else (
-            DiagnosticStatus.ERROR if s["engine"] == "failed" else DiagnosticStatus.WARN)
+        level, message, values = self.status()
         status = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: engine",
-                                  hardware_id=self._p["device"],
-                                  message=self.engine_error or s["engine"],
-                                  values=[KeyValue(key=k, value=str(v)) for k, v in s.items()])
+                                  hardware_id=self._p["device"], message=message,
+                                  values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self.diagnostics_pub.publish(array)
 
-    def shutdown(self):
+    # ---- shutdown -----------------------------------------------------------------------------------
+    def begin_shutdown(self):
+        """Refuse new questions, answer the waiting ones "shutting down", stop the answer in
+        progress at its next token and let the worker end. The executor must keep spinning for a
+        moment afterwards, so that the answers reach their callers."""
         with self._lock:
             self._running = False
+            waiting, self._queries = list(self._queries), collections.deque()
             self._lock.notify_all()
-        self._worker.join(timeout=30)
+        for job in waiting:
+            self._finish(job, False, "shutting down")
+
+    def shutdown(self, timeout: float = 3.0):
+        self.begin_shutdown()
+        self._worker.join(timeout=timeout)
 
 
 def _seconds(stamp) -> float:
@@ -305,4 +499,3 @@ def _seconds(stamp) -> float:
 def _time_msg(seconds: float) -> TimeMsg:
     sec = int(seconds // 1)
     return TimeMsg(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
-

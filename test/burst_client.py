@@ -1,0 +1,35 @@
+"""A separate client process for burst tests: N calls at once to a query service, then one line
+of JSON with what came back.   python burst_client.py SERVICE N TIMEOUT_S"""
+
+import json
+import sys
+import time
+
+import rclpy
+from rclpy.node import Node
+
+from livevlm_ros.srv import Query
+
+
+def main():
+    service, n, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    rclpy.init()
+    node = Node(f"burst_client_{time.monotonic_ns()}")
+    client = node.create_client(Query, service)
+    if not client.wait_for_service(timeout_sec=20):
+        print(json.dumps({"error": "service not found"}))
+        return
+    time.sleep(1.0)                 # let the server match our response reader (DDS discovery)
+    futures = [client.call_async(Query.Request(question=f"Question {i}: is the door open?")) for i in range(n)]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not all(f.done() for f in futures):
+        rclpy.spin_once(node, timeout_sec=0.1)
+    results = [f.result() for f in futures if f.done()]
+    print(json.dumps({"sent": n, "returned": len(results), "answered": sum(r.success for r in results),
+                      "errors": sorted({r.error_message.split(":")[0] for r in results if not r.success})}))
+    node.destroy_node()
+    rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
