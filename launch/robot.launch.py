@@ -4,6 +4,7 @@
         camera_topics:=/front/image_raw,/left/image_raw/compressed namespace:=robot1
 
 Arguments left empty fall back to the parameter file (config:=..., default config/robot.yaml).
+use_sim_time:=true makes the node follow /clock (a bag replayed with `livevlm_replay --clock`).
 The same node and YAML run without `launch`:  livevlm_node --ros-args --params-file config/robot.yaml
 """
 
@@ -33,14 +34,16 @@ def _node(context):
         namespace=LaunchConfiguration("namespace"),
         output="screen",
         emulate_tty=True,
-        parameters=[LaunchConfiguration("config"), overrides],     # later entries win
+        parameters=[LaunchConfiguration("config"), overrides,      # later entries win
+                    {"use_sim_time": LaunchConfiguration("use_sim_time").perform(context).lower() == "true"}],
     )]
 
 
 def generate_launch_description():
     default_config = os.path.join(get_package_share_directory("livevlm_ros"), "config", "robot.yaml")
     args = [DeclareLaunchArgument("config", default_value=default_config, description="Parameter YAML file"),
-            DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node")]
+            DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node"),
+            DeclareLaunchArgument("use_sim_time", default_value="false", description="Follow /clock (true|false)")]
     args += [DeclareLaunchArgument(name, default_value="", description=f"{text} ('' = from config)")
              for name, text in OVERRIDABLE.items()]
     return LaunchDescription(args + [OpaqueFunction(function=_node)])

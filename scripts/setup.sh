@@ -41,7 +41,7 @@ ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-
            ros-rosidl-typesupport-cpp ros-rosidl-typesupport-fastrtps-c ros-rosidl-typesupport-fastrtps-cpp
            ros-rosidl-typesupport-introspection-c ros-rosidl-typesupport-introspection-cpp ros-rosidl-adapter
            ros-rosidl-cli ros-rosidl-parser ros-rosidl-pycommon ros-python-cmake-module
-           ros-fastrtps-cmake-module ros-rmw-implementation-cmake)
+           ros-fastrtps-cmake-module ros-rmw-implementation-cmake ros-ament-cmake-pytest)
 # pytest < 8.4: launch_testing's plugin (launch_pytest) breaks on 8.4's fixture internals
 python_deps=("transformers>=5.17,<5.40" numpy opencv-python-headless pyyaml rosbags rosbags-image "pytest>=8.3,<8.4"
              pytest-timeout gguf accelerate matplotlib)

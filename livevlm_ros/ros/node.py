@@ -31,6 +31,7 @@ from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
@@ -181,6 +182,7 @@ class LiveVLMNode(Node):
                 msg_type, topic, lambda msg, t=topic: self._on_image(t, msg), qos_profile_sensor_data,
                 callback_group=cameras))
         self._narration_timer = self._status_timer = None
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._make_timers()
         self.narration_pub = self.create_publisher(Narration, "~/narration", NARRATION_QOS)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -233,8 +235,10 @@ class LiveVLMNode(Node):
         period = self._p["narration_period_s"]
         self._narration_timer = (self.create_timer(period, self._request_narration, callback_group=self._timers_group)
                                  if period > 0 else None)
+        # status and question time-outs run on the steady clock: under use_sim_time a paused or
+        # finished bag stops ROS time, and health reports and time-outs must go on regardless
         self._status_timer = self.create_timer(self._p["status_period_s"], self._publish_status,
-                                               callback_group=self._timers_group)
+                                               callback_group=self._timers_group, clock=self._steady)
 
     # ---- executor side: cheap, never blocks on the engine ------------------------------------------
     def _on_image(self, topic: str, msg):
@@ -306,7 +310,8 @@ class LiveVLMNode(Node):
             self._queries.append(job)
             self._lock.notify()
         timeout = self._p["query_timeout_s"]
-        timer = self.create_timer(timeout, lambda: self._expire(job, timeout), callback_group=self._timers_group)
+        timer = self.create_timer(timeout, lambda: self._expire(job, timeout), callback_group=self._timers_group,
+                                  clock=self._steady)
         try:
             return await future
         finally:
