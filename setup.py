@@ -19,6 +19,7 @@ setup(
     entry_points={
         "console_scripts": [
             "livevlm_node = livevlm_ros.ros.main:main",
+            "livevlm_lifecycle_node = livevlm_ros.ros.main:main_lifecycle",
             "livevlm_replay = livevlm_ros.ros.replay:main",
             "livevlm_make_tiny_model = livevlm_ros.tools.make_tiny_model:main",
         ],

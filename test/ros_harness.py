@@ -28,13 +28,33 @@ from livevlm_ros.msg import Narration  # noqa: E402
 from livevlm_ros.srv import Query  # noqa: E402
 
 
+def executable(name: str) -> str:
+    """A program of this package where ROS installs it (<prefix>/lib/livevlm_ros/), found through
+    the ament index as `ros2 run` does: the tests need no PATH set-up (colcon test, a workspace)."""
+    from ament_index_python.packages import get_package_prefix
+
+    return str(Path(get_package_prefix("livevlm_ros")) / "lib" / "livevlm_ros" / name)
+
+
+def ros2(*args, timeout: float = 60) -> str:
+    """The real `ros2` command line (stdout + stderr). Without a daemon, discovery can miss a node in
+    its short spin: a "Node not found" is retried."""
+    for _ in range(4):
+        out = subprocess.run(["ros2", *args], capture_output=True, text=True, timeout=timeout)
+        text = out.stdout + out.stderr
+        if "Node not found" not in text and "not available" not in text:
+            return text
+        time.sleep(0.5)
+    return text
+
+
 class NodeProcess:
     """`livevlm_node --ros-args --params-file X.yaml`, exactly as a user starts it without launch."""
 
     def __init__(self, tmp: Path, params: dict, namespace: str | None = None, extra_args=()):
         self.params_file = tmp / f"params_{(namespace or 'root').strip('/')}_{time.monotonic_ns()}.yaml"
         self.params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
-        cmd = ["livevlm_node", "--ros-args", "--params-file", str(self.params_file)] + list(extra_args)
+        cmd = [executable("livevlm_node"), "--ros-args", "--params-file", str(self.params_file)] + list(extra_args)
         if namespace:
             cmd += ["-r", f"__ns:={namespace}"]
         self.log = tmp / f"{self.params_file.stem}.log"

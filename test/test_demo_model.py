@@ -78,7 +78,7 @@ def test_demo_bag_through_the_node_answers_and_narrates_right(tmp_path):
     """The README's demo, shortened: the demo bag replayed into the node (demo config, shipped model).
     At the end the robot is in the lab with a green crate on the left; it saw the orange bottle
     in the kitchen about 5 s (10 frames) before."""
-    from ros_harness import Client, NodeProcess
+    from ros_harness import Client, NodeProcess, executable
     from livevlm_ros.tools.make_demo_bag import DEMO_SEED, write_bag
 
     start = 1_700_000_000.0
@@ -90,7 +90,7 @@ def test_demo_bag_through_the_node_answers_and_narrates_right(tmp_path):
     client = Client()
     try:
         client.wait_ready(node)
-        play = subprocess.run(["livevlm_replay", str(bag), "--rate", "2"], capture_output=True, text=True, timeout=60)
+        play = subprocess.run([executable("livevlm_replay"), str(bag), "--rate", "2"], capture_output=True, text=True, timeout=60)
         assert play.returncode == 0, play.stderr
         client.wait_for(lambda: (s := client.node_status()) and int(s["frames_queued"]) == 0
                         and int(s["frames_ingested"]) >= 12, 30, "the bag to be ingested")

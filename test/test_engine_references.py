@@ -187,9 +187,11 @@ def test_bounded_answer_equals_offline_forward_over_what_was_kept(one_layer_mode
 
     ref = load_reference(one_layer_model)
     with torch.inference_mode():
-        # per frame: T visual tokens, then the newline transformers appends to a video (dropped)
-        visual = torch.cat([ref.model.get_video_features(engine.model.preprocess([f])[None]).pooler_output[0, :-1]
-                            for f in video])
+        # per frame: its T visual tokens (5.24 returns them with the video's newline appended, as
+        # pooler_output; 5.17 returns the tensor alone)
+        T = engine.model.tokens_per_frame
+        feats = [ref.model.get_video_features(engine.model.preprocess([f])[None]) for f in video]
+        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, x_hidden(ref))[:T] for x in feats])
         embed = ref.model.get_input_embeddings()
         a = engine.model
         prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
@@ -197,6 +199,10 @@ def test_bounded_answer_equals_offline_forward_over_what_was_kept(one_layer_mode
         seq = torch.cat([prefix, visual[read], ref.model.image_newline[None], suffix])[None]
         logits = ref(inputs_embeds=seq).logits[0, -1]
     torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
+
+
+def x_hidden(model) -> int:
+    return model.config.text_config.hidden_size
 
 
 # ---- a real checkpoint's layout through the real processor -----------------------------------
@@ -230,7 +236,7 @@ def checkpoint_196(tmp_path_factory):
         LlavaOnevisionProcessor(
             image_processor=LlavaOnevisionImageProcessor(size={"height": 384, "width": 384}, **norm),
             video_processor=LlavaOnevisionVideoProcessor(size={"height": 384, "width": 384}, **norm),
-            tokenizer=tok, num_image_tokens=196, vision_feature_select_strategy="full",
+            tokenizer=tok, num_image_tokens=27 * 27, vision_feature_select_strategy="full",   # patches, before pooling
             video_token="<video>", image_token="<image>").save_pretrained(out)
     else:
         (out / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
@@ -240,9 +246,10 @@ def checkpoint_196(tmp_path_factory):
 def test_engine_equals_transformers_on_a_real_layout(checkpoint_196):
     """Full memory, 2-frame clips: the engine's first-token logits equal transformers' own
     LlavaOnevisionForConditionalGeneration run on pixel_values_videos. Where torchvision loads (the
-    GPU machine), LlavaOnevisionProcessor makes the inputs; on these CPU machines it cannot, and the
-    inputs are made here by the processor's rule for 384x384 frames (no resize, x/255, then
-    (x - 0.5) / 0.5; one video token per visual token plus one for the newline)."""
+    GPU machine: this file passed there with LlavaOnevisionProcessor, torchvision 0.26 and
+    transformers 5.17, 2026-11-25), the real processor makes the inputs; on these CPU machines it
+    cannot, and the inputs are made here by the processor's rule for 384x384 frames (no resize,
+    x/255, then (x - 0.5) / 0.5; one video token per visual token plus one for the newline)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     engine = LiveVLMEngine(EngineConfig(model_path=checkpoint_196, policy="livevlm", budget_tokens=None,

@@ -8,11 +8,12 @@ launch, launch_ros, launch_pytest and ros2cli are not on PyPI; scripts/setup.sh 
 
 import os
 import subprocess
+import time
 
 import pytest
 import yaml
 
-from ros_harness import Client  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads)
+from ros_harness import Client, executable, ros2  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads)
 
 launch_pytest = pytest.importorskip("launch_pytest", reason="the ROS 2 launch tools are not installed "
                                     "(scripts/setup.sh installs them from ../shared/ros-tools)")
@@ -50,11 +51,6 @@ def robot(tiny_model_path, tmp_path):
     ])
 
 
-def ros2(*args, timeout=60):
-    out = subprocess.run(["ros2", *args], capture_output=True, text=True, timeout=timeout)
-    return out.stdout + out.stderr
-
-
 @pytest.mark.launch(fixture=robot)
 def test_robot_launch_with_namespace_config_and_sim_time(bag):
     client = Client("/robot1")
@@ -67,7 +63,7 @@ def test_robot_launch_with_namespace_config_and_sim_time(bag):
         assert "Integer value is: 130" in ros2("param", "get", "/robot1/livevlm", "budget_tokens", "--no-daemon",
                                                "--spin-time", "3")
         # a bag with its own clock, on the node's relative camera topic under the namespace
-        play = subprocess.run(["livevlm_replay", str(bag), "--rate", "2", "--clock",
+        play = subprocess.run([executable("livevlm_replay"), str(bag), "--rate", "2", "--clock",
                                "--remap", "/camera/image_raw:=/robot1/camera/image_raw"],
                               capture_output=True, text=True, timeout=60)
         assert play.returncode == 0, play.stderr
@@ -79,6 +75,62 @@ def test_robot_launch_with_namespace_config_and_sim_time(bag):
         client.wait_for(lambda: client.narrations, 20, "a narration")
         n = client.narrations[-1]
         assert BAG_START <= n.header.stamp.sec <= BAG_START + 3 and n.header.stamp == n.span_end
+    finally:
+        client.close()
+
+
+@launch_pytest.fixture
+def managed_robot(tiny_model_path, tmp_path):
+    """robot.launch.py managed:=true: the lifecycle node, configured and activated by launch."""
+    launch_file = os.path.join(get_package_share_directory("livevlm_ros"), "launch", "robot.launch.py")
+    config = tmp_path / "robot.yaml"
+    config.write_text(yaml.safe_dump({"/**": {"ros__parameters": dict(
+        status_period_s=0.2, narration_period_s=0.0, budget_tokens=34 + 2 * 16 + 64, page_tokens=8,
+        vision_sinks=4, max_new_tokens=3, dtype="float32", sample_fps=10.0)}}))
+    return LaunchDescription([
+        IncludeLaunchDescription(PythonLaunchDescriptionSource(launch_file), launch_arguments={
+            "config": str(config), "model_path": tiny_model_path, "device": "cpu", "namespace": "robot2",
+            "managed": "true"}.items()),
+        launch_pytest.actions.ReadyToTest(),
+    ])
+
+
+@pytest.mark.launch(fixture=managed_robot)
+def test_managed_node_lifecycle_keeps_memory_across_deactivate():
+    client = Client("/robot2")
+    def lifecycle(verb, *rest):
+        return ros2("lifecycle", verb, "/robot2/livevlm", *rest, "--no-daemon", "--spin-time", "2")
+
+    try:
+        client.wait_for(lambda: (s := client.node_status("/robot2")) and s["state"] == "active"
+                        and s["engine"] == "ready", 90, "launch to configure and activate the node")
+        client.wait_for(lambda: client.query_client.service_is_ready(), 10, "the query service")
+        time.sleep(1.0)
+        for t in (1.0, 1.2):
+            client.image_pub.publish(client.image(t))
+            time.sleep(0.2)
+        memory = client.wait_for(lambda: (s := client.node_status("/robot2")) and int(s["frames_ingested"]) == 2
+                                 and s["device_tokens"], 10, "2 frames")
+        assert "Transitioning successful" in lifecycle("set", "deactivate")
+        s = client.wait_for(lambda: (s := client.node_status("/robot2")) and s["state"] == "inactive" and s, 5,
+                            "inactive")
+        assert s["level"] == 1
+        client.image_pub.publish(client.image(1.4))            # intake is closed: nobody reads this
+        time.sleep(1.0)
+        s = client.node_status("/robot2")
+        assert int(s["frames_received"]) == 2 and s["device_tokens"] == memory      # memory kept
+        assert "Transitioning successful" in lifecycle("set", "activate")
+        client.wait_for(lambda: client.node_status("/robot2")["state"] == "active", 5, "active again")
+        client.wait_for(lambda: client.query_client.service_is_ready(), 10, "the query service again")
+        time.sleep(1.0)
+        answer = client.query("Is the door open?")
+        assert answer.success and answer.span_start.sec == 1        # memory from before deactivate
+        assert "Transitioning successful" in lifecycle("set", "deactivate")
+        assert "Transitioning successful" in lifecycle("set", "cleanup")
+        s = client.wait_for(lambda: (s := client.node_status("/robot2")) and s["state"] == "unconfigured" and s, 5,
+                            "unconfigured")
+        assert s["engine"] == "unconfigured" and "device_tokens" not in s
+        assert "unconfigured" in lifecycle("get")
     finally:
         client.close()
 

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from ros_harness import Client, NodeProcess  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads)
+from ros_harness import Client, NodeProcess, executable  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads)
 from livevlm_ros.tools.make_demo_bag import write_bag
 
 BAG_START = 1_700_000_000.0
@@ -23,7 +23,7 @@ def test_bag_replays_into_node_and_answers(tmp_path, tiny_model_path, storage, c
     client = Client()
     try:
         client.wait_ready(node)
-        play = subprocess.run(["livevlm_replay", str(bag), "--rate", "2"], capture_output=True, text=True,
+        play = subprocess.run([executable("livevlm_replay"), str(bag), "--rate", "2"], capture_output=True, text=True,
                               timeout=60)
         assert play.returncode == 0, play.stderr
         assert "published 40 messages" in play.stdout

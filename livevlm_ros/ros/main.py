@@ -1,6 +1,7 @@
-"""Entry point of the node, with rclpy alone (no `launch` needed):
+"""Entry points of the node, with rclpy alone (no `launch` needed):
 
     livevlm_node --ros-args --params-file config/robot.yaml [-r __ns:=/robot1] [-p model_path:=...]
+    livevlm_lifecycle_node ...     # the same as a managed node: ros2 lifecycle set /livevlm configure
 
 `ros2 launch livevlm_ros robot.launch.py` starts this same executable with the same YAML.
 
@@ -19,18 +20,19 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 
+from .lifecycle_node import LiveVLMLifecycleNode
 from .node import LiveVLMNode
 
 FLUSH_S = 0.5          # time given to the executor to deliver the last answers
 
 
-def main(args=None):
+def main(args=None, node_class=LiveVLMNode):
     rclpy.init(args=sys.argv if args is None else args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        node = LiveVLMNode()
+        node = node_class()
     except Exception as err:                      # noqa: BLE001 - a bad parameter set: say why and exit
         print(f"livevlm_node: {err}", file=sys.stderr)
         rclpy.try_shutdown()
@@ -48,6 +50,10 @@ def main(args=None):
     node.destroy_node()
     rclpy.try_shutdown()
     spin.join(timeout=1.0)
+
+
+def main_lifecycle(args=None):
+    main(args, LiveVLMLifecycleNode)
 
 
 def _spin(executor, stop: threading.Event):

@@ -142,9 +142,12 @@ class _Counters:
     worker_errors: int = 0
 
 
-class LiveVLMNode(Node):
-    def __init__(self, **kwargs):
-        super().__init__("livevlm", **kwargs)
+class LiveVLMCore:
+    """What the node does, for a plain node (LiveVLMNode, below: up and serving at once) or a
+    managed one (lifecycle_node.py: configure loads the model, activate opens intake and the
+    service, deactivate closes them and keeps memory, cleanup frees the model)."""
+
+    def _setup(self):
         for name, default, description, *extra in NODE_PARAMETERS:
             self.declare_parameter(name, default, ParameterDescriptor(description=description, **(extra or [{}])[0]))
         self._p = {name: self.get_parameter(name).value for name, *_ in NODE_PARAMETERS}
@@ -155,6 +158,7 @@ class LiveVLMNode(Node):
         self.engine: LiveVLMEngine | None = None
         self.engine_error: str | None = None       # the engine could not start
         self.last_error: str | None = None         # the last job that failed (cleared by a success)
+        self.state: str | None = None              # lifecycle state, for a managed node
         self._stats: dict = {}
 
         self._lock = threading.Condition()
@@ -164,34 +168,90 @@ class LiveVLMNode(Node):
         self._narration_due = False
         self._reset_due = False
         self._engine_changes: dict = {}
-        self._running = True
+        self._running = False
+        self._worker: threading.Thread | None = None
         self._last_sampled_stamp: float | None = None
         self._newest_stamp: float | None = None
         self._last_ingested_stamp: float | None = None
         self._last_frame_wall = time.monotonic()
-        self._started = time.monotonic()
         self._waiting_for_stamp: float | None = None   # on_time_jump=refuse: frames before this are dropped
+        self._dropped_reported = 0
 
-        cameras = MutuallyExclusiveCallbackGroup()
+        self._camera_group = MutuallyExclusiveCallbackGroup()
         self._timers_group = MutuallyExclusiveCallbackGroup()
-        services = ReentrantCallbackGroup()
-        self._subs = []
+        self._service_group = ReentrantCallbackGroup()
+        self._subs, self._query_service = [], None
+        self._narration_timer = self._status_timer = None
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self.narration_pub = self.create_publisher(Narration, "~/narration", NARRATION_QOS)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._make_timers()
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+
+    # ---- life: load, serve, open and close intake, stop -----------------------------------------------
+    def _load_engine(self) -> LiveVLMEngine:
+        config = {k: v for k, v in self._p.items() if k in _ENGINE_FIELDS}
+        config["budget_tokens"] = None if config["budget_tokens"] < 0 else config["budget_tokens"]
+        config["sample_fps"] = 0.0                     # the node already samples by header stamp
+        try:
+            engine = LiveVLMEngine(EngineConfig.from_dict(config))
+        except Exception as err:                       # noqa: BLE001 - report any load failure, keep serving
+            self.engine_error = f"{type(err).__name__}: {err}"
+            self.get_logger().error(f"could not start the engine: {self.engine_error}")
+            raise
+        self.engine_error = None
+        self.get_logger().info(f"engine ready: {config['policy']} policy, model {config['model_path']}")
+        return engine
+
+    def _start_worker(self, load_in_worker: bool):
+        """The engine worker thread; it loads the model itself (the plain node: its executor is up
+        and reports "loading" meanwhile) or serves an engine already loaded (configure)."""
+        self._running = True
+        target = self._load_and_serve if load_in_worker else self._serve
+        self._worker = threading.Thread(target=target, name="livevlm-engine", daemon=True)
+        self._worker.start()
+
+    def _load_and_serve(self):
+        try:
+            engine = self._load_engine()
+        except Exception:                              # noqa: BLE001 - reported in diagnostics and answers
+            return
+        with self._lock:
+            self.engine = engine
+        self._serve()
+
+    def _open_intake(self):
         for topic in self._p["camera_topics"]:
             msg_type = CompressedImage if topic.rstrip("/").endswith("compressed") else Image
             self._subs.append(self.create_subscription(
                 msg_type, topic, lambda msg, t=topic: self._on_image(t, msg), qos_profile_sensor_data,
-                callback_group=cameras))
-        self._narration_timer = self._status_timer = None
-        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
-        self._make_timers()
-        self.narration_pub = self.create_publisher(Narration, "~/narration", NARRATION_QOS)
-        self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_service(Query, "~/query", self._on_query, qos_profile=SERVICE_QOS, callback_group=services)
-        self.add_on_set_parameters_callback(self._check_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+                callback_group=self._camera_group))
+        self._query_service = self.create_service(Query, "~/query", self._on_query, qos_profile=SERVICE_QOS,
+                                                  callback_group=self._service_group)
 
-        self._worker = threading.Thread(target=self._work, name="livevlm-engine", daemon=True)
-        self._worker.start()
+    def _close_intake(self, why: str):
+        """No more frames or questions; memory and queued frames stay. Waiting questions hear `why`."""
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        if self._query_service is not None:
+            self.destroy_service(self._query_service)
+            self._query_service = None
+        with self._lock:
+            waiting, self._queries = list(self._queries), collections.deque()
+        for job in waiting:
+            self._finish(job, False, why)
+
+    def _stop_worker(self, timeout: float = 3.0):
+        """Stop the worker (the answer in progress ends at its next token) and wait for it."""
+        with self._lock:
+            self._running = False
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=timeout)
+            self._worker = None
+
 
     # ---- parameters -------------------------------------------------------------------------------
     def _invalid(self, p: dict) -> str | None:
@@ -332,19 +392,8 @@ class LiveVLMNode(Node):
         job.future.set_result(job.response)
 
     # ---- the engine worker ------------------------------------------------------------------------
-    def _work(self):
-        config = {k: v for k, v in self._p.items() if k in _ENGINE_FIELDS}
-        config["budget_tokens"] = None if config["budget_tokens"] < 0 else config["budget_tokens"]
-        config["sample_fps"] = 0.0                     # the node already samples by header stamp
-        try:
-            engine = LiveVLMEngine(EngineConfig.from_dict(config))
-        except Exception as err:                       # noqa: BLE001 - report any load failure, keep serving
-            self.engine_error = f"{type(err).__name__}: {err}"
-            self.get_logger().error(f"could not start the engine: {self.engine_error}")
-            return
-        with self._lock:
-            self.engine = engine
-        self.get_logger().info(f"engine ready: {config['policy']} policy, model {config['model_path']}")
+    def _serve(self):
+        engine = self.engine
         handlers = {"query": self._answer, "narration": self._narrate, "frame": self._ingest}
         while True:
             with self._lock:
@@ -451,7 +500,9 @@ class LiveVLMNode(Node):
         s = dict(vars(self.count))
         # the engine's own counts start again after a memory reset; the node's are cumulative
         s.update({(f"memory_{k}" if k in s else k): v for k, v in self._stats.items() if k != "stream_span"})
-        s["engine"] = "ready" if self.engine else ("failed" if self.engine_error else "loading")
+        s["engine"] = "ready" if self.engine else ("failed" if self.engine_error else
+                                                   "unconfigured" if self.state else "loading")
+        s["state"] = self.state or "active"
         with self._lock:
             s["frames_queued"], s["queries_queued"] = len(self._frames), len(self._queries)
             newest, ingested = self._newest_stamp, self._last_ingested_stamp
@@ -463,12 +514,17 @@ class LiveVLMNode(Node):
             return DiagnosticStatus.ERROR, f"engine failed to start: {self.engine_error}", s
         if self.last_error:
             return DiagnosticStatus.ERROR, self.last_error, s
+        if self.state not in (None, "active"):
+            return DiagnosticStatus.WARN, f"{self.state} (managed node)", s
         if self.engine is None:
             return DiagnosticStatus.WARN, "loading the model", s
         if silent > self._p["stale_camera_s"]:
             return DiagnosticStatus.WARN, f"no camera frame for {silent:.1f} s", s
         if s["lag_s"] is not None and s["lag_s"] > self._p["max_lag_s"]:
             return DiagnosticStatus.WARN, f"engine {s['lag_s']:.1f} s behind the camera", s
+        dropped, self._dropped_reported = s["frames_dropped"] - self._dropped_reported, s["frames_dropped"]
+        if dropped:
+            return DiagnosticStatus.WARN, f"engine behind: {dropped} sampled frames dropped since the last report", s
         return DiagnosticStatus.OK, "ready", s
 
     def _publish_status(self):
@@ -492,9 +548,19 @@ class LiveVLMNode(Node):
         for job in waiting:
             self._finish(job, False, "shutting down")
 
+
+class LiveVLMNode(LiveVLMCore, Node):
+    """The node, up and serving as soon as it starts (the model loads in the background)."""
+
+    def __init__(self, **kwargs):
+        Node.__init__(self, "livevlm", **kwargs)
+        self._setup()
+        self._open_intake()
+        self._start_worker(load_in_worker=True)
+
     def shutdown(self, timeout: float = 3.0):
         self.begin_shutdown()
-        self._worker.join(timeout=timeout)
+        self._stop_worker(timeout)
 
 
 def _seconds(stamp) -> float:
