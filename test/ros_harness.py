@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 # isolate before rclpy is imported anywhere in this process
@@ -145,3 +146,32 @@ class Client:
         self.executor.shutdown()
         self.node.destroy_node()
         self.thread.join(5)
+
+
+def node_params(model_path: str, **over) -> dict:
+    """Parameters for a node on the tiny test model: CPU, a small memory, fast status reports."""
+    p = dict(model_path=model_path, device="cpu", dtype="float32", sample_fps=10.0, status_period_s=0.2,
+             budget_tokens=34 + 2 * 16 + 64, page_tokens=8, vision_sinks=4, max_new_tokens=4,
+             max_question_tokens=32, camera_topics=["/camera/image_raw"])
+    p.update(over)
+    return p
+
+
+@pytest.fixture
+def client():
+    c = Client()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def start(tmp_path):
+    """start(params, namespace=None, extra_args=()) -> a NodeProcess, stopped after the test."""
+    nodes = []
+
+    def _start(params, namespace=None, extra_args=()):
+        nodes.append(NodeProcess(tmp_path, params, namespace, extra_args))
+        return nodes[-1]
+    yield _start
+    for n in nodes:
+        n.stop()

@@ -35,20 +35,24 @@ def bag(tmp_path):
     return path
 
 
-@launch_pytest.fixture
-def robot(tiny_model_path, tmp_path):
-    """robot.launch.py as a user runs it, with a parameter file of their own and overrides."""
+def robot_launch(tmp_path, parameters: dict, **arguments) -> LaunchDescription:
+    """robot.launch.py as a user runs it: a parameter file of their own (config:=) and arguments."""
     config = tmp_path / "robot.yaml"
     config.write_text(yaml.safe_dump({"/**": {"ros__parameters": dict(
-        sample_fps=5.0, frame_queue_size=64, narration_period_s=1.0, status_period_s=0.2,
-        budget_tokens=34 + 2 * 16 + 64, page_tokens=8, vision_sinks=4, max_new_tokens=4, dtype="float32")}}))
+        status_period_s=0.2, budget_tokens=34 + 2 * 16 + 64, page_tokens=8, vision_sinks=4, dtype="float32",
+        **parameters)}}))
     launch_file = os.path.join(get_package_share_directory("livevlm_ros"), "launch", "robot.launch.py")
     return LaunchDescription([
-        IncludeLaunchDescription(PythonLaunchDescriptionSource(launch_file), launch_arguments={
-            "config": str(config), "model_path": tiny_model_path, "device": "cpu", "namespace": "robot1",
-            "use_sim_time": "true"}.items()),
+        IncludeLaunchDescription(PythonLaunchDescriptionSource(launch_file),
+                                 launch_arguments=dict(config=str(config), device="cpu", **arguments).items()),
         launch_pytest.actions.ReadyToTest(),
     ])
+
+
+@launch_pytest.fixture
+def robot(tiny_model_path, tmp_path):
+    return robot_launch(tmp_path, dict(sample_fps=5.0, frame_queue_size=64, narration_period_s=1.0, max_new_tokens=4),
+                        model_path=tiny_model_path, namespace="robot1", use_sim_time="true")
 
 
 @pytest.mark.launch(fixture=robot)
@@ -81,18 +85,9 @@ def test_robot_launch_with_namespace_config_and_sim_time(bag):
 
 @launch_pytest.fixture
 def managed_robot(tiny_model_path, tmp_path):
-    """robot.launch.py managed:=true: the lifecycle node, configured and activated by launch."""
-    launch_file = os.path.join(get_package_share_directory("livevlm_ros"), "launch", "robot.launch.py")
-    config = tmp_path / "robot.yaml"
-    config.write_text(yaml.safe_dump({"/**": {"ros__parameters": dict(
-        status_period_s=0.2, narration_period_s=0.0, budget_tokens=34 + 2 * 16 + 64, page_tokens=8,
-        vision_sinks=4, max_new_tokens=3, dtype="float32", sample_fps=10.0)}}))
-    return LaunchDescription([
-        IncludeLaunchDescription(PythonLaunchDescriptionSource(launch_file), launch_arguments={
-            "config": str(config), "model_path": tiny_model_path, "device": "cpu", "namespace": "robot2",
-            "managed": "true"}.items()),
-        launch_pytest.actions.ReadyToTest(),
-    ])
+    """managed:=true: the lifecycle node, configured and activated by launch."""
+    return robot_launch(tmp_path, dict(narration_period_s=0.0, max_new_tokens=3, sample_fps=10.0),
+                        model_path=tiny_model_path, namespace="robot2", managed="true")
 
 
 @pytest.mark.launch(fixture=managed_robot)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ros_harness import Client, NodeProcess, executable, ros2  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads)
+from ros_harness import client, executable, node_params, ros2, start  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads); client, start: fixtures
 from livevlm_ros.tools.make_demo_bag import write_bag
 from livevlm_ros.tools.make_tiny_model import build
 
@@ -21,30 +21,7 @@ HERE = Path(__file__).parent
 
 
 def params(model_path, **over):
-    p = dict(model_path=model_path, device="cpu", dtype="float32", sample_fps=10.0, narration_period_s=0.0,
-             status_period_s=0.2, budget_tokens=34 + 2 * 16 + 64, page_tokens=8, vision_sinks=4,
-             max_new_tokens=4, max_question_tokens=32, camera_topics=["/camera/image_raw"])
-    p.update(over)
-    return p
-
-
-@pytest.fixture
-def client():
-    c = Client()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def start(tmp_path):
-    nodes = []
-
-    def _start(params, namespace=None, extra_args=()):
-        nodes.append(NodeProcess(tmp_path, params, namespace, extra_args))
-        return nodes[-1]
-    yield _start
-    for n in nodes:
-        n.stop()
+    return node_params(model_path, **{**dict(narration_period_s=0.0), **over})
 
 
 def status(client):

@@ -7,35 +7,12 @@ import cv2
 import numpy as np
 import pytest
 
-from ros_harness import Client, NodeProcess  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads)
+from ros_harness import Client, client, node_params, start  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads); client, start: fixtures
 from sensor_msgs.msg import CompressedImage
 
 
 def params(model_path, **over):
-    p = dict(model_path=model_path, device="cpu", dtype="float32", sample_fps=10.0, narration_period_s=0.5,
-             status_period_s=0.2, budget_tokens=34 + 2 * 16 + 64, page_tokens=8, vision_sinks=4,
-             max_new_tokens=6, max_question_tokens=32, camera_topics=["/camera/image_raw"])
-    p.update(over)
-    return p
-
-
-@pytest.fixture
-def client():
-    c = Client()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def start(tmp_path):
-    nodes = []
-
-    def _start(params, namespace=None):
-        nodes.append(NodeProcess(tmp_path, params, namespace))
-        return nodes[-1]
-    yield _start
-    for n in nodes:
-        n.stop()
+    return node_params(model_path, **{**dict(narration_period_s=0.5, max_new_tokens=6), **over})
 
 
 def publish_for(client, seconds, hz=20.0, stop=None):
