@@ -162,6 +162,7 @@ class LiveVLMCore:
         self._stats: dict = {}
 
         self._lock = threading.Condition()
+        self._finish_lock = threading.Lock()
         self._latest: dict[str, object] = {}
         self._frames: collections.deque = collections.deque()
         self._queries: collections.deque = collections.deque()
@@ -384,12 +385,14 @@ class LiveVLMCore:
         self._finish(job, False, f"timed out after {timeout} s")
 
     def _finish(self, job: _QueryJob, success: bool, error: str = ""):
-        """Complete a question's future once (from any thread); the service coroutine returns it."""
-        if job.future.done():
-            return
-        job.response.success, job.response.error_message = success, error
-        job.response.latency_s = time.perf_counter() - job.received
-        job.future.set_result(job.response)
+        """Complete a question's future once (the worker and the time-out timer may race); the
+        service coroutine returns it."""
+        with self._finish_lock:
+            if job.future.done():
+                return
+            job.response.success, job.response.error_message = success, error
+            job.response.latency_s = time.perf_counter() - job.received
+            job.future.set_result(job.response)
 
     # ---- the engine worker ------------------------------------------------------------------------
     def _serve(self):
@@ -473,9 +476,14 @@ class LiveVLMCore:
         self._finish(job, True)
 
     def _narrate(self, _):
+        # a question waiting preempts the narration, which is periodic and is redone after it
         try:
-            answer = self.engine.describe(cancel=lambda: not self._running)
-        except (NoFramesError, AnswerCancelled):
+            answer = self.engine.describe(cancel=lambda: not self._running or bool(self._queries))
+        except NoFramesError:
+            return
+        except AnswerCancelled:
+            with self._lock:
+                self._narration_due = self._running
             return
         except EngineResourceError as err:
             self.get_logger().error(str(err), throttle_duration_sec=5.0)
