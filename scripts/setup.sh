@@ -28,7 +28,7 @@ fi
 
 ros_runtime=(ros-rclpy[fastrtps] ros-sensor-msgs ros-std-msgs ros-std-srvs ros-diagnostic-msgs
              ros-builtin-interfaces ros-rosidl-default-runtime ros-rcl-interfaces ros-rosgraph-msgs
-             ros-lifecycle-msgs ros-ament-index-python)
+             ros-lifecycle-msgs ros-ament-index-python ros-action-msgs ros-unique-identifier-msgs)
 ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-cmake-core ros-ament-cmake-python
            ros-ament-cmake-ros ros-ament-cmake-ros-core ros-ament-cmake-include-directories
            ros-ament-cmake-libraries ros-ament-cmake-export-definitions ros-ament-cmake-export-dependencies

@@ -16,3 +16,21 @@ def frames():
     """Deterministic random RGB frames (uint8, 48x64)."""
     rng = np.random.default_rng(1234)
     return lambda n: [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def endless_model(tmp_path_factory):
+    """The tiny model with its stop tokens' output rows zeroed: random logits almost surely have a
+    positive maximum, so answers run to max_new_tokens - long enough to queue questions behind or
+    to cancel one midway."""
+    import torch
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    path = build(tmp_path_factory.mktemp("models") / "endless", seed=0)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}:
+            model.lm_head.weight[t] = 0.0
+    model.save_pretrained(path)
+    return str(path)

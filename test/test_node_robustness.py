@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from ros_harness import client, executable, node_params, ros2, start  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads); client, start: fixtures
 from livevlm_ros.tools.make_demo_bag import write_bag
-from livevlm_ros.tools.make_tiny_model import build
 
 HERE = Path(__file__).parent
 
@@ -155,22 +153,6 @@ def test_parameters_set_from_the_command_line_are_checked_and_take_effect(client
     assert "Set parameter successful" in ros2_param("set", "/livevlm", "max_new_tokens", "2")
     answer = client.query("Is the door open?", max_new_tokens=50)
     assert answer.success and answer.tokens_generated <= 2      # the parameter bounds a request
-
-
-@pytest.fixture(scope="module")
-def endless_model(tmp_path_factory):
-    """The tiny model with its stop tokens' output rows zeroed: random logits almost surely have a
-    positive maximum, so answers run to max_new_tokens - long enough to queue questions behind."""
-    path = build(tmp_path_factory.mktemp("models") / "endless", seed=0)
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
-
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    with torch.no_grad():
-        for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}:
-            model.lm_head.weight[t] = 0.0
-    model.save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.timeout(120)

@@ -169,22 +169,25 @@ class LiveVLMEngine:
 
     # ---- answer -------------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False,
-            cancel: Callable[[], bool] | None = None) -> Answer:
+            cancel: Callable[[], bool] | None = None,
+            on_token: Callable[[list[int], float], None] | None = None) -> Answer:
         """Answer from memory as it is now, including sampled frames still waiting for a full clip
-        (they are prefilled first). The answer itself does not change memory. `cancel` is asked
-        after every token; when it returns True the answer stops with AnswerCancelled."""
+        (they are prefilled first). The answer itself does not change memory. `on_token(ids, ttft)`
+        gets the answer's token ids so far after every token; `cancel` is asked after every token,
+        and when it returns True the answer stops with AnswerCancelled."""
         question = self._check_question(question)
         self.flush()
-        return self._answer(question, self.selector, max_new_tokens, return_logits, cancel)
+        return self._answer(question, self.selector, max_new_tokens, return_logits, cancel, on_token)
 
     def describe(self, max_new_tokens: int | None = None, cancel: Callable[[], bool] | None = None) -> Answer:
         """Narrate the last `narration_frames` frames (short-term memory only)."""
         self.flush()
         return self._answer(self.config.narration_prompt, RecentFrames(self.config.narration_frames),
-                            max_new_tokens, False, cancel)
+                            max_new_tokens, False, cancel, None)
 
     @torch.inference_mode()
-    def _answer(self, question: str, selector: ContextSelector, max_new_tokens, return_logits, cancel) -> Answer:
+    def _answer(self, question: str, selector: ContextSelector, max_new_tokens, return_logits, cancel,
+                on_token) -> Answer:
         if self.memory.frames_ingested == 0:
             raise NoFramesError("no frame has been ingested yet: nothing to answer from")
         t0 = time.perf_counter()
@@ -217,6 +220,8 @@ class LiveVLMEngine:
                     if token in self.model.stop_token_ids:
                         break
                     out.append(token)
+                    if on_token is not None:
+                        on_token(out, ttft)
                     if step + 1 == limit:
                         break
                     if cancel is not None and cancel():

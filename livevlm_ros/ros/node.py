@@ -35,12 +35,15 @@ from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
+from std_srvs.srv import Trigger
 
 from livevlm_ros.engine import (RUNTIME_OPTIONS, AnswerCancelled, EngineConfig, EngineInputError,
                                 EngineResourceError, LiveVLMEngine, NoFramesError)
 from livevlm_ros.engine.config import PAGE_SCORINGS, POLICIES
+from livevlm_ros.action import Ask
 from livevlm_ros.msg import Narration
 from livevlm_ros.srv import Query
 
@@ -119,11 +122,16 @@ NARRATION_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, dura
 
 @dataclass
 class _QueryJob:
+    """A question from ~/query or ~/ask; `future` completes with its Query.Response either way."""
     question: str
     max_new_tokens: int
     received: float
     future: Future
     response: Query.Response = field(default_factory=Query.Response)
+    goal: object | None = None          # the action's goal handle: feedback and cancel
+
+    def cancel_requested(self) -> bool:
+        return self.goal is not None and self.goal.is_cancel_requested
 
 
 @dataclass
@@ -182,6 +190,8 @@ class LiveVLMCore:
         self._timers_group = MutuallyExclusiveCallbackGroup()
         self._service_group = ReentrantCallbackGroup()
         self._subs, self._query_service = [], None
+        self._accepted_goals: dict[int, _QueryJob] = {}      # goal request id -> its queued job
+        self._reset_waiters: list[Future] = []
         self._narration_timer = self._status_timer = None
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.narration_pub = self.create_publisher(Narration, "~/narration", NARRATION_QOS)
@@ -230,6 +240,13 @@ class LiveVLMCore:
                 callback_group=self._camera_group))
         self._query_service = self.create_service(Query, "~/query", self._on_query, qos_profile=SERVICE_QOS,
                                                   callback_group=self._service_group)
+        self._reset_service = self.create_service(Trigger, "~/reset_memory", self._on_reset_memory,
+                                                  callback_group=self._service_group)
+        self._ask_server = ActionServer(
+            self, Ask, "~/ask", execute_callback=self._execute_ask, goal_callback=self._on_ask_goal,
+            cancel_callback=self._on_ask_cancel, callback_group=self._service_group,
+            goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
+            cancel_service_qos_profile=SERVICE_QOS)
 
     def _close_intake(self, why: str):
         """No more frames or questions; memory and queued frames stay. Waiting questions hear `why`."""
@@ -238,7 +255,9 @@ class LiveVLMCore:
         self._subs = []
         if self._query_service is not None:
             self.destroy_service(self._query_service)
-            self._query_service = None
+            self.destroy_service(self._reset_service)
+            self._ask_server.destroy()
+            self._query_service = self._reset_service = self._ask_server = None
         with self._lock:
             waiting, self._queries = list(self._queries), collections.deque()
         for job in waiting:
@@ -352,31 +371,94 @@ class LiveVLMCore:
             self._narration_due = True
             self._lock.notify()
 
-    async def _on_query(self, request: Query.Request, response: Query.Response) -> Query.Response:
+    def _admit(self, question: str, max_new_tokens: int) -> _QueryJob | str:
+        """Queue a question, or say why not (every caller hears back: nothing is dropped)."""
         limit = self._p["max_new_tokens"]
-        future = Future()
-        job = _QueryJob(request.question, min(request.max_new_tokens or limit, limit), time.perf_counter(), future)
+        job = _QueryJob(question, min(max_new_tokens or limit, limit), time.perf_counter(), Future())
         with self._lock:
-            refusal = None
             if not self._running:
                 refusal = "shutting down"
             elif self.engine is None:
                 refusal = f"engine not available: {self.engine_error or 'still loading the model'}"
             elif len(self._queries) >= self._p["max_pending_queries"]:
                 refusal = f"busy: {len(self._queries)} questions already waiting; try again"
-            if refusal:
-                self.count.queries_refused += 1
-                response.success, response.error_message = False, refusal
-                return response
-            self._queries.append(job)
-            self._lock.notify()
+            else:
+                self._queries.append(job)
+                self._lock.notify()
+                return job
+            self.count.queries_refused += 1
+            return refusal
+
+    async def _answered(self, job: _QueryJob) -> Query.Response:
+        """Wait for a queued question's answer without holding an executor thread."""
         timeout = self._p["query_timeout_s"]
         timer = self.create_timer(timeout, lambda: self._expire(job, timeout), callback_group=self._timers_group,
                                   clock=self._steady)
         try:
-            return await future
+            return await job.future
         finally:
             self.destroy_timer(timer)
+
+    async def _on_query(self, request: Query.Request, response: Query.Response) -> Query.Response:
+        job = self._admit(request.question, request.max_new_tokens)
+        if isinstance(job, str):
+            response.success, response.error_message = False, job
+            return response
+        return await self._answered(job)
+
+    # ---- the Ask action: a question with streamed tokens and cancel ------------------------------------
+    def _on_ask_goal(self, request) -> GoalResponse:
+        job = self._admit(request.question, request.max_new_tokens)
+        if isinstance(job, str):
+            self.get_logger().info(f"Ask goal rejected: {job}", throttle_duration_sec=1.0)
+            return GoalResponse.REJECT
+        self._accepted_goals[id(request)] = job
+        return GoalResponse.ACCEPT
+
+    def _on_ask_cancel(self, goal) -> CancelResponse:
+        # a queued question leaves the queue now; one being answered stops at its next token
+        with self._lock:
+            job = next((j for j in self._queries if j.goal is goal), None)
+            if job is not None:
+                self._queries.remove(job)
+        if job is not None:
+            self._finish(job, False, "cancelled")
+        return CancelResponse.ACCEPT
+
+    async def _execute_ask(self, goal):
+        job = self._accepted_goals.pop(id(goal.request))
+        job.goal = goal
+        r = await self._answered(job)
+        result = Ask.Result(success=r.success, answer=r.answer, error_message=r.error_message, latency_s=r.latency_s,
+                            time_to_first_token_s=r.time_to_first_token_s, span_start=r.span_start,
+                            span_end=r.span_end, pages_used=r.pages_used, pages_total=r.pages_total,
+                            tokens_generated=r.tokens_generated)
+        if r.success:
+            goal.succeed()
+        elif goal.is_cancel_requested:
+            goal.canceled()
+        else:
+            goal.abort()
+        return result
+
+    def _feedback(self, job: _QueryJob, ids: list[int], ttft: float):
+        if job.goal is not None:
+            job.goal.publish_feedback(Ask.Feedback(partial_answer=self.engine.model.detokenize(ids).strip(),
+                                                   tokens_generated=len(ids), time_to_first_token_s=float(ttft)))
+
+    async def _on_reset_memory(self, request, response):
+        """Empty memory (std_srvs/Trigger); answers once the worker has done it."""
+        done = Future()
+        with self._lock:
+            if self.engine is None:
+                response.success, response.message = False, "engine not available"
+                return response
+            self._reset_waiters.append(done)
+            self._reset_due = True
+            self._lock.notify()
+        await done
+        response.success, response.message = True, "memory cleared"
+        return response
 
     def _expire(self, job: _QueryJob, timeout: float):
         with self._lock:
@@ -421,6 +503,10 @@ class LiveVLMCore:
                 if reset:
                     engine.reset()
                     self.count.memory_resets += 1
+                    with self._lock:
+                        waiters, self._reset_waiters = self._reset_waiters, []
+                    for waiter in waiters:
+                        waiter.set_result(True)
                 if kind:
                     handlers[kind](job)
                 self.last_error = None
@@ -457,7 +543,8 @@ class LiveVLMCore:
             return
         try:
             answer = self.engine.ask(job.question, max_new_tokens=job.max_new_tokens,
-                                     cancel=lambda: not self._running or job.future.done())
+                                     cancel=lambda: not self._running or job.future.done() or job.cancel_requested(),
+                                     on_token=lambda ids, ttft: self._feedback(job, ids, ttft))
         except (EngineInputError, EngineResourceError) as err:
             self.count.queries_refused += 1
             self._finish(job, False, str(err))
