@@ -70,6 +70,26 @@ def test_cancel_mid_answer_frees_the_engine_for_the_next_question(client, start,
     assert answer.success and time.monotonic() - t0 < 5.0
 
 
+@pytest.mark.timeout(120)
+def test_a_question_sees_the_frames_sampled_before_it_arrived(client, start, ask, endless_model):  # noqa: F811
+    """Frames queue up while a long answer runs; a question sent after them must be answered from
+    memory that holds them (questions otherwise go before frames)."""
+    node = start(node_params(endless_model, max_new_tokens=4000, sample_fps=100.0, frame_queue_size=16))
+    wait_ready_with_a_frame(client, node, ask)
+    feedback = []
+    long = send(client, ask, "Tell me everything.", feedback=lambda m: feedback.append(m.feedback))
+    client.wait_for(lambda: len(feedback) >= 3, 20, "the long answer to run")
+    for t in (2.0, 3.0, 4.0):
+        client.image_pub.publish(client.image(t))
+    client.wait_for(lambda: int(client.node_status()["frames_queued"]) == 3, 5, "3 frames queued behind it")
+    from livevlm_ros.srv import Query
+    question = client.query_client.call_async(Query.Request(question="What now?", max_new_tokens=2))
+    client.wait_for(lambda: int(client.node_status()["queries_queued"]) == 1, 5, "the question queued")
+    long.cancel_goal_async()
+    answer = client.wait_for(lambda: question.done() and question.result(), 20, "the answer")
+    assert answer.success and (answer.span_end.sec, answer.span_end.nanosec) == (4, 0)
+
+
 @pytest.mark.timeout(180)
 def test_thirty_goals_at_once_all_end(client, start, ask, tiny_model_path):  # noqa: F811
     node = start(node_params(tiny_model_path, max_pending_queries=4, max_new_tokens=4))

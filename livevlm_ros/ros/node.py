@@ -129,6 +129,7 @@ class _QueryJob:
     future: Future
     response: Query.Response = field(default_factory=Query.Response)
     goal: object | None = None          # the action's goal handle: feedback and cancel
+    fresh_after: float = float("-inf")  # stamp of the newest frame sampled when it arrived
 
     def cancel_requested(self) -> bool:
         return self.goal is not None and self.goal.is_cancel_requested
@@ -348,7 +349,7 @@ class LiveVLMCore:
             if len(self._frames) >= self._p["frame_queue_size"]:
                 self._frames.popleft()
                 self.count.frames_dropped += 1
-            self._frames.append(msgs)
+            self._frames.append((stamp, msgs))
             self._lock.notify()
 
     def _on_time_jump(self, last: float, stamp: float):
@@ -360,6 +361,8 @@ class LiveVLMCore:
                                   "refusing frames until the stream passes the last sampled stamp"))
         if action == "reset":
             self._frames.clear()                 # frames of the old stream would land in the new memory
+            for job in self._queries:            # and waiting questions no longer wait for them
+                job.fresh_after = float("-inf")
             self._reset_due = True
             self._last_sampled_stamp = self._newest_stamp = self._last_ingested_stamp = None
             self._lock.notify()
@@ -383,6 +386,8 @@ class LiveVLMCore:
             elif len(self._queries) >= self._p["max_pending_queries"]:
                 refusal = f"busy: {len(self._queries)} questions already waiting; try again"
             else:
+                if self._last_sampled_stamp is not None:
+                    job.fresh_after = self._last_sampled_stamp
                 self._queries.append(job)
                 self._lock.notify()
                 return job
@@ -489,7 +494,10 @@ class LiveVLMCore:
                     return
                 changes, self._engine_changes = self._engine_changes, {}
                 reset, self._reset_due = self._reset_due, False
-                if self._queries:
+                if self._queries and self._frames and self._frames[0][0] <= self._queries[0].fresh_after:
+                    # fresh answers: a question first sees the frames sampled before it arrived
+                    job, kind = self._frames.popleft(), "frame"
+                elif self._queries:
                     job, kind = self._queries.popleft(), "query"
                 elif self._narration_due:
                     job, kind, self._narration_due = None, "narration", False
@@ -522,10 +530,10 @@ class LiveVLMCore:
         if kind == "query":
             self._finish(job, False, f"engine error: {type(err).__name__}: {err}")
 
-    def _ingest(self, msgs):
+    def _ingest(self, frame):
+        stamp, msgs = frame
         try:
             rgb = tile([to_rgb(m) for m in msgs])
-            stamp = max(_seconds(m.header.stamp) for m in msgs)
             self.engine.ingest(rgb, stamp)
         except (ImageConversionError, EngineInputError) as err:
             self.count.frames_rejected += 1
