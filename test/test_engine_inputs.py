@@ -85,3 +85,74 @@ def test_config_errors(tiny_model_path):
         EngineConfig.from_dict({"budget": 5})
     with pytest.raises(ValueError, match="budget_tokens=40"):
         LiveVLMEngine(EngineConfig(model_path=tiny_model_path, budget_tokens=40))
+
+
+def test_memory_saved_and_loaded_answers_the_same(tiny_model_path, frames, tmp_path):
+    """Save, load into a fresh engine (another process would do the same): bit-identical answers;
+    a file for another model or memory setting, or a damaged file, is refused and changes nothing."""
+    import torch
+
+    from livevlm_ros.engine import MemoryFileError
+
+    cfg = EngineConfig(model_path=tiny_model_path, budget_tokens=34 + 2 * 16 + 48, page_tokens=4, vision_sinks=4,
+                       sample_fps=0)
+    first = LiveVLMEngine(cfg)
+    for i, f in enumerate(frames(12)):
+        first.ingest(f, float(i))
+    path = tmp_path / "memory.safetensors"
+    first.save_memory(path)
+    expected = first.ask("Is the door open?", max_new_tokens=3, return_logits=True)
+
+    second = LiveVLMEngine(cfg, adapter=first.model)
+    second.load_memory(path)
+    got = second.ask("Is the door open?", max_new_tokens=3, return_logits=True)
+    assert torch.equal(got.first_logits, expected.first_logits) and got.token_ids == expected.token_ids
+    assert second.stats() == first.stats()
+    second.ingest(frames(1)[0], 12.0)                        # the stream goes on where it stopped
+
+    other_budget = LiveVLMEngine(cfg.replace(budget_tokens=34 + 2 * 16 + 64), adapter=first.model)
+    with pytest.raises(MemoryFileError, match="budget_tokens"):
+        other_budget.load_memory(path)
+    other_model = LiveVLMEngine(cfg.replace(model_path=str(build_other(tmp_path))))
+    with pytest.raises(MemoryFileError, match="weights"):
+        other_model.load_memory(path)
+    before = second.stats()
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(MemoryFileError, match="not a readable memory file"):
+        second.load_memory(damaged)
+    with pytest.raises(MemoryFileError, match="no memory file"):
+        second.load_memory(tmp_path / "missing.safetensors")
+    assert second.stats() == before
+
+
+def build_other(tmp_path):
+    from livevlm_ros.tools.make_tiny_model import build
+
+    return build(tmp_path / "other_model", seed=1)
+
+
+def test_a_save_that_dies_before_its_rename_leaves_the_previous_file_whole(tiny_model_path, frames, tmp_path,
+                                                                          monkeypatch):
+    """The crash (or SIGKILL) case of an atomic save, made deterministic: the new file is fully
+    written, then the process 'dies' before the rename. The old file still loads; no temp is left."""
+    import os
+
+    from livevlm_ros.engine import persistence
+
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, sample_fps=0))
+    engine.ingest(frames(1)[0], 0.0)
+    path = tmp_path / "memory.safetensors"
+    engine.save_memory(path)
+    engine.ingest(frames(1)[0], 1.0)
+
+    def die(*_):
+        raise KeyboardInterrupt("killed between write and rename")
+    monkeypatch.setattr(persistence.os, "replace", die)
+    with pytest.raises(KeyboardInterrupt):
+        engine.save_memory(path)
+    monkeypatch.setattr(persistence.os, "replace", os.replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.safetensors"]
+    fresh = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, sample_fps=0), adapter=engine.model)
+    fresh.load_memory(path)
+    assert fresh.stats()["frames_ingested"] == 1

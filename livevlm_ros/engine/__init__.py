@@ -4,6 +4,8 @@ from .config import POLICIES, ConfigError, EngineConfig
 from .engine import (RUNTIME_OPTIONS, Answer, AnswerCancelled, EngineInputError, EngineResourceError, LiveVLMEngine,
                      NoFramesError)
 from .models import ModelLoadError
+from .persistence import MemoryFileError
 
 __all__ = ["POLICIES", "RUNTIME_OPTIONS", "Answer", "AnswerCancelled", "ConfigError", "EngineConfig",
-           "EngineInputError", "EngineResourceError", "LiveVLMEngine", "ModelLoadError", "NoFramesError"]
+           "EngineInputError", "EngineResourceError", "LiveVLMEngine", "MemoryFileError", "ModelLoadError",
+           "NoFramesError"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import persistence
 from .config import EngineConfig
 from .kv_hook import MemoryKVHook
 from .memory import StreamingMemory
@@ -89,6 +90,14 @@ class LiveVLMEngine:
         self._last_sampled: float | None = None
         self.frames_seen = 0
         self._prefill_prefix()
+
+    def save_memory(self, path):
+        """Write memory to a safetensors file, atomically (see persistence.py)."""
+        persistence.save_memory(self, path)
+
+    def load_memory(self, path):
+        """Replace memory with a saved one; MemoryFileError (memory unchanged) if it does not fit."""
+        persistence.load_memory(self, path)
 
     def reconfigure(self, **changes):
         """Change options that do not shape memory (RUNTIME_OPTIONS) between two calls."""

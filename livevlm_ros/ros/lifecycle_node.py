@@ -29,6 +29,7 @@ class LiveVLMLifecycleNode(LiveVLMCore, LifecycleNode):
             engine = self._load_engine()
         except Exception:                                   # noqa: BLE001 - the reason is in engine_error
             return TransitionCallbackReturn.FAILURE
+        self._load_memory_file(engine)
         with self._lock:
             self.engine = engine
         self._start_worker(load_in_worker=False)
@@ -62,6 +63,7 @@ class LiveVLMLifecycleNode(LiveVLMCore, LifecycleNode):
 
     def _free(self):
         self._stop_worker()
+        self._save_memory_file()
         with self._lock:
             engine, self.engine = self.engine, None
             self._frames.clear()

@@ -22,6 +22,7 @@ memory (`on_time_jump: reset`, like tf2 buffers on a jump) or is refused until t
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 import traceback
@@ -41,7 +42,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from livevlm_ros.engine import (RUNTIME_OPTIONS, AnswerCancelled, EngineConfig, EngineInputError,
-                                EngineResourceError, LiveVLMEngine, NoFramesError)
+                                EngineResourceError, LiveVLMEngine, MemoryFileError, NoFramesError)
 from livevlm_ros.engine.config import PAGE_SCORINGS, POLICIES
 from livevlm_ros.action import Ask
 from livevlm_ros.msg import Narration
@@ -81,6 +82,8 @@ NODE_PARAMETERS = [
     ("stale_camera_s", 5.0, "Diagnostics WARN when no camera frame arrived for this long.", _float(0.1)),
     ("max_lag_s", 5.0, "Diagnostics WARN when the engine is this far (camera time) behind the newest frame.",
      _float(0.0)),
+    ("memory_file", "", "safetensors file memory is loaded from at start (if it exists) and saved to on a clean "
+     "shutdown and by ~/save_memory; '' = none. A file made for another model or memory setting is refused."),
     ("model_path", "", "Local folder of a from_pretrained Video LLM checkpoint (LLaVA-OneVision).", RESTART),
     ("device", _ENGINE_DEFAULTS.device, "Torch device: cpu, cuda, cuda:1, ...", RESTART),
     ("dtype", _ENGINE_DEFAULTS.dtype, "float32 | bfloat16 | float16", RESTART),
@@ -167,6 +170,7 @@ class LiveVLMCore:
         self.engine: LiveVLMEngine | None = None
         self.engine_error: str | None = None       # the engine could not start
         self.last_error: str | None = None         # the last job that failed (cleared by a success)
+        self.memory_file_error: str | None = None  # memory_file refused at start (until a save or load works)
         self.state: str | None = None              # lifecycle state, for a managed node
         self._stats: dict = {}
 
@@ -192,7 +196,7 @@ class LiveVLMCore:
         self._service_group = ReentrantCallbackGroup()
         self._subs, self._query_service = [], None
         self._accepted_goals: dict[int, _QueryJob] = {}      # goal request id -> its queued job
-        self._reset_waiters: list[Future] = []
+        self._control: collections.deque = collections.deque()   # (fn(engine) -> message, Future)
         self._narration_timer = self._status_timer = None
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.narration_pub = self.create_publisher(Narration, "~/narration", NARRATION_QOS)
@@ -229,6 +233,7 @@ class LiveVLMCore:
             engine = self._load_engine()
         except Exception:                              # noqa: BLE001 - reported in diagnostics and answers
             return
+        self._load_memory_file(engine)
         with self._lock:
             self.engine = engine
         self._serve()
@@ -241,8 +246,10 @@ class LiveVLMCore:
                 callback_group=self._camera_group))
         self._query_service = self.create_service(Query, "~/query", self._on_query, qos_profile=SERVICE_QOS,
                                                   callback_group=self._service_group)
-        self._reset_service = self.create_service(Trigger, "~/reset_memory", self._on_reset_memory,
-                                                  callback_group=self._service_group)
+        self._memory_services = [
+            self.create_service(Trigger, f"~/{name}", callback, callback_group=self._service_group)
+            for name, callback in (("reset_memory", self._on_reset_memory), ("save_memory", self._on_save_memory),
+                                   ("load_memory", self._on_load_memory))]
         self._ask_server = ActionServer(
             self, Ask, "~/ask", execute_callback=self._execute_ask, goal_callback=self._on_ask_goal,
             cancel_callback=self._on_ask_cancel, callback_group=self._service_group,
@@ -256,9 +263,10 @@ class LiveVLMCore:
         self._subs = []
         if self._query_service is not None:
             self.destroy_service(self._query_service)
-            self.destroy_service(self._reset_service)
+            for service in self._memory_services:
+                self.destroy_service(service)
             self._ask_server.destroy()
-            self._query_service = self._reset_service = self._ask_server = None
+            self._query_service = self._ask_server = None
         with self._lock:
             waiting, self._queries = list(self._queries), collections.deque()
         for job in waiting:
@@ -451,19 +459,70 @@ class LiveVLMCore:
             job.goal.publish_feedback(Ask.Feedback(partial_answer=self.engine.model.detokenize(ids).strip(),
                                                    tokens_generated=len(ids), time_to_first_token_s=float(ttft)))
 
-    async def _on_reset_memory(self, request, response):
-        """Empty memory (std_srvs/Trigger); answers once the worker has done it."""
+    # ---- memory services (std_srvs/Trigger), run by the worker between jobs --------------------------
+    async def _control_call(self, fn, response):
         done = Future()
         with self._lock:
             if self.engine is None:
                 response.success, response.message = False, "engine not available"
                 return response
-            self._reset_waiters.append(done)
-            self._reset_due = True
+            self._control.append((fn, done))
             self._lock.notify()
-        await done
-        response.success, response.message = True, "memory cleared"
+        response.success, response.message = await done
         return response
+
+    async def _on_reset_memory(self, request, response):
+        return await self._control_call(self._reset_memory, response)
+
+    async def _on_save_memory(self, request, response):
+        return await self._control_call(self._save_memory, response)
+
+    async def _on_load_memory(self, request, response):
+        return await self._control_call(self._load_memory, response)
+
+    def _reset_memory(self, engine) -> str:
+        engine.reset()
+        self.count.memory_resets += 1
+        return "memory cleared"
+
+    def _save_memory(self, engine) -> str:
+        path = self._memory_path()
+        engine.save_memory(path)
+        self.memory_file_error = None
+        return f"saved {engine.memory.frames_ingested} frames to {path}"
+
+    def _load_memory(self, engine) -> str:
+        path = self._memory_path()
+        engine.load_memory(path)
+        self.memory_file_error = None
+        return f"loaded {engine.memory.frames_ingested} frames from {path}"
+
+    def _memory_path(self) -> str:
+        if not self._p["memory_file"]:
+            raise MemoryFileError("the memory_file parameter is empty")
+        return os.path.expanduser(self._p["memory_file"])
+
+    def _load_memory_file(self, engine):
+        """At start: memory from memory_file if there is one; a refused file leaves memory empty."""
+        if not self._p["memory_file"] or not os.path.exists(self._memory_path()):
+            return
+        try:
+            self.get_logger().info(self._load_memory(engine))
+        except MemoryFileError as err:
+            self.memory_file_error = f"memory file refused, running on empty memory: {err}"
+            self.get_logger().error(self.memory_file_error)
+
+    def _save_memory_file(self):
+        """On a clean shutdown (the worker has stopped): memory to memory_file, if set."""
+        if self.engine is None or not self._p["memory_file"]:
+            return
+        if self.memory_file_error:          # keep the file we refused for whoever wants to look at it
+            self.get_logger().warn("not saving over the memory file that was refused at start")
+            return
+        try:
+            self.get_logger().info(self._save_memory(self.engine))
+        except (MemoryFileError, OSError) as err:
+            self.get_logger().error(f"could not save memory: {err}")
 
     def _expire(self, job: _QueryJob, timeout: float):
         with self._lock:
@@ -484,17 +543,20 @@ class LiveVLMCore:
     # ---- the engine worker ------------------------------------------------------------------------
     def _serve(self):
         engine = self.engine
-        handlers = {"query": self._answer, "narration": self._narrate, "frame": self._ingest}
+        handlers = {"query": self._answer, "narration": self._narrate, "frame": self._ingest,
+                    "control": self._run_control}
         while True:
             with self._lock:
-                while self._running and not (self._queries or self._narration_due or self._frames
+                while self._running and not (self._queries or self._narration_due or self._frames or self._control
                                              or self._reset_due or self._engine_changes):
                     self._lock.wait()
                 if not self._running:
                     return
                 changes, self._engine_changes = self._engine_changes, {}
                 reset, self._reset_due = self._reset_due, False
-                if self._queries and self._frames and self._frames[0][0] <= self._queries[0].fresh_after:
+                if self._control:
+                    job, kind = self._control.popleft(), "control"
+                elif self._queries and self._frames and self._frames[0][0] <= self._queries[0].fresh_after:
                     # fresh answers: a question first sees the frames sampled before it arrived
                     job, kind = self._frames.popleft(), "frame"
                 elif self._queries:
@@ -509,18 +571,20 @@ class LiveVLMCore:
                 if changes:
                     engine.reconfigure(**changes)
                 if reset:
-                    engine.reset()
-                    self.count.memory_resets += 1
-                    with self._lock:
-                        waiters, self._reset_waiters = self._reset_waiters, []
-                    for waiter in waiters:
-                        waiter.set_result(True)
+                    self._reset_memory(engine)
                 if kind:
                     handlers[kind](job)
                 self.last_error = None
             except Exception as err:                   # noqa: BLE001 - no silent death: report and go on
                 self._job_failed(kind, job, err)
             self._stats = engine.stats()
+
+    def _run_control(self, job):
+        fn, done = job
+        try:
+            done.set_result((True, fn(self.engine)))
+        except (MemoryFileError, OSError) as err:
+            done.set_result((False, str(err)))
 
     def _job_failed(self, kind: str | None, job, err: Exception):
         self.count.worker_errors += 1
@@ -529,6 +593,8 @@ class LiveVLMCore:
         self.engine.hook.reset()                       # leave no half-built ingest or answer behind
         if kind == "query":
             self._finish(job, False, f"engine error: {type(err).__name__}: {err}")
+        elif kind == "control" and not job[1].done():
+            job[1].set_result((False, f"engine error: {type(err).__name__}: {err}"))
 
     def _ingest(self, frame):
         stamp, msgs = frame
@@ -617,6 +683,8 @@ class LiveVLMCore:
             return DiagnosticStatus.ERROR, f"engine failed to start: {self.engine_error}", s
         if self.last_error:
             return DiagnosticStatus.ERROR, self.last_error, s
+        if self.memory_file_error:
+            return DiagnosticStatus.WARN, self.memory_file_error, s
         if self.state not in (None, "active"):
             return DiagnosticStatus.WARN, f"{self.state} (managed node)", s
         if self.engine is None:
@@ -664,6 +732,7 @@ class LiveVLMNode(LiveVLMCore, Node):
     def shutdown(self, timeout: float = 3.0):
         self.begin_shutdown()
         self._stop_worker(timeout)
+        self._save_memory_file()
 
 
 def _seconds(stamp) -> float:
