@@ -275,3 +275,38 @@ def test_engine_equals_transformers_on_a_real_layout(checkpoint_196):
     with torch.inference_mode():
         ref = model(**inputs).logits[0, -1].float()
     torch.testing.assert_close(answer.first_logits, ref, atol=5e-5, rtol=1e-4)
+
+
+def test_stored_keys_are_exactly_what_k_proj_made(one_layer_model, frames):
+    """Pre-RoPE keys are taken from k_proj, not recovered by un-rotating rounded post-RoPE keys:
+    bit-equal to the layer's own projection of its input (one layer: input = the embeddings)."""
+    engine = LiveVLMEngine(EngineConfig(model_path=one_layer_model, budget_tokens=None, sample_fps=0))
+    video = frames(2)
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i))
+    layer = engine.model.model.model.language_model.layers[0]
+    kv = engine.model.kv
+    with torch.inference_mode():                                      # frame by frame, as they came
+        embeds = [engine.model.encode_frames(engine.model.preprocess([f]))[None] for f in video]
+        expected = torch.cat([layer.self_attn.k_proj(layer.input_layernorm(e))[0] for e in embeds])
+    stored = engine.memory.short.view().keys[0]                       # [kv_heads, tokens, D]
+    assert torch.equal(stored, expected.view(-1, kv.kv_heads, kv.head_dim).transpose(0, 1))
+
+
+def test_only_the_questions_own_tokens_score_pages(tiny_model_path, frames):
+    """The rows whose queries score pages are the question's tokens, not the template around it."""
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, sample_fps=0))
+    engine.ingest(frames(1)[0], 0.0)
+    seen = {}
+    begin = engine.hook.begin_answer
+
+    def spy(selector, rows, limit):
+        seen["rows"] = rows
+        return begin(selector, rows, limit)
+    engine.hook.begin_answer = spy
+    engine.ask(QUESTION, max_new_tokens=1)
+    a = engine.model
+    ids = a.tokenize(engine.config.question_template.format(question=QUESTION))
+    n_end = a.video_end_embeddings().shape[0]
+    rows = seen["rows"]
+    assert a.detokenize(ids[rows.start - n_end:rows.stop - n_end]).strip() == QUESTION
