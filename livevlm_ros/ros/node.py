@@ -1,4 +1,5 @@
-"""LiveVLMNode: camera topics in; ~/query service, ~/narration topic and /diagnostics out.
+"""LiveVLMNode: camera topics in; ~/query and ~/ask (action), ~/narration, /diagnostics and the
+memory services (~/reset_memory, ~/save_memory, ~/load_memory) out.
 
 Threads, and why:
   executor threads  camera callbacks keep the newest message per camera and, when a frame's header
@@ -508,7 +509,7 @@ class LiveVLMCore:
             return
         try:
             self.get_logger().info(self._load_memory(engine))
-        except MemoryFileError as err:
+        except Exception as err:                       # noqa: BLE001 - any failure: start on empty memory
             self.memory_file_error = f"memory file refused, running on empty memory: {err}"
             self.get_logger().error(self.memory_file_error)
 
