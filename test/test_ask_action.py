@@ -30,6 +30,12 @@ def send(client, ask, question, max_new_tokens=0, feedback=None):  # noqa: F811
     return client.wait_for(lambda: future.done() and future.result(), 20, "the goal response")
 
 
+def stream(client, ask, question):  # noqa: F811
+    """Send a goal; returns its handle and the list its feedback messages land in."""
+    feedback = []
+    return send(client, ask, question, feedback=lambda m: feedback.append(m.feedback)), feedback
+
+
 def result_of(client, handle, timeout=30):  # noqa: F811
     future = handle.get_result_async()
     return client.wait_for(lambda: future.done() and future.result(), timeout, "the result")
@@ -39,8 +45,7 @@ def result_of(client, handle, timeout=30):  # noqa: F811
 def test_the_answer_streams_as_feedback_and_matches_the_service(client, start, ask, tiny_model_path):  # noqa: F811
     node = start(node_params(tiny_model_path, max_new_tokens=8))
     wait_ready_with_a_frame(client, node, ask)
-    feedback = []
-    handle = send(client, ask, "Is the door open?", feedback=lambda m: feedback.append(m.feedback))
+    handle, feedback = stream(client, ask, "Is the door open?")
     assert handle.accepted
     done = result_of(client, handle)
     assert done.status == GoalStatus.STATUS_SUCCEEDED and done.result.success
@@ -57,8 +62,7 @@ def test_the_answer_streams_as_feedback_and_matches_the_service(client, start, a
 def test_cancel_mid_answer_frees_the_engine_for_the_next_question(client, start, ask, endless_model):  # noqa: F811
     node = start(node_params(endless_model, max_new_tokens=4000))
     wait_ready_with_a_frame(client, node, ask)
-    feedback = []
-    handle = send(client, ask, "Tell me everything.", feedback=lambda m: feedback.append(m.feedback))
+    handle, feedback = stream(client, ask, "Tell me everything.")
     client.wait_for(lambda: len(feedback) >= 5, 20, "the answer to start streaming")
     t0 = time.monotonic()
     handle.cancel_goal_async()
@@ -76,8 +80,7 @@ def test_a_question_sees_the_frames_sampled_before_it_arrived(client, start, ask
     memory that holds them (questions otherwise go before frames)."""
     node = start(node_params(endless_model, max_new_tokens=4000, sample_fps=100.0, frame_queue_size=16))
     wait_ready_with_a_frame(client, node, ask)
-    feedback = []
-    long = send(client, ask, "Tell me everything.", feedback=lambda m: feedback.append(m.feedback))
+    long, feedback = stream(client, ask, "Tell me everything.")
     client.wait_for(lambda: len(feedback) >= 3, 20, "the long answer to run")
     for t in (2.0, 3.0, 4.0):
         client.image_pub.publish(client.image(t))

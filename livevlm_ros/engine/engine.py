@@ -69,13 +69,10 @@ class LiveVLMEngine:
     def __init__(self, config: EngineConfig, adapter: VideoLLMAdapter | None = None):
         self.config = config.validate()
         self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, **config.extra)
-        self.memory = StreamingMemory(self.model.kv, config, self.model.tokens_per_frame)
-        self.compression = self.memory.policy
         self.selector = make_selector(config)
-        self.hook = MemoryKVHook(self.memory, self.model.rope, self.model.query_projections(),
-                                 self.model.key_projections())
+        self.hook = MemoryKVHook(self.model.rope, self.model.query_projections(), self.model.key_projections())
         try:
-            self.reset()
+            self.reset()                  # makes the memory (allocated once here, not twice)
         except BaseException:
             self.hook.close()             # the model may outlive a failed engine: leave it unhooked
             raise

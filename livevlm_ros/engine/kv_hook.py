@@ -24,9 +24,9 @@ from .rope import apply_rope
 
 
 class MemoryKVHook:
-    def __init__(self, memory: StreamingMemory, rope, query_modules: list[torch.nn.Module],
-                 key_modules: list[torch.nn.Module]):
-        self.memory, self.rope = memory, rope
+    def __init__(self, rope, query_modules: list[torch.nn.Module], key_modules: list[torch.nn.Module]):
+        self.memory: StreamingMemory | None = None      # set by the engine (LiveVLMEngine.reset)
+        self.rope = rope
         self._queries: dict[int, torch.Tensor] = {}
         self._keys_pre: dict[int, torch.Tensor] = {}
         self._capture = False
