@@ -6,6 +6,8 @@ attention), or worked out by hand, never through the engine's attention, hook or
   - the two-phase bucket fill keeps exactly the tokens worked out by hand;
   - page scoring groups query heads by kv head the way the model does;
   - bounded memory (VSB + PaR) equals one offline forward over what it kept (1-layer model);
+  - an answer in a time window equals one offline forward over the window's frames (1-layer model);
+  - an answer's evidence is the attention transformers' eager forward returns for the question;
   - a checkpoint with the real 196-token frame layout equals LlavaOnevisionForConditionalGeneration
     fed by LlavaOnevisionProcessor.
 """
@@ -201,6 +203,60 @@ def test_bounded_answer_equals_offline_forward_over_what_was_kept(one_layer_mode
     torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("window, inside", [((1.5, 3.5), [2, 3]), ((2.5, 4.5), [3, 4]), ((None, 0.0), [0])])
+def test_windowed_answer_equals_offline_forward_over_the_windows_frames(one_layer_model, frames, window, inside):
+    """A time window reads only the frames taken in it (the cases cover long-term memory, both
+    tiers, and an open start). One layer and nothing dropped (full): the answer must equal
+    transformers' forward over [prefix, those frames, newline, question]."""
+    engine = LiveVLMEngine(EngineConfig(model_path=one_layer_model, policy="full", budget_tokens=None,
+                                        short_term_frames=2, sample_fps=0))
+    video = frames(6)
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i))
+    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True, window=window)
+    ref = load_reference(one_layer_model)
+    with torch.inference_mode():
+        T, a = engine.model.tokens_per_frame, engine.model
+        feats = [ref.model.get_video_features(a.preprocess([video[i]])[None]) for i in inside]
+        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, x_hidden(ref))[:T] for x in feats])
+        embed = ref.model.get_input_embeddings()
+        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
+        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
+        seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
+        logits = ref(inputs_embeds=seq).logits[0, -1]
+    torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
+
+
+def test_evidence_is_the_attention_transformers_returns(tiny_model_path, frames):
+    """Evidence weight of a frame = the mean attention one of its tokens draws from the question's
+    own tokens (mean over heads, question tokens and layers), as a share of the sum over frames.
+    Nothing dropped (full), so transformers' eager forward over the whole stream gives it."""
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, policy="full", budget_tokens=None,
+                                        short_term_frames=2, sample_fps=0))
+    video = frames(4)
+    for i, f in enumerate(video):
+        engine.ingest(f, 10.0 + i)
+    answer = engine.ask(QUESTION, max_new_tokens=1, evidence=4)
+
+    a, T = engine.model, engine.model.tokens_per_frame
+    template = engine.config.question_template
+    head = template[:template.index("{question}")]
+    p = engine.memory.prefix_len
+    first = p + 4 * T + 1                                  # the template starts after the video's newline
+    rows = slice(first + len(a.tokenize(head)), first + len(a.tokenize(head + QUESTION)))
+    ref_model = load_reference(tiny_model_path)
+    with torch.inference_mode():
+        out = ref_model(input_ids=video_ids(engine, 4, QUESTION), pixel_values_videos=a.preprocess(video)[None],
+                        output_attentions=True)
+    drawn = sum(attn[0, :, rows, p:p + 4 * T].mean(dim=(0, 1)) for attn in out.attentions)   # [4T]
+    per_frame = drawn.view(4, T).mean(dim=1)
+    expected = (per_frame / per_frame.sum()).float()
+    got = {e.time: e.weight for e in answer.evidence}
+    assert sorted(got) == [10.0, 11.0, 12.0, 13.0]
+    assert [e.weight for e in answer.evidence] == sorted(got.values(), reverse=True)
+    torch.testing.assert_close(torch.tensor([got[10.0 + i] for i in range(4)]), expected, atol=1e-6, rtol=1e-4)
+
+
 def x_hidden(model) -> int:
     return model.config.text_config.hidden_size
 
@@ -300,9 +356,9 @@ def test_only_the_questions_own_tokens_score_pages(tiny_model_path, frames):
     seen = {}
     begin = engine.hook.begin_answer
 
-    def spy(selector, rows, limit):
+    def spy(selector, rows, *rest):
         seen["rows"] = rows
-        return begin(selector, rows, limit)
+        return begin(selector, rows, *rest)
     engine.hook.begin_answer = spy
     engine.ask(QUESTION, max_new_tokens=1)
     a = engine.model

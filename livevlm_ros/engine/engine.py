@@ -52,6 +52,15 @@ RUNTIME_OPTIONS = ("retrieval_ratio", "page_scoring", "max_new_tokens", "max_que
 
 
 @dataclass
+class Evidence:
+    """A frame the question drew attention to: when it was taken, by which camera, and its weight
+    (its tokens' mean attention, as a share of the sum over all frames read: 0..1)."""
+    time: float
+    weight: float
+    camera: str = ""
+
+
+@dataclass
 class Answer:
     text: str
     latency_s: float                      # question in -> full answer out
@@ -63,6 +72,7 @@ class Answer:
     tokens_generated: int
     token_ids: list[int] = field(default_factory=list)
     first_logits: torch.Tensor | None = None   # logits that chose the first token (if asked for)
+    evidence: list[Evidence] = field(default_factory=list)   # strongest first (if asked for)
 
 
 class LiveVLMEngine:
@@ -106,8 +116,10 @@ class LiveVLMEngine:
         self.selector = make_selector(self.config)
 
     # ---- ingest -------------------------------------------------------------------------------------
-    def ingest(self, frame: np.ndarray, timestamp: float) -> bool:
-        """Offer one RGB uint8 HxWx3 frame. Returns True if it was sampled (kept for the memory)."""
+    def ingest(self, frame: np.ndarray, timestamp: float, camera: str = "") -> bool:
+        """Offer one RGB uint8 HxWx3 frame. Returns True if it was sampled (kept for the memory).
+        Frames of several cameras taken at one instant share its timestamp; `camera` names the
+        source, which memory keeps per frame (answers' evidence says which camera saw it)."""
         self._check_frame(frame)
         if self._last_sampled is not None:
             if timestamp < self._last_sampled:
@@ -117,7 +129,7 @@ class LiveVLMEngine:
                 return False
         self.frames_seen += 1
         self._last_sampled = timestamp
-        self._pending.append((np.ascontiguousarray(frame), float(timestamp)))
+        self._pending.append((np.ascontiguousarray(frame), float(timestamp), camera))
         if len(self._pending) >= self.config.frames_per_clip:
             self.flush()
         return True
@@ -126,10 +138,10 @@ class LiveVLMEngine:
         """Prefill any sampled frames still waiting for a full clip."""
         if not self._pending:
             return
-        frames, times = zip(*self._pending)
+        frames, times, cameras = zip(*self._pending)
         self._pending = []
         with _device_errors("ingest a clip"):
-            self._commit(self.model.encode_frames(self.model.preprocess(list(frames))), list(times))
+            self._commit(self.model.encode_frames(self.model.preprocess(list(frames))), list(times), list(cameras))
 
     def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[float]):
         """Prefill precomputed token embeddings [n_frames * tokens_per_frame, hidden] as frames,
@@ -138,11 +150,12 @@ class LiveVLMEngine:
             raise EngineInputError(f"need [{len(timestamps)} x {self.model.tokens_per_frame}, hidden] embeddings, "
                                    f"got {tuple(embeds.shape)}")
         with _device_errors("ingest embeddings"):
-            self._commit(embeds.to(self.model.kv.device, self.model.kv.dtype), list(timestamps))
+            self._commit(embeds.to(self.model.kv.device, self.model.kv.dtype), list(timestamps),
+                         [""] * len(timestamps))
 
-    def _commit(self, embeds: torch.Tensor, times: list[float]):
+    def _commit(self, embeds: torch.Tensor, times: list[float], cameras: list[str]):
         keys_pre, _, values, scores = self._prefill(embeds, score=self.compression.needs_scores)
-        self.memory.commit_clip(keys_pre, values, scores, times)
+        self.memory.commit_clip(keys_pre, values, scores, times, cameras)
 
     def _prefill_prefix(self):
         ids = torch.tensor(self.model.tokenize(self.config.system_prompt), dtype=torch.long)
@@ -176,14 +189,34 @@ class LiveVLMEngine:
     # ---- answer -------------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False,
             cancel: Callable[[], bool] | None = None,
-            on_token: Callable[[list[int], float], None] | None = None) -> Answer:
+            on_token: Callable[[list[int], float], None] | None = None,
+            window: tuple[float | None, float | None] | None = None, evidence: int = 0) -> Answer:
         """Answer from memory as it is now, including sampled frames still waiting for a full clip
-        (they are prefilled first). The answer itself does not change memory. `on_token(ids, ttft)`
-        gets the answer's token ids so far after every token; `cancel` is asked after every token,
-        and when it returns True the answer stops with AnswerCancelled."""
+        (they are prefilled first). The answer itself does not change memory.
+        on_token(ids, ttft)  gets the answer's token ids so far after every token
+        cancel()             is asked after every token; True stops the answer with AnswerCancelled
+        window               (start, end) stream times, None = open: only memory of frames taken in
+                             it is read (and the vision sinks); nothing kept from it = EngineInputError
+        evidence             how many frames to name in `Answer.evidence`: those whose tokens drew
+                             the most of the question's attention (0 = do not measure it)"""
         question = self._check_question(question)
         self.flush()
-        return self._answer(question, self.selector, max_new_tokens, return_logits, cancel, on_token)
+        if self.memory.frames_ingested == 0:
+            raise NoFramesError("no frame has been ingested yet: nothing to answer from")
+        tokens = None if window is None else self._window_tokens(*window)
+        return self._answer(question, self.selector, max_new_tokens, return_logits, cancel, on_token,
+                            tokens, evidence)
+
+    def _window_tokens(self, start: float | None, end: float | None) -> tuple[int, int]:
+        lo, hi = -np.inf if start is None else start, np.inf if end is None else end
+        if lo > hi:
+            raise EngineInputError(f"time window starts ({lo:.3f}) after it ends ({hi:.3f})")
+        tokens = self.memory.window_tokens(lo, hi)
+        if not self.memory.holds(*tokens):
+            span = self.memory.time_span()
+            raise EngineInputError(f"memory keeps nothing from the window [{lo:.3f}, {hi:.3f}] s (memory covers "
+                                   + (f"{span[0]:.3f} .. {span[1]:.3f} s)" if span else "nothing)"))
+        return tokens
 
     def describe(self, max_new_tokens: int | None = None, cancel: Callable[[], bool] | None = None) -> Answer:
         """Narrate the last `narration_frames` frames (short-term memory only)."""
@@ -193,7 +226,7 @@ class LiveVLMEngine:
 
     @torch.inference_mode()
     def _answer(self, question: str, selector: ContextSelector, max_new_tokens, return_logits, cancel,
-                on_token) -> Answer:
+                on_token, window=None, evidence=0) -> Answer:
         if self.memory.frames_ingested == 0:
             raise NoFramesError("no frame has been ingested yet: nothing to answer from")
         t0 = time.perf_counter()
@@ -210,7 +243,7 @@ class LiveVLMEngine:
         limit = max_new_tokens or self.config.max_new_tokens
         out, first_logits, ttft = [], None, 0.0
         with _device_errors("answer"):
-            start = self.hook.begin_answer(selector, rows, limit)
+            start = self.hook.begin_answer(selector, rows, limit, window, rows if evidence else None)
             pages_used, pages_total = self.hook.pages()
             try:
                 n = embeds.shape[0]
@@ -238,12 +271,25 @@ class LiveVLMEngine:
                     logits = self.model.logits(hidden[:, -1])[0]
                     pos += 1
                 context_tokens = start
+                found = self._evidence(evidence) if evidence else []
             finally:
                 self.hook.reset()
         return Answer(text=self.model.detokenize(out).strip(), latency_s=time.perf_counter() - t0, ttft_s=ttft,
                       span=self.memory.time_span(), pages_used=pages_used, pages_total=pages_total,
                       context_tokens=context_tokens, tokens_generated=len(out), token_ids=out,
-                      first_logits=first_logits)
+                      first_logits=first_logits, evidence=found)
+
+    def _evidence(self, n: int) -> list[Evidence]:
+        """The n frames whose tokens drew the most of the question's attention (hook.frame_attention);
+        weights are shares of the whole, summing to 1 over all frames read."""
+        per_frame = self.hook.frame_attention()
+        total = per_frame.sum()
+        top = per_frame.topk(min(n, int((per_frame > 0).sum()))) if total > 0 else None
+        if top is None:
+            return []
+        mem = self.memory
+        return [Evidence(mem.frame_times[f], w, mem.frame_cameras[f])
+                for w, f in zip((top.values / total).tolist(), top.indices.tolist())]
 
     def close(self):
         """Detach from the model (which the caller may keep using, e.g. for another engine)."""

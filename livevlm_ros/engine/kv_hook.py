@@ -16,11 +16,19 @@ Nothing here waits for the device (no .item(), no nonzero()), so the host can ru
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .memory import StreamingMemory
 from .retrieval import ContextSelector
 from .rope import apply_rope
+
+
+@functools.lru_cache(maxsize=4)
+def _blocked(groups: int, r: int, device) -> torch.Tensor:
+    """[groups*r, r] True where row (head in group, i) may not see the r rows' key j (j > i)."""
+    return torch.ones(r, r, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
 
 
 class MemoryKVHook:
@@ -73,12 +81,6 @@ class MemoryKVHook:
         self._values = torch.empty_like(self._keys)
         self._window = None if observation_window is None else min(observation_window, n)
         self._capture = observation_window is not None
-        if self._capture:
-            # window row i sees every key before the window and window keys <= i: only the last
-            # r columns are ever masked
-            r = self._window
-            blocked = torch.ones(r, r, dtype=torch.bool, device=kv.device).triu(1)
-            self._blocked = blocked.repeat(kv.q_heads // kv.kv_heads, 1)       # rows: (head in group, query)
         self.new_keys_pre, self.new_keys_rot, self.new_values, self.scores = [], [], [], []
 
     def _update_ingest(self, k_new, v_new, layer):
@@ -106,19 +108,25 @@ class MemoryKVHook:
         return keys[None], values[None]
 
     def _observation_scores(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
-        """Mean softmax attention that the last r new tokens pay to every key, [n_keys]. Only the
-        r observation rows are computed (per kv head: group*r x n_keys), never the full matrix."""
-        r = self._window
+        """Mean softmax attention that the last r new tokens pay to every key, [n_keys]."""
         cos, sin = self._new_rope
-        n_new = cos.shape[0]
-        q = apply_rope(self._query_heads(layer, slice(n_new - r, n_new)), cos[-r:], sin[-r:])
+        n_new, r = cos.shape[0], self._window
+        return self._attention_received(layer, slice(n_new - r, n_new), cos[-r:], sin[-r:], keys)
+
+    def _attention_received(self, layer: int, rows: slice, cos, sin, keys: torch.Tensor) -> torch.Tensor:
+        """Mean softmax attention that the captured query `rows` (of this forward, at the positions
+        cos/sin give) pay to `keys`, whose last r = len(rows) columns are those rows' own keys, [n_keys].
+        Only these r rows are computed (per kv head: group*r x n_keys), never the full matrix."""
+        q = apply_rope(self._query_heads(layer, rows), cos, sin)
         kv_heads, _, D = keys.shape
+        r = q.shape[1]
         q = (q.reshape(kv_heads, -1, D) * D ** -0.5).to(keys.dtype)      # query heads grouped by kv head
         # [kv_heads, rows, keys] is the largest thing VSB touches (7 x 196 rows x 12k keys per kv
         # head at 7B shapes): it stays in the model's dtype, so every pass over it moves half the
         # bytes of float32 (softmax and the row sum still accumulate in float32)
         logits = torch.matmul(q, keys.transpose(1, 2))
-        logits[..., -r:].masked_fill_(self._blocked, float("-inf"))
+        # row i sees every key before the r rows and their keys <= i: only the last r columns are masked
+        logits[..., -r:].masked_fill_(_blocked(q.shape[1] // r, r, keys.device), float("-inf"))
         received = logits.softmax(dim=-1).sum(dim=1, dtype=torch.float32)   # [kv_heads, keys]
         return received.sum(dim=0) / (q.shape[0] * q.shape[1])
 
@@ -130,49 +138,67 @@ class MemoryKVHook:
         return out
 
     # ---- answer -----------------------------------------------------------------------------------
-    def begin_answer(self, selector: ContextSelector, question_rows: slice, max_new_tokens: int):
-        mem = self.memory
+    def begin_answer(self, selector: ContextSelector, question_rows: slice, max_new_tokens: int,
+                     window: tuple[int, int] | None = None, evidence_rows: slice | None = None) -> int:
+        """Returns the position of the answer's first token. `window`: the stream tokens [a, b) it may
+        read; `evidence_rows`: rows of the first forward whose attention to memory is measured per
+        frame (`frame_attention()`)."""
+        mem, kv = self.memory, self.memory.kv
         self.mode = "answer"
-        self._plan = selector.plan(mem)
+        self._plan = selector.plan(mem, window)
         self._question_rows, self._room = question_rows, max_new_tokens
-        self.context_tokens = self._plan.n_long + mem.short.len - self._plan.short_from
+        n_short = self._plan.short_to - self._plan.short_from
+        self._n_ctx = [n + n_short for n in self._plan.n_long]
+        # layers may read different numbers of tokens (a time window): each layer's context ends
+        # right before the question, so the newest memory is as close to it on every layer
+        self.context_tokens = max(self._n_ctx)
         p = mem.prefix_len
         self._ctx_rope = self.rope(torch.arange(p, p + self.context_tokens))
-        self._capture = self._plan.uses_question
+        start = p + self.context_tokens
+        self._evidence_rows = evidence_rows
+        self.evidence = None
+        if evidence_rows is not None:
+            # per frame number, over all layers: attention drawn, and tokens that drew it
+            self.evidence = torch.zeros(2, mem.frames_ingested, dtype=torch.float32, device=kv.device)
+            self._evidence_rope = self.rope(torch.arange(start + evidence_rows.start, start + evidence_rows.stop))
+        self._capture = self._plan.uses_question or evidence_rows is not None
         self._answer_k: dict[int, torch.Tensor] = {}     # per layer: context + question + room to decode
         self._answer_v: dict[int, torch.Tensor] = {}
         self._answer_len: dict[int, int] = {}
-        return p + self.context_tokens
+        return start
 
     def pages(self) -> tuple[int, int]:
         return self._plan.pages_used, self._plan.pages_total
 
     def _update_answer(self, k_new, v_new, layer):
-        if layer not in self._answer_k:
+        first = layer not in self._answer_k
+        if first:
             self._build_answer_context(layer, k_new.shape[2])
         start = self._answer_len[layer]
         stop = start + k_new.shape[2]
         self._answer_k[layer][:, start:stop] = k_new[0]
         self._answer_v[layer][:, start:stop] = v_new[0]
         self._answer_len[layer] = stop
+        if first and self._evidence_rows is not None:
+            self._add_evidence(layer, start)
         return self._answer_k[layer][None, :, :stop], self._answer_v[layer][None, :, :stop]
 
     def _build_answer_context(self, layer: int, n_question: int):
         """prefix + the long-term tokens this layer reads + short-term memory, re-rotated to
-        positions p.., in one buffer with room for the question and the answer."""
-        mem, kv = self.memory, self.memory.kv
-        q = self._query_heads(layer, self._question_rows) if self._plan.uses_question else None
-        index = self._plan.long_index(layer, q)
+        positions that end right before the question, in one buffer with room for the question
+        and the answer."""
+        mem, kv, plan = self.memory, self.memory.kv, self._plan
+        q = self._query_heads(layer, self._question_rows) if plan.uses_question else None
+        index = plan.long_index(layer, q)
         long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
+        long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
         if index is not None:
             index = index.to(long_k.device)
-            long_k, long_v = long_k[:, index], long_v[:, index]
-            if self.record_selection:
-                self.last_selection[layer] = mem.long.token_idx[layer, index].cpu()
-        elif self.record_selection:
-            self.last_selection[layer] = mem.long.token_idx[layer, :mem.long.len].cpu()
-        s0, s1 = self._plan.short_from, mem.short.len
-        p, n_ctx = mem.prefix_len, self.context_tokens
+            long_k, long_v, long_idx, long_sink = long_k[:, index], long_v[:, index], long_idx[index], long_sink[index]
+        if self.record_selection:
+            self.last_selection[layer] = long_idx.cpu()
+        s0, s1 = plan.short_from, plan.short_to
+        p, n_ctx = mem.prefix_len, self._n_ctx[layer]
         size = (kv.kv_heads, p + n_ctx + n_question + self._room, kv.head_dim)
         keys = torch.empty(size, dtype=kv.dtype, device=kv.device)
         values = torch.empty_like(keys)
@@ -183,8 +209,31 @@ class MemoryKVHook:
         keys[:, p + n_long:p + n_ctx] = mem.short.keys[layer, :, s0:s1]
         values[:, p + n_long:p + n_ctx] = mem.short.values[layer, :, s0:s1]
         cos, sin = self._ctx_rope
-        keys[:, p:p + n_ctx] = apply_rope(keys[:, p:p + n_ctx], cos, sin)
+        gap = self.context_tokens - n_ctx
+        keys[:, p:p + n_ctx] = apply_rope(keys[:, p:p + n_ctx], cos[gap:], sin[gap:])
         self._answer_k[layer], self._answer_v[layer], self._answer_len[layer] = keys, values, p + n_ctx
+        if self._evidence_rows is not None:
+            self._ctx_frames = torch.cat([long_idx.to(kv.device), mem.short.token_idx[layer, s0:s1]]) \
+                // mem.tokens_per_frame
+            self._ctx_content = torch.cat([~long_sink.to(kv.device),
+                                           torch.ones(s1 - s0, dtype=torch.bool, device=kv.device)]).float()
+
+    def _add_evidence(self, layer: int, context_end: int):
+        """Attention the evidence rows pay to this layer's memory tokens, added up per frame.
+        Vision sinks are left out: they are kept because they draw attention from every query
+        (attention sinks), so what they draw says nothing about what the question is about."""
+        rows, (cos, sin) = self._evidence_rows, self._evidence_rope
+        keys = self._answer_k[layer][:, :context_end + rows.stop]
+        received = self._attention_received(layer, rows, cos, sin, keys)[self.memory.prefix_len:context_end]
+        self.evidence[0].index_add_(0, self._ctx_frames, received * self._ctx_content)
+        self.evidence[1].index_add_(0, self._ctx_frames, self._ctx_content)
+
+    def frame_attention(self) -> torch.Tensor:
+        """After an answer's first forward with evidence rows: per frame number, the mean attention
+        one of its tokens drew (0 for frames not read). A mean, not a sum: a long-past frame that
+        compression left a few tokens of competes on equal terms with the whole recent frames."""
+        drawn, tokens = self.evidence
+        return drawn / tokens.clamp_min(1)
 
     # ---- shared -----------------------------------------------------------------------------------
     def reset(self):
@@ -193,6 +242,7 @@ class MemoryKVHook:
         self._queries.clear()
         self._keys_pre.clear()
         self._answer_k = self._answer_v = self._keys = self._values = self._parts = None
+        self._evidence_rows = self._ctx_frames = self._ctx_content = None
         self.new_keys_pre = self.new_keys_rot = self.new_values = self.scores = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

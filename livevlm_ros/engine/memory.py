@@ -12,6 +12,8 @@ clip's prefill the clip's own tokens come on top of it.
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from .compression import KeepAll, make_compression
@@ -57,6 +59,7 @@ class StreamingMemory:
         self.prefix_keys = self.prefix_values = None
         self.long_capacity: int | None = None
         self.frame_times: list[float] = []     # timestamp of every ingested frame, by frame number
+        self.frame_cameras: list[str] = []     # and the camera that took it
         self.next_token = 0                     # stream index of the next visual token
         self.n_sinks = 0                        # vision sinks per layer (same on every layer)
 
@@ -98,7 +101,7 @@ class StreamingMemory:
 
     # ---- ingest ---------------------------------------------------------------------------------
     def commit_clip(self, keys_pre: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None,
-                    frame_times: list[float]):
+                    frame_times: list[float], cameras: list[str] | None = None):
         """Append a prefilled clip to short-term memory, then move what leaves it to long-term."""
         L, n = keys_pre.shape[0], keys_pre.shape[2]
         dev = keys_pre.device
@@ -110,6 +113,7 @@ class StreamingMemory:
                                  torch.zeros(L, n, dtype=torch.bool, device=dev)))
         self.next_token += n
         self.frame_times.extend(frame_times)
+        self.frame_cameras.extend(cameras or [""] * len(frame_times))
         self._evict()
 
     def _evict(self):
@@ -143,6 +147,19 @@ class StreamingMemory:
 
     def total_tokens(self) -> int:
         return self.prefix_len + self.visual_tokens()
+
+    def window_tokens(self, start: float, end: float) -> tuple[int, int]:
+        """The stream tokens [a, b) of the frames taken in [start, end] (frames are in time order)."""
+        T = self.tokens_per_frame
+        return (bisect.bisect_left(self.frame_times, start) * T, bisect.bisect_right(self.frame_times, end) * T)
+
+    def holds(self, a: int, b: int) -> bool:
+        """Does memory keep any token of stream tokens [a, b)? (A device sync: for questions only.)"""
+        first_short = self.next_token - self.short.len
+        if self.short.len and a < self.next_token and b > first_short:
+            return True
+        idx = self.long.view().token_idx
+        return bool(((idx >= a) & (idx < b)).any()) if self.long.len else False
 
     def time_span(self) -> tuple[float, float] | None:
         """Stream time (first, last frame timestamp) the memory still holds tokens of."""

@@ -60,7 +60,11 @@ def save_memory(engine, path: str | Path):
         for name, t in zip(("keys", "values") + Tokens.BOOKKEEPING, view.fields()):
             tensors[f"{tier}.{name}"] = t.contiguous().cpu()
     tensors["frame_times"] = torch.tensor(mem.frame_times, dtype=torch.float64)
+    cameras = sorted(set(mem.frame_cameras))
+    number = {name: i for i, name in enumerate(cameras)}
+    tensors["frame_camera"] = torch.tensor([number[c] for c in mem.frame_cameras], dtype=torch.int32)
     meta = dict(identity(engine), next_token=str(mem.next_token), n_sinks=str(mem.n_sinks),
+                cameras=json.dumps(cameras),
                 frames_seen=str(engine.frames_seen),
                 last_sampled=json.dumps(engine._last_sampled))
     path = Path(path)
@@ -111,6 +115,9 @@ def load_memory(engine, path: str | Path):
     if mem.page_summaries is not None and mem.long.len:
         mem.page_summaries.append(mem.long.view().keys.to(kv.device))
     mem.frame_times = tensors["frame_times"].tolist()
+    cameras = json.loads(meta.get("cameras", '[""]'))
+    mem.frame_cameras = ([cameras[i] for i in tensors["frame_camera"].tolist()] if "frame_camera" in tensors
+                         else [""] * len(mem.frame_times))
     mem.next_token, mem.n_sinks = int(meta["next_token"]), int(meta["n_sinks"])
     engine.frames_seen = int(meta["frames_seen"])
     engine._last_sampled = json.loads(meta["last_sampled"])

@@ -71,8 +71,11 @@ def page_scores(question_q: torch.Tensor, pages: PageSummary, scoring: str = "so
 
 @dataclass
 class RetrievalPlan:
-    n_long: int                     # long-term tokens each layer reads
-    short_from: int                 # first short-term token read
+    """What one answer reads. Layers may read different numbers of long-term tokens (a time window
+    keeps different tokens of each layer); `n_long[layer]` says how many."""
+    n_long: list[int]               # long-term tokens each layer reads
+    short_from: int                 # short-term tokens read: [short_from, short_to)
+    short_to: int
     pages_used: int
     pages_total: int
     uses_question: bool = False
@@ -83,21 +86,59 @@ class RetrievalPlan:
 
 
 class ContextSelector:
-    def plan(self, memory: StreamingMemory) -> RetrievalPlan:
+    def plan(self, memory: StreamingMemory, window: tuple[int, int] | None = None) -> RetrievalPlan:
+        """window: the stream token range [a, b) an answer may read (sinks are always read)."""
         raise NotImplementedError
 
 
-class AllMemory(ContextSelector):
-    """Full cache and sliding window: read everything that is kept."""
+def _short_range(memory: StreamingMemory, window) -> tuple[int, int]:
+    if window is None:
+        return 0, memory.short.len
+    first = memory.next_token - memory.short.len        # short-term memory is one run of stream tokens
+    a, b = window
+    return min(max(a - first, 0), memory.short.len), min(max(b - first, 0), memory.short.len)
 
-    def plan(self, memory):
-        pages = math.ceil(memory.long.len / memory.config.page_tokens)
-        return RetrievalPlan(memory.long.len, 0, pages, pages)
+
+def _windowed(memory: StreamingMemory, window) -> tuple[torch.Tensor, list[int]]:
+    """Long-term tokens (device tier) that are no sinks and lie in the window, per layer: their
+    positions first, in time order, then the rest, [L, long.len]; and how many there are per layer
+    (one device->host copy, made only when there is a window: without one every layer has the same)."""
+    long = memory.long.view()
+    free = ~long.sink
+    if window is not None:
+        free &= (long.token_idx >= window[0]) & (long.token_idx < window[1])
+    order = (~free).to(torch.int8).argsort(dim=1, stable=True)
+    counts = (free.sum(dim=1).tolist() if window is not None
+              else [memory.long.len - memory.n_sinks] * memory.kv.layers)
+    return order, counts
 
 
-class _NoLongTerm(RetrievalPlan):
+def _sinks(memory: StreamingMemory) -> torch.Tensor:
+    """[L, n_sinks] long-term positions of the vision sinks, in time order."""
+    return memory.long.view().sink.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :memory.n_sinks]
+
+
+class _IndexPlan(RetrievalPlan):
+    index: list[torch.Tensor]
+
     def long_index(self, layer, question_q):
-        return self.empty
+        return self.index[layer]
+
+
+class AllMemory(ContextSelector):
+    """Full cache and sliding window: read everything that is kept (in the window, and the sinks)."""
+
+    def plan(self, memory, window=None):
+        pages = math.ceil(memory.long.len / memory.config.page_tokens)
+        s0, s1 = _short_range(memory, window)
+        if window is None:
+            return RetrievalPlan([memory.long.len] * memory.kv.layers, s0, s1, pages, pages)
+        order, counts = _windowed(memory, window)
+        sinks = _sinks(memory)
+        index = [torch.cat([sinks[layer], order[layer, :n]]).sort().values for layer, n in enumerate(counts)]
+        plan = _IndexPlan([len(i) for i in index], s0, s1, pages, pages)
+        plan.index = index
+        return plan
 
 
 class RecentFrames(ContextSelector):
@@ -106,63 +147,107 @@ class RecentFrames(ContextSelector):
     def __init__(self, frames: int):
         self.frames = frames
 
-    def plan(self, memory):
-        plan = _NoLongTerm(0, max(0, memory.short.len - self.frames * memory.tokens_per_frame), 0,
-                           math.ceil(memory.long.len / memory.config.page_tokens))
-        plan.empty = torch.empty(0, dtype=torch.long, device=memory.long.device)
+    def plan(self, memory, window=None):
+        start = max(0, memory.short.len - self.frames * memory.tokens_per_frame)
+        plan = _IndexPlan([0] * memory.kv.layers, start, memory.short.len, 0,
+                          math.ceil(memory.long.len / memory.config.page_tokens))
+        plan.index = [torch.empty(0, dtype=torch.long, device=memory.long.device)] * memory.kv.layers
         return plan
 
 
 class _PagePlan(RetrievalPlan):
+    """Pages of a device tier (VSB): layer l's candidates are its non-sink tokens in the window,
+    `order[l, :n_free[l]]` in time order, cut into pages; the summaries cover the most pages any
+    layer has, and layer l scores only its own `full[l]` first ones."""
     page_tokens: int
-    k: int
-    full_pages: int
-    n_free: int
+    ratio: float
     scoring: str
-    free_pos: torch.Tensor | None   # [L, n_free] long-term positions of non-sinks, time order (None: all)
-    sink_pos: torch.Tensor | None   # [L, n_sink]
-    summary: PageSummary            # of the full pages
+    n_free: list[int]
+    order: torch.Tensor             # [L, long.len] candidate positions first, time order
+    sinks: torch.Tensor             # [L, n_sink]
+    summary: PageSummary
 
     def long_index(self, layer, question_q):
-        P = self.page_tokens
+        P, n_free = self.page_tokens, self.n_free[layer]
+        full = n_free // P
+        k = math.ceil(self.ratio * full)
         device = self.summary.mean.device
-        if self.k:
-            scores = page_scores(question_q, self.summary.layer(layer), self.scoring)
-            top = scores.topk(self.k).indices.sort().values
+        if k:
+            scores = page_scores(question_q, self.summary.layer(layer), self.scoring)[:full]
+            top = scores.topk(k).indices.sort().values
         else:
             top = torch.empty(0, dtype=torch.long, device=device)
         pos = torch.cat([(top[:, None] * P + torch.arange(P, device=device)).flatten(),
-                         torch.arange(self.full_pages * P, self.n_free, device=device)])    # + the tail
-        if self.free_pos is None:
-            return pos
-        chosen = self.free_pos[layer][pos.to(self.free_pos.device)]
-        return torch.cat([self.sink_pos[layer], chosen]).sort().values if self.sink_pos.shape[1] else chosen
+                         torch.arange(full * P, n_free, device=device)])                  # + the tail
+        chosen = self.order[layer][pos.to(self.order.device)]
+        return torch.cat([self.sinks[layer], chosen]).sort().values if self.sinks.shape[1] else chosen
+
+
+class _OffloadedPagePlan(RetrievalPlan):
+    """Pages of the offloaded (CPU) tier: every layer holds the same tokens, in stream order, no
+    sinks, and the summaries of its full pages are kept on the GPU. Long-term positions [a, b) are in
+    the window; pages wholly inside it are candidates, the parts of pages at its edges are read."""
+    page_tokens: int
+    k: int
+    a: int
+    b: int
+    summary: PageSummary            # of the candidate pages
+
+    def long_index(self, layer, question_q):
+        P, device = self.page_tokens, self.summary.mean.device
+        first, last = -(-self.a // P), self.b // P            # candidate pages [first, last)
+        if self.k:
+            top = page_scores(question_q, self.summary.layer(layer), self.scoring).topk(self.k).indices
+            top = top.sort().values + first
+        else:
+            top = torch.empty(0, dtype=torch.long, device=device)
+        if first >= last:                                      # no whole page inside [a, b)
+            return torch.arange(self.a, self.b, device=device)
+        head = torch.arange(self.a, first * P, device=device)
+        tail = torch.arange(last * P, self.b, device=device)
+        return torch.cat([head, (top[:, None] * P + torch.arange(P, device=device)).flatten(), tail])
 
 
 class TopKPages(ContextSelector):
     def __init__(self, page_tokens: int, ratio: float, scoring: str = "softmax_mean"):
         self.page_tokens, self.ratio, self.scoring = page_tokens, ratio, scoring
 
-    def plan(self, memory):
-        P = self.page_tokens
-        n_sink = memory.n_sinks
-        n_free = memory.long.len - n_sink
-        full = n_free // P
-        k = math.ceil(self.ratio * full)
-        has_tail = int(n_free > full * P)
-        plan = _PagePlan(n_sink + k * P + (n_free - full * P), 0, k + has_tail, full + has_tail, uses_question=True)
-        plan.page_tokens, plan.k, plan.full_pages, plan.n_free, plan.scoring = P, k, full, n_free, self.scoring
-        if memory.page_summaries is not None:        # offloaded tier: no sinks, summaries kept on the GPU
-            plan.free_pos = plan.sink_pos = None
-            plan.summary = memory.page_summaries.summary
-            return plan
+    def plan(self, memory, window=None):
+        P, L = self.page_tokens, memory.kv.layers
+        s0, s1 = _short_range(memory, window)
+        if memory.page_summaries is not None:
+            return self._plan_offloaded(memory, window, s0, s1)
+        order, n_free = _windowed(memory, window)
+        full = [n // P for n in n_free]
+        k = [math.ceil(self.ratio * f) for f in full]
+        n_long = [memory.n_sinks + kl * P + n - f * P for kl, n, f in zip(k, n_free, full)]
+        # pages reported for the most-read layer (without a window every layer is the same)
+        most = max(range(L), key=lambda layer: n_long[layer])
+        has_tail = int(n_free[most] > full[most] * P)
+        plan = _PagePlan(n_long, s0, s1, k[most] + has_tail, full[most] + has_tail, uses_question=True)
+        plan.page_tokens, plan.ratio, plan.scoring, plan.n_free = P, self.ratio, self.scoring, n_free
+        plan.order, plan.sinks = order, _sinks(memory)
         long = memory.long.view()
-        # stable sort of the sink flags: non-sinks first, each group in time order
-        order = long.sink.to(torch.int8).argsort(dim=1, stable=True)
-        plan.free_pos, plan.sink_pos = order[:, :n_free], order[:, n_free:]
-        L, H, _, D = long.keys.shape
-        index = plan.free_pos[:, None, : full * P, None].expand(L, H, full * P, D)
-        plan.summary = PageSummary.of(long.keys.gather(2, index).view(L, H, full, P, D))
+        _, H, _, D = long.keys.shape
+        pages = max(full)
+        index = order[:, None, :pages * P, None].expand(L, H, pages * P, D)
+        plan.summary = PageSummary.of(long.keys.gather(2, index).view(L, H, pages, P, D))
+        return plan
+
+    def _plan_offloaded(self, memory, window, s0, s1):
+        P, n = self.page_tokens, memory.long.len
+        # every token is kept on this tier, in stream order: long-term position = stream index
+        a, b = (0, n) if window is None else (min(max(window[0], 0), n), min(max(window[1], 0), n))
+        first, last = -(-a // P), b // P
+        full = max(0, last - first)
+        k = math.ceil(self.ratio * full)
+        edges = (b - a) - full * P                         # tokens of partial pages, always read
+        plan = _OffloadedPagePlan([k * P + edges] * memory.kv.layers, s0, s1, k + int(edges > 0),
+                                  full + int(edges > 0), uses_question=True)
+        plan.page_tokens, plan.k, plan.a, plan.b, plan.scoring = P, k, a, b, self.scoring
+        s = memory.page_summaries.summary
+        plan.summary = PageSummary(s.mean[:, :, first:first + full], s.low[:, :, first:first + full],
+                                   s.high[:, :, first:first + full])
         return plan
 
 
