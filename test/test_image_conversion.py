@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
-from livevlm_ros.ros.image_conversion import ImageConversionError, tile, to_rgb
+from livevlm_ros.ros.image_conversion import ImageConversionError, to_rgb
 
 RGB = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
 
@@ -61,8 +61,3 @@ def test_truncated_jpeg_is_refused():
     with pytest.raises(ImageConversionError, match="truncated"):
         to_rgb(CompressedImage(format="jpeg", data=data[: len(data) * 2 // 3]))
 
-
-def test_tiling_several_cameras():
-    a, b = np.zeros((10, 8, 3), np.uint8), np.ones((20, 10, 3), np.uint8)
-    assert tile([a, b]).shape == (10, 8 + 5, 3)
-    assert tile([a]) is a

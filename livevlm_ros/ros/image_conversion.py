@@ -90,12 +90,3 @@ def compressed_to_rgb(msg) -> np.ndarray:
         raise ImageConversionError(f"could not decode {msg.format!r} image ({data.size} bytes): corrupt or truncated")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
-
-def tile(frames: list[np.ndarray]) -> np.ndarray:
-    """Several cameras -> one image, side by side at the height of the first (the model sees one view)."""
-    if len(frames) == 1:
-        return frames[0]
-    h = frames[0].shape[0]
-    resized = [f if f.shape[0] == h else cv2.resize(f, (max(1, round(f.shape[1] * h / f.shape[0])), h))
-               for f in frames]
-    return np.ascontiguousarray(np.concatenate(resized, axis=1))

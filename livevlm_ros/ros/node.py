@@ -49,7 +49,7 @@ from livevlm_ros.action import Ask
 from livevlm_ros.msg import Narration
 from livevlm_ros.srv import Query
 
-from .image_conversion import ImageConversionError, tile, to_rgb
+from .image_conversion import ImageConversionError, to_rgb
 
 _ENGINE_DEFAULTS = EngineConfig()
 _BIG = 1_000_000
@@ -69,18 +69,24 @@ RESTART = dict(read_only=True)
 NODE_PARAMETERS = [
     ("camera_topics", ["camera/image_raw"],
      "Image topics to watch (relative to the node's namespace unless they start with /); a name ending "
-     "in /compressed is read as sensor_msgs/CompressedImage. Several cameras are tiled side by side.", RESTART),
+     "in /compressed is read as sensor_msgs/CompressedImage. Several cameras: each camera's frames are "
+     "its own frames in memory, marked by camera; a sample takes every camera's frame nearest its stamp.", RESTART),
+    ("camera_sync_slop_s", 0.1, "Several cameras: a camera's frame joins a sample if stamped within this of it "
+     "(set it to at least the slowest camera's frame period); otherwise that camera misses the sample.",
+     _float(0.0, 10.0)),
     ("sample_fps", _ENGINE_DEFAULTS.sample_fps, "Frames per second of camera time taken into memory.", _float(0.01, 1000)),
     ("frame_queue_size", 4, "Sampled frames waiting for the engine; when full the oldest is dropped.", _int(1, 1000)),
     ("max_pending_queries", 4, "Questions waiting for the engine; more are refused with a 'busy' error.", _int(1, 1000)),
     ("query_timeout_s", 120.0, "A question not answered by then gets a 'timed out' error.", _float(0.1)),
+    ("fresh_wait_s", 1.0, "Longest a question with a not_before stamp waits for a frame that new.", _float(0.0)),
+    ("evidence_frames", 3, "Frames named in an answer's evidence (when and which camera; 0 = none).", _int(0, 100)),
     ("narration_period_s", 5.0, "Seconds between narrations on ~/narration (0 = no narration).", _float(0.0)),
     ("status_period_s", 1.0, "Seconds between status reports on /diagnostics.", _float(0.05)),
     ("time_jump_tolerance_s", 1.0, "A header stamp this much older than the last sampled frame is a time jump.",
      _float(0.0)),
     ("on_time_jump", "reset", "What a time jump does: reset (clear memory, go on) | refuse (drop frames until "
      "the stamps pass the last sampled frame again)."),
-    ("stale_camera_s", 5.0, "Diagnostics WARN when no camera frame arrived for this long.", _float(0.1)),
+    ("stale_camera_s", 5.0, "Diagnostics WARN when a camera sent no frame for this long.", _float(0.1)),
     ("max_lag_s", 5.0, "Diagnostics WARN when the engine is this far (camera time) behind the newest frame.",
      _float(0.0)),
     ("memory_file", "", "safetensors file memory is loaded from at start (if it exists) and saved to on a clean "
@@ -134,6 +140,8 @@ class _QueryJob:
     response: Query.Response = field(default_factory=Query.Response)
     goal: object | None = None          # the action's goal handle: feedback and cancel
     fresh_after: float = float("-inf")  # stamp of the newest frame sampled when it arrived
+    window: tuple | None = None         # (start | None, end | None) camera time, or ("last", seconds)
+    not_before: float | None = None     # wait (bounded) for a frame stamped at or after this
 
     def cancel_requested(self) -> bool:
         return self.goal is not None and self.goal.is_cancel_requested
@@ -145,6 +153,7 @@ class _Counters:
     frames_sampled: int = 0
     frames_dropped: int = 0        # queue overflow: the engine fell behind
     frames_rejected: int = 0       # malformed images, refused by conversion or the engine
+    camera_misses: dict = field(default_factory=dict)   # per camera: samples it had no frame near
     frames_ingested: int = 0
     time_jumps: int = 0            # header stamps that went back beyond the tolerance
     frames_refused_time: int = 0   # dropped while waiting for the stream to pass a jump (refuse)
@@ -177,7 +186,9 @@ class LiveVLMCore:
 
         self._lock = threading.Condition()
         self._finish_lock = threading.Lock()
-        self._latest: dict[str, object] = {}
+        # per camera: its last few (stamp, message), to pick the one nearest a sample's stamp
+        self._recent = {t: collections.deque(maxlen=8) for t in self._p["camera_topics"]}
+        self._camera_wall = {t: time.monotonic() for t in self._p["camera_topics"]}   # last frame (steady)
         self._frames: collections.deque = collections.deque()
         self._queries: collections.deque = collections.deque()
         self._narration_due = False
@@ -188,7 +199,6 @@ class LiveVLMCore:
         self._last_sampled_stamp: float | None = None
         self._newest_stamp: float | None = None
         self._last_ingested_stamp: float | None = None
-        self._last_frame_wall = time.monotonic()
         self._waiting_for_stamp: float | None = None   # on_time_jump=refuse: frames before this are dropped
         self._dropped_reported = 0
 
@@ -335,8 +345,10 @@ class LiveVLMCore:
         stamp = _seconds(msg.header.stamp)
         with self._lock:
             self.count.frames_received += 1
-            self._latest[topic] = msg
-            self._last_frame_wall = time.monotonic()
+            self._recent[topic].append((stamp, msg))
+            self._camera_wall[topic] = time.monotonic()
+            if self._frames:
+                self._offer(topic, stamp, msg, *self._frames[-1])
             last = self._last_sampled_stamp
             if self._waiting_for_stamp is not None:      # refusing since a jump: one jump, many frames
                 if stamp <= self._waiting_for_stamp:
@@ -352,14 +364,30 @@ class LiveVLMCore:
             self._newest_stamp = stamp if self._newest_stamp is None else max(self._newest_stamp, stamp)
             if last is not None and stamp - last < 1.0 / self._p["sample_fps"] - 1e-6:
                 return                                       # not due yet (or slightly out of order)
-            msgs = [self._latest.pop(t) for t in self._p["camera_topics"] if t in self._latest]
             self._last_sampled_stamp = stamp
             self.count.frames_sampled += 1
             if len(self._frames) >= self._p["frame_queue_size"]:
                 self._frames.popleft()
                 self.count.frames_dropped += 1
-            self._frames.append((stamp, msgs))
+            self._frames.append((stamp, self._sample(stamp)))
             self._lock.notify()
+
+    def _sample(self, stamp: float) -> dict:
+        """A sample at `stamp`: {camera: (stamp, message)} of each camera's nearest frame within
+        camera_sync_slop_s (the frame that made the sample is one of them). Called with the lock held."""
+        sample = {}
+        for topic, recent in self._recent.items():
+            for frame_stamp, msg in recent:
+                self._offer(topic, frame_stamp, msg, stamp, sample)
+        return sample
+
+    def _offer(self, topic: str, frame_stamp: float, msg, stamp: float, sample: dict):
+        """A camera's frame joins a sample still waiting in the queue if it is nearer the sample's
+        stamp than the one it has: another camera's frame of the same instant usually arrives
+        just after the frame that made the sample. Called with the lock held."""
+        off = abs(frame_stamp - stamp)
+        if off <= self._p["camera_sync_slop_s"] and (topic not in sample or off < abs(sample[topic][0] - stamp)):
+            sample[topic] = (frame_stamp, msg)
 
     def _on_time_jump(self, last: float, stamp: float):
         """Called with the lock held."""
@@ -368,6 +396,8 @@ class LiveVLMCore:
         self.get_logger().warn(f"camera time jumped back from {last:.3f} s to {stamp:.3f} s: "
                                + ("clearing memory" if action == "reset" else
                                   "refusing frames until the stream passes the last sampled stamp"))
+        for recent in self._recent.values():     # the old stream's frames are no one's nearest any more
+            recent.clear()
         if action == "reset":
             self._frames.clear()                 # frames of the old stream would land in the new memory
             for job in self._queries:            # and waiting questions no longer wait for them
@@ -383,10 +413,16 @@ class LiveVLMCore:
             self._narration_due = True
             self._lock.notify()
 
-    def _admit(self, question: str, max_new_tokens: int) -> _QueryJob | str:
-        """Queue a question, or say why not (every caller hears back: nothing is dropped)."""
+    def _admit(self, request) -> _QueryJob | str:
+        """Queue a question (a Query request or an Ask goal), or say why not (every caller hears
+        back: nothing is dropped)."""
         limit = self._p["max_new_tokens"]
-        job = _QueryJob(question, min(max_new_tokens or limit, limit), time.perf_counter(), Future())
+        job = _QueryJob(request.question, min(request.max_new_tokens or limit, limit), time.perf_counter(), Future())
+        if request.last_seconds > 0:
+            job.window = ("last", request.last_seconds)
+        elif _seconds(request.window_start) or _seconds(request.window_end):
+            job.window = (_seconds(request.window_start) or None, _seconds(request.window_end) or None)
+        job.not_before = _seconds(request.not_before) or None
         with self._lock:
             if not self._running:
                 refusal = "shutting down"
@@ -414,7 +450,7 @@ class LiveVLMCore:
             self.destroy_timer(timer)
 
     async def _on_query(self, request: Query.Request, response: Query.Response) -> Query.Response:
-        job = self._admit(request.question, request.max_new_tokens)
+        job = self._admit(request)
         if isinstance(job, str):
             response.success, response.error_message = False, job
             return response
@@ -422,7 +458,7 @@ class LiveVLMCore:
 
     # ---- the Ask action: a question with streamed tokens and cancel ------------------------------------
     def _on_ask_goal(self, request) -> GoalResponse:
-        job = self._admit(request.question, request.max_new_tokens)
+        job = self._admit(request)
         if isinstance(job, str):
             self.get_logger().info(f"Ask goal rejected: {job}", throttle_duration_sec=1.0)
             return GoalResponse.REJECT
@@ -446,7 +482,8 @@ class LiveVLMCore:
         result = Ask.Result(success=r.success, answer=r.answer, error_message=r.error_message, latency_s=r.latency_s,
                             time_to_first_token_s=r.time_to_first_token_s, span_start=r.span_start,
                             span_end=r.span_end, pages_used=r.pages_used, pages_total=r.pages_total,
-                            tokens_generated=r.tokens_generated)
+                            tokens_generated=r.tokens_generated, evidence_times=r.evidence_times,
+                            evidence_weights=r.evidence_weights, evidence_cameras=r.evidence_cameras)
         if r.success:
             goal.succeed()
         elif goal.is_cancel_requested:
@@ -548,26 +585,17 @@ class LiveVLMCore:
                     "control": self._run_control}
         while True:
             with self._lock:
-                while self._running and not (self._queries or self._narration_due or self._frames or self._control
-                                             or self._reset_due or self._engine_changes):
-                    self._lock.wait()
-                if not self._running:
-                    return
+                while True:
+                    if not self._running:
+                        return
+                    kind, job = self._next_job()
+                    if kind not in (None, "wait") or self._engine_changes or self._reset_due:
+                        break
+                    self._lock.wait(timeout=job)          # "wait": a question's fresh-frame wait ends then
                 changes, self._engine_changes = self._engine_changes, {}
                 reset, self._reset_due = self._reset_due, False
-                if self._control:
-                    job, kind = self._control.popleft(), "control"
-                elif self._queries and self._frames and self._frames[0][0] <= self._queries[0].fresh_after:
-                    # fresh answers: a question first sees the frames sampled before it arrived
-                    job, kind = self._frames.popleft(), "frame"
-                elif self._queries:
-                    job, kind = self._queries.popleft(), "query"
-                elif self._narration_due:
-                    job, kind, self._narration_due = None, "narration", False
-                elif self._frames:
-                    job, kind = self._frames.popleft(), "frame"
-                else:
-                    job, kind = None, None
+                if kind == "wait":
+                    kind, job = None, None
             try:
                 if changes:
                     engine.reconfigure(**changes)
@@ -579,6 +607,36 @@ class LiveVLMCore:
             except Exception as err:                   # noqa: BLE001 - no silent death: report and go on
                 self._job_failed(kind, job, err)
             self._stats = engine.stats()
+
+    def _next_job(self) -> tuple[str | None, object]:
+        """What the worker does next: (kind, job); ("wait", seconds) while the first question waits
+        for a newer frame; (None, None) when idle. Called with the lock held.
+        Order: memory services, questions (after the frames sampled before them: fresh answers),
+        narration, frames."""
+        if self._control:
+            return "control", self._control.popleft()
+        if self._queries:
+            first = self._queries[0]
+            if self._frames and self._frames[0][0] <= first.fresh_after:
+                return "frame", self._frames.popleft()
+            wait = self._fresh_wait_left(first)
+            if wait <= 0:
+                return "query", self._queries.popleft()
+            if self._frames:
+                return "frame", self._frames.popleft()
+            return "wait", wait
+        if self._narration_due:
+            self._narration_due = False
+            return "narration", None
+        if self._frames:
+            return "frame", self._frames.popleft()
+        return None, None
+
+    def _fresh_wait_left(self, job: _QueryJob) -> float:
+        """Seconds a question still waits for a frame stamped at or after its not_before."""
+        if job.not_before is None or (self._last_ingested_stamp or float("-inf")) >= job.not_before:
+            return 0.0
+        return self._p["fresh_wait_s"] - (time.perf_counter() - job.received)
 
     def _run_control(self, job):
         fn, done = job
@@ -597,21 +655,27 @@ class LiveVLMCore:
         elif kind == "control" and not job[1].done():
             job[1].set_result((False, f"engine error: {type(err).__name__}: {err}"))
 
-    def _ingest(self, frame):
-        stamp, msgs = frame
-        try:
-            rgb = tile([to_rgb(m) for m in msgs])
-            self.engine.ingest(rgb, stamp)
-        except (ImageConversionError, EngineInputError) as err:
-            self.count.frames_rejected += 1
-            self.get_logger().warn(f"frame dropped: {err}", throttle_duration_sec=5.0)
-            return
-        except EngineResourceError as err:
-            self.count.frames_dropped += 1
-            self.get_logger().error(str(err), throttle_duration_sec=5.0)
-            return
-        self.count.frames_ingested += 1
-        self._last_ingested_stamp = stamp
+    def _ingest(self, sample):
+        """One sample: every camera's frame in it goes into memory as its own frame, marked by camera."""
+        stamp, frames = sample
+        for topic in self._p["camera_topics"]:
+            if topic not in frames:
+                self.count.camera_misses[topic] = self.count.camera_misses.get(topic, 0) + 1
+                continue
+            msg = frames[topic][1]
+            try:
+                self.engine.ingest(to_rgb(msg), stamp, camera=topic)
+            except (ImageConversionError, EngineInputError) as err:
+                self.count.frames_rejected += 1
+                self.get_logger().warn(f"frame from {topic} dropped: {err}", throttle_duration_sec=5.0)
+                continue
+            except EngineResourceError as err:
+                self.count.frames_dropped += 1
+                self.get_logger().error(str(err), throttle_duration_sec=5.0)
+                continue
+            self.count.frames_ingested += 1
+        with self._lock:
+            self._last_ingested_stamp = stamp
 
     def _answer(self, job: _QueryJob):
         if job.future.done():                          # timed out while waiting
@@ -619,7 +683,8 @@ class LiveVLMCore:
         try:
             answer = self.engine.ask(job.question, max_new_tokens=job.max_new_tokens,
                                      cancel=lambda: not self._running or job.future.done() or job.cancel_requested(),
-                                     on_token=lambda ids, ttft: self._feedback(job, ids, ttft))
+                                     on_token=lambda ids, ttft: self._feedback(job, ids, ttft),
+                                     window=self._window(job), evidence=self._p["evidence_frames"])
         except (EngineInputError, EngineResourceError) as err:
             self.count.queries_refused += 1
             self._finish(job, False, str(err))
@@ -634,8 +699,17 @@ class LiveVLMCore:
             r.span_start, r.span_end = _time_msg(answer.span[0]), _time_msg(answer.span[1])
         r.pages_used, r.pages_total = answer.pages_used, answer.pages_total
         r.tokens_generated = answer.tokens_generated
+        r.evidence_times = [_time_msg(e.time) for e in answer.evidence]
+        r.evidence_weights = [float(e.weight) for e in answer.evidence]
+        r.evidence_cameras = [e.camera for e in answer.evidence]
         self.count.queries_answered += 1
         self._finish(job, True)
+
+    def _window(self, job: _QueryJob) -> tuple | None:
+        if job.window is None or job.window[0] != "last":
+            return job.window
+        times = self.engine.memory.frame_times          # the last N seconds before the newest frame
+        return (times[-1] - job.window[1], None) if times else None
 
     def _narrate(self, _):
         # a question waiting preempts the narration, which is periodic and is redone after it
@@ -676,10 +750,14 @@ class LiveVLMCore:
         with self._lock:
             s["frames_queued"], s["queries_queued"] = len(self._frames), len(self._queries)
             newest, ingested = self._newest_stamp, self._last_ingested_stamp
-            silent = time.monotonic() - self._last_frame_wall
+            now = time.monotonic()
+            silent = {topic: now - wall for topic, wall in self._camera_wall.items()}
         # both in camera time: how far the engine is behind the newest frame it was offered
         s["lag_s"] = None if newest is None or ingested is None else round(max(0.0, newest - ingested), 3)
-        s["seconds_since_frame"] = round(silent, 1)
+        s.pop("camera_misses")
+        for topic, seconds in silent.items():           # per camera: one that stops is named
+            s[f"seconds_since_frame[{topic}]"] = round(seconds, 1)
+            s[f"samples_missed[{topic}]"] = self.count.camera_misses.get(topic, 0)
         if self.engine_error:
             return DiagnosticStatus.ERROR, f"engine failed to start: {self.engine_error}", s
         if self.last_error:
@@ -690,8 +768,9 @@ class LiveVLMCore:
             return DiagnosticStatus.WARN, f"{self.state} (managed node)", s
         if self.engine is None:
             return DiagnosticStatus.WARN, "loading the model", s
-        if silent > self._p["stale_camera_s"]:
-            return DiagnosticStatus.WARN, f"no camera frame for {silent:.1f} s", s
+        stale = [f"{topic} ({seconds:.1f} s)" for topic, seconds in silent.items() if seconds > self._p["stale_camera_s"]]
+        if stale:
+            return DiagnosticStatus.WARN, f"no frame from camera {', '.join(stale)}", s
         if s["lag_s"] is not None and s["lag_s"] > self._p["max_lag_s"]:
             return DiagnosticStatus.WARN, f"engine {s['lag_s']:.1f} s behind the camera", s
         dropped, self._dropped_reported = s["frames_dropped"] - self._dropped_reported, s["frames_dropped"]
