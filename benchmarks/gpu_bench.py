@@ -154,6 +154,56 @@ def time_answer(engine, repeats=3, max_new_tokens=16):
         engine.model.stop_token_ids = stops
 
 
+def device_time_per_call(fn, calls: int) -> float:
+    """Seconds of GPU kernel time per call of fn (torch.profiler), for kernel time vs launch gaps."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return sum(e.device_time for e in kernels) * 1e-6 / calls       # device_time is in microseconds
+
+
+def bench_decode_paths(adapter, results, frames, budget, tokens=32):
+    """Issue 13: the decode step launched kernel by kernel (eager) vs replayed from a CUDA graph,
+    on the same LiveVLM memory; the self-check that both give the same tokens; and per path the
+    GPU's kernel time against the wall time (what is left is launch gaps)."""
+    engine = make_engine(adapter, "livevlm", budget, decode="eager")
+    simulate_fill(engine, frames)
+    questions = [QUESTION, "Is the door open?", "What did the robot see in the kitchen?"]
+    rows, answers = {}, {}
+    fixed = "graph" if torch.cuda.is_available() else "static"     # --tiny on a CPU: the same step, not captured
+    for mode in ("eager", fixed):
+        engine.reconfigure(decode=mode)
+        ttft, total, tps, a = time_answer(engine, repeats=5, max_new_tokens=tokens)
+        stops, engine.model.stop_token_ids = engine.model.stop_token_ids, ()
+        try:
+            answers[mode] = [engine.ask(q, max_new_tokens=tokens).token_ids for q in questions]
+            answers[mode].append(engine.ask(QUESTION, max_new_tokens=tokens, window=(frames / 4, frames / 2)).token_ids)
+            prefill = device_time_per_call(lambda: engine.ask(QUESTION, max_new_tokens=1), 1)
+            whole = device_time_per_call(lambda: engine.ask(QUESTION, max_new_tokens=tokens), 1)
+        finally:
+            engine.model.stop_token_ids = stops
+        per_token_wall = (total - ttft) / (tokens - 1)
+        per_token_kernels = (whole - prefill) / (tokens - 1)
+        alloc, peak = gpu_mem()
+        rows[mode] = dict(ttft_ms=ttft * 1e3, answer_ms=total * 1e3, decode_tps=tps,
+                          decode_ms_per_token=per_token_wall * 1e3, kernel_ms_per_token=per_token_kernels * 1e3,
+                          prefill_kernel_ms=prefill * 1e3, gpu_allocated=alloc,
+                          captures=engine.decode_step.captures if engine.decode_step else 0)
+        log("decode", mode, json.dumps({k: round(v, 2) for k, v in rows[mode].items()}))
+    same = answers["eager"] == answers[fixed]
+    first_diff = [next((i for i, (x, y) in enumerate(zip(e, g)) if x != y), None)
+                  for e, g in zip(answers["eager"], answers[fixed])]
+    results["decode_paths"] = dict(frames=frames, tokens=tokens, rows=rows, same_tokens=same,
+                                   first_differing_token=first_diff, answers=answers)
+    log(f"decode self-check: {fixed} == eager tokens: {same} (first differing token per answer: {first_diff})")
+    free(engine)
+
+
 def gpu_mem():
     if not torch.cuda.is_available():
         return 0, 0
@@ -459,7 +509,7 @@ def main():
     ap.add_argument("--lengths", default="256,1024,3600,14400")
     ap.add_argument("--capacity-start", type=int, default=1024, help="first full-cache length tried")
     ap.add_argument("--long-frames", type=int, default=600_000, help="frames of the LiveVLM long run")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: ingest,hf,response,capacity")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ingest,hf,decode,response,capacity,long_run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -498,6 +548,7 @@ def main():
 
     part("ingest", lambda: (bench_ingest(adapter, results, n, [1, 8]), bench_ingest_vsb_off(adapter, results, n)))
     part("hf", bench_hf_baseline, adapter, results, n * 2)
+    part("decode", bench_decode_paths, adapter, results, lengths[-1], budget)
     part("response", bench_response, adapter, results, lengths, budget)
     part("capacity", bench_capacity, adapter, results,
          *((args.capacity_start, 512, 12288) if not args.tiny else (64, 64, 256)))

@@ -10,6 +10,9 @@ Grouped-query attention without copying keys: the g query heads that share a kv 
 into one block of g*n query rows, so each kv head is read once and never repeated in memory
 (repeating a 700k-token context 7x would cost 10 GB at 7B shapes). The folded rows need an explicit
 mask; it is built once per forward and shared by all layers.
+
+A key tensor may carry `livevlm_valid` (bool [kv_len]): the captured decode step (decode_step.py)
+hands over a buffer of fixed size, of which only these slots hold context.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     groups = hq // hkv
     folded = query.reshape(b, hkv, groups * n, d)          # heads of a group are adjacent in Hq
     mask = None if n == 1 else _folded_causal_mask(groups, n, key.shape[2], query.device)
+    valid = getattr(key, "livevlm_valid", None)     # a fixed-size buffer (decode_step.py): its used slots
+    if valid is not None:
+        mask = valid.view(1, 1, 1, -1) if n == 1 else mask & valid
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), None
 

@@ -24,6 +24,7 @@ import torch
 
 from . import persistence
 from .config import EngineConfig
+from .decode_step import DecodeStep
 from .kv_hook import MemoryKVHook
 from .memory import StreamingMemory
 from .models import VideoLLMAdapter, load_adapter
@@ -48,7 +49,7 @@ class AnswerCancelled(RuntimeError):
 
 # options that may change while the engine runs (the rest shape memory and need a new engine)
 RUNTIME_OPTIONS = ("retrieval_ratio", "page_scoring", "max_new_tokens", "max_question_tokens",
-                   "narration_frames", "narration_prompt")
+                   "narration_frames", "narration_prompt", "decode")
 
 
 @dataclass
@@ -81,11 +82,18 @@ class LiveVLMEngine:
         self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, **config.extra)
         self.selector = make_selector(config)
         self.hook = MemoryKVHook(self.model.rope, self.model.query_projections(), self.model.key_projections())
+        self.decode_step = self._make_decode_step()
         try:
             self.reset()                  # makes the memory (allocated once here, not twice)
         except BaseException:
             self.hook.close()             # the model may outlive a failed engine: leave it unhooked
             raise
+
+    def _make_decode_step(self) -> DecodeStep | None:
+        mode = self.config.decode
+        if mode == "auto":
+            mode = "graph" if self.model.kv.device.type == "cuda" and self.config.bounded else "eager"
+        return None if mode == "eager" else DecodeStep(self.model, self.hook, capture=mode == "graph")
 
     def reset(self):
         """Forget the stream: empty memory (the system prompt stays), as after start-up. For a
@@ -114,6 +122,8 @@ class LiveVLMEngine:
         self.config = self.config.replace(**changes)
         self.memory.config = self.config
         self.selector = make_selector(self.config)
+        if "decode" in changes:
+            self.decode_step = self._make_decode_step()
 
     # ---- ingest -------------------------------------------------------------------------------------
     def ingest(self, frame: np.ndarray, timestamp: float, camera: str = "") -> bool:
@@ -247,15 +257,15 @@ class LiveVLMEngine:
             pages_used, pages_total = self.hook.pages()
             try:
                 n = embeds.shape[0]
+                if self.decode_step is not None:
+                    self.decode_step.reserve(start + n + limit)
                 positions = torch.arange(start, start + n, device=embeds.device)
                 hidden = self.model.run_language_model(embeds[None], positions, self.hook)
                 logits = self.model.logits(hidden[:, -1])[0]
                 first_logits = logits.float().cpu() if return_logits else None
-                pos = start + n
+                token = int(logits.argmax())
+                ttft = time.perf_counter() - t0
                 for step in range(limit):
-                    token = int(logits.argmax())
-                    if step == 0:
-                        ttft = time.perf_counter() - t0
                     if token in self.model.stop_token_ids:
                         break
                     out.append(token)
@@ -265,11 +275,7 @@ class LiveVLMEngine:
                         break
                     if cancel is not None and cancel():
                         raise AnswerCancelled(f"cancelled after {len(out)} tokens")
-                    hidden = self.model.run_language_model(
-                        self.model.embed_tokens(torch.tensor([token]))[None],
-                        torch.tensor([pos], device=embeds.device), self.hook)
-                    logits = self.model.logits(hidden[:, -1])[0]
-                    pos += 1
+                    token = self._next_token(token, start + n + step, step == 0)
                 context_tokens = start
                 found = self._evidence(evidence) if evidence else []
             finally:
@@ -278,6 +284,17 @@ class LiveVLMEngine:
                       span=self.memory.time_span(), pages_used=pages_used, pages_total=pages_total,
                       context_tokens=context_tokens, tokens_generated=len(out), token_ids=out,
                       first_logits=first_logits, evidence=found)
+
+    def _next_token(self, token: int, position: int, first: bool) -> int:
+        """Decode `token` at `position`; the greedy next token."""
+        if self.decode_step is not None:                  # fixed shape, replayed from a CUDA graph
+            if first:
+                self.decode_step.begin(token, position)
+            return self.decode_step.step()
+        device = self.model.kv.device
+        hidden = self.model.run_language_model(self.model.embed_tokens(torch.tensor([token]))[None],
+                                               torch.tensor([position], device=device), self.hook)
+        return int(self.model.logits(hidden[:, -1])[0].argmax())
 
     def _evidence(self, n: int) -> list[Evidence]:
         """The n frames whose tokens drew the most of the question's attention (hook.frame_attention);

@@ -47,6 +47,40 @@ class MemoryKVHook:
         # the last answer (off by default: it costs a device->host copy per layer).
         self.record_selection = False
         self.last_selection: dict[int, torch.Tensor] = {}
+        self._arena_k = self._arena_v = None          # fixed answer buffers (use_arena), for DecodeStep
+        self.lengths: torch.Tensor | None = None
+
+    # ---- fixed answer buffers (decode_step.py) --------------------------------------------------------
+    @property
+    def arena_capacity(self) -> int:
+        return 0 if self._arena_k is None else self._arena_k.shape[2]
+
+    def use_arena(self, capacity: int):
+        """From now on every answer's context is assembled in one buffer per layer of `capacity`
+        tokens, allocated here once (instead of per answer), so that a captured decode step finds
+        its KV at the same addresses every time."""
+        kv = self.memory.kv
+        self._arena_k = self._arena_v = None                    # free the old ones first
+        # zeros, not empty: masked slots still enter the product (0 x -inf is NaN, garbage may be NaN)
+        self._arena_k = torch.zeros(kv.layers, kv.kv_heads, capacity, kv.head_dim, dtype=kv.dtype, device=kv.device)
+        self._arena_v = torch.zeros_like(self._arena_k)
+        self._slots = torch.arange(capacity, device=kv.device)
+        self.lengths = torch.zeros(kv.layers, dtype=torch.long, device=kv.device)
+
+    def begin_decode(self):
+        """After an answer's prefill (in the arena): one token at a time at a fixed shape, the
+        per-layer context lengths on the device (DecodeStep advances them)."""
+        self.mode, self._capture = "decode", False
+        self.lengths.copy_(torch.tensor([self._answer_len[layer] for layer in range(self.memory.kv.layers)]))
+
+    def _update_decode(self, k_new, v_new, layer):
+        at = self.lengths[layer:layer + 1]
+        keys, values = self._arena_k[layer], self._arena_v[layer]
+        keys.index_copy_(1, at, k_new[0])
+        values.index_copy_(1, at, v_new[0])
+        keys, values = keys[None], values[None]
+        keys.livevlm_valid = self._slots <= at                  # attention.py masks the slots beyond
+        return keys, values
 
     def close(self):
         """Detach from the model (the model may outlive this engine)."""
@@ -200,8 +234,11 @@ class MemoryKVHook:
         s0, s1 = plan.short_from, plan.short_to
         p, n_ctx = mem.prefix_len, self._n_ctx[layer]
         size = (kv.kv_heads, p + n_ctx + n_question + self._room, kv.head_dim)
-        keys = torch.empty(size, dtype=kv.dtype, device=kv.device)
-        values = torch.empty_like(keys)
+        if self.arena_capacity >= size[1]:
+            keys, values = self._arena_k[layer], self._arena_v[layer]
+        else:
+            keys = torch.empty(size, dtype=kv.dtype, device=kv.device)
+            values = torch.empty_like(keys)
         n_long = long_k.shape[1]
         keys[:, :p], values[:, :p] = mem.prefix_keys[layer], mem.prefix_values[layer]
         keys[:, p:p + n_long] = long_k.to(kv.device, non_blocking=True)
@@ -250,6 +287,8 @@ class MemoryKVHook:
             return self._update_ingest(key_states, value_states, layer_idx)
         if self.mode == "answer":
             return self._update_answer(key_states, value_states, layer_idx)
+        if self.mode == "decode":
+            return self._update_decode(key_states, value_states, layer_idx)
         raise RuntimeError("MemoryKVHook used outside begin_ingest/begin_answer")
 
     # transformers may ask a cache these; our positions and masks are always given explicitly
