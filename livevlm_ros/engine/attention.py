@@ -26,6 +26,38 @@ import torch.nn.functional as F
 NAME = "livevlm_stream"
 
 
+# Up to this many folded query rows (a decode step: 7 at 7B shapes; a question: a few hundred) the
+# fused kernel is the slow choice: it tiles over query rows, so 4 kv heads x 1 tile keep 4 of 132 SMs
+# busy (73-116 us a layer for one token at 7B shapes, H200). Two matrix products, split over the keys
+# by cuBLAS, read the same keys and values once with the whole GPU.
+SMALL_BLOCK_ROWS = 512
+_bmm_out_dtype = True          # torch.bmm(..., out_dtype=float32) on CUDA; False once it is found missing
+
+
+def _bmm_float32(a, b):
+    """a @ b with float32 output; half-precision inputs are not copied to float32 where CUDA can."""
+    global _bmm_out_dtype
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.is_cuda and _bmm_out_dtype:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _bmm_out_dtype = False
+    return torch.bmm(a.float(), b.float())
+
+
+def _small_block_attention(q, k, v, mask, scale):
+    """softmax(q k^T * scale) v for a few query rows, logits and softmax in float32."""
+    b, h, rows, d = q.shape
+    q3, kt = (q * scale).reshape(b * h, rows, d), k.reshape(b * h, -1, d).transpose(1, 2)
+    logits = _bmm_float32(q3, kt).view(b, h, rows, -1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    probs = logits.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
 @functools.lru_cache(maxsize=2)        # one forward's layers share it; lru_cache is thread-safe
 def _folded_causal_mask(groups: int, n: int, kv_len: int, device) -> torch.Tensor:
     """[groups*n, kv_len] bool: row (j, i) - head j of the group, new token i - sees keys <= kv_len - n + i."""
@@ -44,7 +76,10 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     valid = getattr(key, "livevlm_valid", None)     # a fixed-size buffer (decode_step.py): its used slots
     if valid is not None:
         mask = valid.view(1, 1, 1, -1) if n == 1 else mask & valid
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    if groups * n <= SMALL_BLOCK_ROWS:
+        out = _small_block_attention(folded, key, value, mask, d ** -0.5 if scaling is None else scaling)
+    else:
+        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), None
 
 

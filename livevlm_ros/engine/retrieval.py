@@ -113,8 +113,11 @@ def _windowed(memory: StreamingMemory, window) -> tuple[torch.Tensor, list[int]]
     return order, counts
 
 
-def _sinks(memory: StreamingMemory) -> torch.Tensor:
-    """[L, n_sinks] long-term positions of the vision sinks, in time order."""
+def _sinks(memory: StreamingMemory, order: torch.Tensor, window) -> torch.Tensor:
+    """[L, n_sinks] long-term positions of the vision sinks, in time order. Without a window they
+    are what `_windowed`'s order puts last; with one, out-of-window tokens are among those."""
+    if window is None:
+        return order[:, order.shape[1] - memory.n_sinks:]
     return memory.long.view().sink.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :memory.n_sinks]
 
 
@@ -134,7 +137,7 @@ class AllMemory(ContextSelector):
         if window is None:
             return RetrievalPlan([memory.long.len] * memory.kv.layers, s0, s1, pages, pages)
         order, counts = _windowed(memory, window)
-        sinks = _sinks(memory)
+        sinks = _sinks(memory, order, window)
         index = [torch.cat([sinks[layer], order[layer, :n]]).sort().values for layer, n in enumerate(counts)]
         plan = _IndexPlan([len(i) for i in index], s0, s1, pages, pages)
         plan.index = index
@@ -226,7 +229,7 @@ class TopKPages(ContextSelector):
         has_tail = int(n_free[most] > full[most] * P)
         plan = _PagePlan(n_long, s0, s1, k[most] + has_tail, full[most] + has_tail, uses_question=True)
         plan.page_tokens, plan.ratio, plan.scoring, plan.n_free = P, self.ratio, self.scoring, n_free
-        plan.order, plan.sinks = order, _sinks(memory)
+        plan.order, plan.sinks = order, _sinks(memory, order, window)
         long = memory.long.view()
         _, H, _, D = long.keys.shape
         pages = max(full)

@@ -1,0 +1,79 @@
+"""Where an answer's GPU time goes (issue 13): the question's prefill and the decode step, per
+decode path (eager, static, graph), as wall time against the GPU's kernel time, with the kernels
+that take it. Memory is LiveVLM's, full (simulated fill, as in gpu_bench.py).
+
+    python3 benchmarks/profile_answer.py --shape 7b --frames 1024 --out results/profile_7b.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import gpu_bench as gb
+
+
+def kernels(fn):
+    """(total kernel seconds, number of kernels, table of the top kernels) of one call of fn."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        gb.sync()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70)
+    return sum(e.device_time for e in events) * 1e-6, len(events), table
+
+
+def wall(fn, repeats=7):
+    times = []
+    for _ in range(repeats):
+        gb.sync()
+        t0 = time.perf_counter()
+        fn()
+        gb.sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--frames", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=17)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    adapter = gb.build_adapter(args.shape, "cuda", torch.bfloat16)
+    engine = gb.make_engine(adapter, "livevlm", 12288, decode="eager")
+    gb.simulate_fill(engine, args.frames)
+    engine.model.stop_token_ids = ()              # random weights: every answer runs to its length
+    report, rows = [], {}
+    for mode in ("eager", "static", "graph", "eager"):      # eager again: does a captured graph linger?
+        engine.reconfigure(decode=mode)
+        for _ in range(2):
+            engine.ask(gb.QUESTION, max_new_tokens=args.tokens)
+        prefill_wall = wall(lambda: engine.ask(gb.QUESTION, max_new_tokens=1))
+        answer_wall = wall(lambda: engine.ask(gb.QUESTION, max_new_tokens=args.tokens))
+        prefill_k, prefill_n, prefill_table = kernels(lambda: engine.ask(gb.QUESTION, max_new_tokens=1))
+        answer_k, answer_n, answer_table = kernels(lambda: engine.ask(gb.QUESTION, max_new_tokens=args.tokens))
+        steps = args.tokens - 1
+        row = dict(prefill_wall_ms=prefill_wall * 1e3, prefill_kernel_ms=prefill_k * 1e3, prefill_kernels=prefill_n,
+                   step_wall_ms=(answer_wall - prefill_wall) / steps * 1e3,
+                   step_kernel_ms=(answer_k - prefill_k) / steps * 1e3,
+                   step_kernels=(answer_n - prefill_n) / steps)
+        rows[mode if mode not in rows else mode + "_after_graph"] = row
+        report += [f"==== {mode}: " + json.dumps({k: round(v, 2) for k, v in row.items()}),
+                   "-- question prefill (answer of 1 token)", prefill_table,
+                   f"-- answer of {args.tokens} tokens", answer_table]
+        print(report[-4], flush=True)
+    args.out.write_text("\n".join(report))
+    args.out.with_suffix(".json").write_text(json.dumps(dict(shape=args.shape, frames=args.frames,
+                                                              gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
