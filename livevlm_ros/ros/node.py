@@ -347,10 +347,7 @@ class LiveVLMCore:
         stamp = _seconds(msg.header.stamp)
         with self._lock:
             self.count.frames_received += 1
-            self._recent[topic].append((stamp, msg))
             self._camera_wall[topic] = time.monotonic()
-            if self._frames:
-                self._offer(topic, stamp, msg, *self._frames[-1])
             last = self._last_sampled_stamp
             if self._waiting_for_stamp is not None:      # refusing since a jump: one jump, many frames
                 if stamp <= self._waiting_for_stamp:
@@ -363,6 +360,10 @@ class LiveVLMCore:
                     self.count.frames_refused_time += 1
                     return
                 last = self._last_sampled_stamp
+            # (after the time-jump rules: a jump clears what the cameras sent before it)
+            self._recent[topic].append((stamp, msg))
+            if self._frames:
+                self._offer(topic, stamp, msg, *self._frames[-1])
             self._newest_stamp = stamp if self._newest_stamp is None else max(self._newest_stamp, stamp)
             if last is not None and stamp - last < 1.0 / self._p["sample_fps"] - 1e-6:
                 return                                       # not due yet (or slightly out of order)
