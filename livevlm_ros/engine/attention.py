@@ -55,7 +55,26 @@ def _small_block_attention(q, k, v, mask, scale):
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
     probs = logits.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    return _probs_times_values(probs, v)
+
+
+def _probs_times_values(probs, v, chunk: int = 512):
+    """probs [b, h, rows, kv] @ v [b, h, kv, d], split over the keys: a plain batched product of a
+    few rows has b*h output tiles (4 SMs busy at 7B shapes, however long the context); chunks of
+    `chunk` keys make one tile each, and their float32 partial sums are added at the end. One
+    product per head: a head's keys are contiguous in the answer buffer, so nothing is copied."""
+    b, h, rows, kv = probs.shape
+    d, n = v.shape[3], kv // chunk
+    if n < 2:
+        return torch.matmul(probs, v)
+    main = n * chunk
+    pp, vv = probs.reshape(b * h, rows, kv), v.reshape(b * h, kv, d)
+    out = torch.stack([
+        _bmm_float32(pp[j, :, :main].reshape(rows, n, chunk).transpose(0, 1), vv[j, :main].view(n, chunk, d)).sum(0)
+        for j in range(b * h)])
+    if main < kv:
+        out += _bmm_float32(pp[:, :, main:], vv[:, main:])
+    return out.view(b, h, rows, d).to(v.dtype)
 
 
 @functools.lru_cache(maxsize=2)        # one forward's layers share it; lru_cache is thread-safe
