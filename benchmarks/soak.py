@@ -88,8 +88,10 @@ def main():
     summary = dict(date=time.strftime("%Y-%m-%d"), minutes=args.minutes, camera_hz=args.camera_hz,
                    questions=len(rows), answered=len(lat), median_s=round(median, 4), p90_s=round(p90, 4),
                    max_s=round(lat[-1], 4), p90_over_median=round(p90 / median, 2),
-                   narrations=status.get("narrations"), frames_ingested=status.get("frames_ingested"),
-                   frames_dropped=status.get("frames_dropped"))
+                   narrations=status.get("narrations"), frames_received=status.get("frames_received"),
+                   frames_ingested=status.get("frames_ingested"), frames_dropped=status.get("frames_dropped"),
+                   node_median_s=round(statistics.median(r["node_s"] for r in rows if r["success"]), 4),
+                   node_p90_s=sorted(r["node_s"] for r in rows if r["success"])[int(round(0.9 * (len(lat) - 1)))])
     print(json.dumps(summary))
     if args.out:
         Path(args.out).write_text(json.dumps(dict(summary=summary, rows=rows), indent=1))

@@ -113,6 +113,30 @@ def test_wrong_model_path_reports_error_and_keeps_serving(client, start, tmp_pat
     assert node.alive()
 
 
+@pytest.mark.timeout(150)
+def test_an_answer_does_not_wait_for_an_unrelated_event(client, start, tiny_model_path):
+    """The worker thread completes the service's future; rclpy resumes the waiting coroutine only
+    when its executor wakes. With no camera traffic and the only timer 30 s away, an answer must
+    still come back at once (it waited for the next timer: 0.9-1 s in a soak with 1 s status)."""
+    node = start(params(tiny_model_path, status_period_s=30.0, narration_period_s=0.0))
+    client.wait_for(lambda: (node.alive() or pytest.fail(node.output())) and client.query_client.service_is_ready(),
+                    60, "the query service")
+    time.sleep(1.0)                                             # discovery of our response reader
+
+    def ask():
+        t0 = time.monotonic()
+        r = client.query("Is the door open?", timeout=60)
+        return r, time.monotonic() - t0
+
+    client.wait_for(lambda: "still loading" not in ask()[0].error_message, 60, "the model to load")
+    client.image_pub.publish(client.image(1.0))
+    client.wait_for(lambda: ask()[0].success, 30, "the frame to be ingested")
+    for _ in range(3):
+        answer, seconds = ask()
+        assert answer.success and seconds < 10.0, f"answered after {seconds:.1f} s"
+    assert node.alive()
+
+
 @pytest.mark.timeout(120)
 def test_two_engines_share_a_domain_under_namespaces(start, tiny_model_path):
     """The default camera topic is relative: each robot reads only its own camera."""

@@ -58,14 +58,16 @@ def _small_block_attention(q, k, v, mask, scale):
     return _probs_times_values(probs, v)
 
 
-def _probs_times_values(probs, v, chunk: int = 512):
-    """probs [b, h, rows, kv] @ v [b, h, kv, d], split over the keys: a plain batched product of a
-    few rows has b*h output tiles (4 SMs busy at 7B shapes, however long the context); chunks of
-    `chunk` keys make one tile each, and their float32 partial sums are added at the end. One
+def _probs_times_values(probs, v, chunk: int = 512, split_from: int = 16384):
+    """probs [b, h, rows, kv] @ v [b, h, kv, d]. A plain batched product of a few rows has b*h
+    output tiles (4 SMs busy at 7B shapes, however long the context); from `split_from` keys on it
+    is split into chunks of `chunk` keys, one tile each, and their float32 partial sums are added
+    at the end (H200, 7B shapes: full cache at 200k keys decoded 36 instead of 7.6 tokens/s; at
+    LiveVLM's ~5k keys the extra kernels cost more than they gain: 126 against 136 tokens/s). One
     product per head: a head's keys are contiguous in the answer buffer, so nothing is copied."""
     b, h, rows, kv = probs.shape
     d, n = v.shape[3], kv // chunk
-    if n < 2:
+    if kv < split_from or n < 2:
         return torch.matmul(probs, v)
     main = n * chunk
     pp, vv = probs.reshape(b * h, rows, kv), v.reshape(b * h, kv, d)

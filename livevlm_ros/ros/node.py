@@ -212,6 +212,11 @@ class LiveVLMCore:
         self._control: collections.deque = collections.deque()   # (fn(engine) -> message, Future)
         self._narration_timer = self._status_timer = None
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+        # The service and action callbacks are coroutines awaiting futures the worker thread completes;
+        # rclpy resumes a waiting coroutine only when its executor wakes up, so the worker wakes it with
+        # this guard condition (else an answer waits for the next camera frame or timer: up to
+        # status_period_s when no camera is publishing)
+        self._worker_done = self.create_guard_condition(lambda: None)
         self.narration_pub = self.create_publisher(Narration, "~/narration", NARRATION_QOS)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._make_timers()
@@ -580,6 +585,7 @@ class LiveVLMCore:
             job.response.success, job.response.error_message = success, error
             job.response.latency_s = time.perf_counter() - job.received
             job.future.set_result(job.response)
+        self._worker_done.trigger()
 
     # ---- the engine worker ------------------------------------------------------------------------
     def _serve(self):
@@ -647,6 +653,7 @@ class LiveVLMCore:
             done.set_result((True, fn(self.engine)))
         except (MemoryFileError, OSError) as err:
             done.set_result((False, str(err)))
+        self._worker_done.trigger()
 
     def _job_failed(self, kind: str | None, job, err: Exception):
         self.count.worker_errors += 1
@@ -657,6 +664,7 @@ class LiveVLMCore:
             self._finish(job, False, f"engine error: {type(err).__name__}: {err}")
         elif kind == "control" and not job[1].done():
             job[1].set_result((False, f"engine error: {type(err).__name__}: {err}"))
+            self._worker_done.trigger()
 
     def _ingest(self, sample):
         """One sample: every camera's frame in it goes into memory as its own frame, marked by camera."""
