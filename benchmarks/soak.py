@@ -4,8 +4,8 @@
     source env.sh && python benchmarks/soak.py [--minutes 10] [--out benchmarks/results/cpu_soak.json]
 
 The node runs as its own process over real DDS, started from the demo's parameter file; this process
-publishes the synthetic world's frames (640x480 rgb8, stamped with the wall clock, looping a
-60 s episode) and calls /livevlm/query. Latency is what the caller sees: call -> response. Reports
+publishes the synthetic world's frames (rgb8, 640x480 unless --size, stamped with the wall clock,
+looping a 60 s episode) and calls /livevlm/query. Latency is what the caller sees: call -> response. Reports
 median, p90 and max, and p90 / median (the issue's target: <= 2).
 """
 
@@ -38,13 +38,15 @@ def main():
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--camera-hz", type=float, default=20.0)
     ap.add_argument("--question-every-s", type=float, default=10.0)
+    ap.add_argument("--size", default="640x480", help="camera frame size, WxH (rgb8)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     params = yaml.safe_load((REPO / "config/demo.yaml").read_text())["/**"]["ros__parameters"]
     params.update(model_path=str(REPO / "models/livevlm-demo"), camera_topics=["/camera/image_raw"])
     episode = world.Episode.generate(seed=7, seconds=60)
-    loop = [episode.render(k / args.camera_hz, 640, 480) for k in range(int(60 * args.camera_hz))]
+    width, height = (int(x) for x in args.size.split("x"))
+    loop = [episode.render(k / args.camera_hz, width, height) for k in range(int(60 * args.camera_hz))]
 
     tmp = Path(tempfile.mkdtemp())
     node = NodeProcess(tmp, params)
@@ -53,12 +55,15 @@ def main():
     try:
         client.wait_ready(node, timeout=120)
 
+        published = [0]
+
         def camera():
             k, period = 0, 1.0 / args.camera_hz
             next_t = time.monotonic()
             while not stop.is_set():
                 client.image_pub.publish(client.image(time.time(), loop[k % len(loop)]))
                 k += 1
+                published[0] = k
                 next_t += period
                 time.sleep(max(0.0, next_t - time.monotonic()))
 
@@ -85,10 +90,11 @@ def main():
     lat = sorted(r["caller_s"] for r in rows if r["success"])
     p90 = lat[min(len(lat) - 1, int(round(0.9 * (len(lat) - 1))))]
     median = statistics.median(lat)
-    summary = dict(date=time.strftime("%Y-%m-%d"), minutes=args.minutes, camera_hz=args.camera_hz,
+    summary = dict(date=time.strftime("%Y-%m-%d"), minutes=args.minutes, camera_hz=args.camera_hz, size=args.size,
                    questions=len(rows), answered=len(lat), median_s=round(median, 4), p90_s=round(p90, 4),
                    max_s=round(lat[-1], 4), p90_over_median=round(p90 / median, 2),
-                   narrations=status.get("narrations"), frames_received=status.get("frames_received"),
+                   narrations=status.get("narrations"), frames_published=published[0],
+                   frames_received=status.get("frames_received"), frames_sampled=status.get("frames_sampled"),
                    frames_ingested=status.get("frames_ingested"), frames_dropped=status.get("frames_dropped"),
                    node_median_s=round(statistics.median(r["node_s"] for r in rows if r["success"]), 4),
                    node_p90_s=sorted(r["node_s"] for r in rows if r["success"])[int(round(0.9 * (len(lat) - 1)))])
