@@ -30,7 +30,12 @@ NAME = "livevlm_stream"
 # fused kernel is the slow choice: it tiles over query rows, so 4 kv heads x 1 tile keep 4 of 132 SMs
 # busy (73-116 us a layer for one token at 7B shapes, H200). Two matrix products, split over the keys
 # by cuBLAS, read the same keys and values once with the whole GPU.
+# The two products take ~7 kernel launches where the fused kernel takes one: that pays in a captured
+# decode step (launches cost nothing there) and over long contexts (full cache: the fused kernel's
+# 4 busy SMs made a question over 50k keys kernel-bound), not in a question over LiveVLM's ~5k keys,
+# whose prefill is launch-bound (3,367 kernels for 19.5 ms of GPU time in 44 ms).
 SMALL_BLOCK_ROWS = 512
+LONG_CONTEXT = 16384
 _bmm_out_dtype = True          # torch.bmm(..., out_dtype=float32) on CUDA; False once it is found missing
 
 
@@ -58,7 +63,7 @@ def _small_block_attention(q, k, v, mask, scale):
     return _probs_times_values(probs, v)
 
 
-def _probs_times_values(probs, v, chunk: int = 512, split_from: int = 16384):
+def _probs_times_values(probs, v, chunk: int = 512, split_from: int = LONG_CONTEXT):
     """probs [b, h, rows, kv] @ v [b, h, kv, d]. A plain batched product of a few rows has b*h
     output tiles (4 SMs busy at 7B shapes, however long the context); from `split_from` keys on it
     is split into chunks of `chunk` keys, one tile each, and their float32 partial sums are added
@@ -97,7 +102,7 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     valid = getattr(key, "livevlm_valid", None)     # a fixed-size buffer (decode_step.py): its used slots
     if valid is not None:
         mask = valid.view(1, 1, 1, -1) if n == 1 else mask & valid
-    if groups * n <= SMALL_BLOCK_ROWS:
+    if groups * n <= SMALL_BLOCK_ROWS and (n == 1 or key.shape[2] >= LONG_CONTEXT):
         out = _small_block_attention(folded, key, value, mask, d ** -0.5 if scaling is None else scaling)
     else:
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)

@@ -225,12 +225,15 @@ class MemoryKVHook:
         q = self._query_heads(layer, self._question_rows) if plan.uses_question else None
         index = plan.long_index(layer, q)
         long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
-        long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
         if index is not None:
             index = index.to(long_k.device)
-            long_k, long_v, long_idx, long_sink = long_k[:, index], long_v[:, index], long_idx[index], long_sink[index]
-        if self.record_selection:
-            self.last_selection[layer] = long_idx.cpu()
+            long_k, long_v = long_k[:, index], long_v[:, index]
+        if self.record_selection or self._evidence_rows is not None:    # which tokens were read: on request
+            long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
+            if index is not None:
+                long_idx, long_sink = long_idx[index], long_sink[index]
+            if self.record_selection:
+                self.last_selection[layer] = long_idx.cpu()
         s0, s1 = plan.short_from, plan.short_to
         p, n_ctx = mem.prefix_len, self._n_ctx[layer]
         size = (kv.kv_heads, p + n_ctx + n_question + self._room, kv.head_dim)
