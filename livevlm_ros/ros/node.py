@@ -2,12 +2,13 @@
 memory services (~/reset_memory, ~/save_memory, ~/load_memory) out.
 
 Threads, and why:
-  executor threads  camera callbacks keep the newest message per camera and, when a frame's header
-                    stamp is a sampling period past the last sample, put the newest frame of every
-                    camera into a bounded queue (full: the oldest is dropped and counted). No
-                    decoding here. The query service callback is a coroutine: it queues the question
-                    and awaits its answer without holding an executor thread, so a burst of callers
-                    is answered or refused, never left waiting in a full request queue.
+  executor threads  camera callbacks keep each camera's last few messages and, when a frame's header
+                    stamp is a sampling period past the last sample, queue a sample: every camera's
+                    frame nearest that stamp (bounded queue; full: the oldest is dropped and
+                    counted). No decoding here. The query service and action callbacks are
+                    coroutines: they queue the question and await its answer without holding an
+                    executor thread (the worker wakes the executor when it is done), so a burst of
+                    callers is answered or refused, never left waiting in a full request queue.
   engine worker     one plain thread owns the engine (it is not thread-safe): it loads the model,
                     then serves, in this order, questions, narration, frames. Decoding, vision tower
                     and prefill all happen here, never in an executor callback. Any exception in a
