@@ -8,10 +8,15 @@ the new tokens' post-RoPE keys and attend to whatever comes back. That is where 
             to every token (pre-RoPE queries and keys come from forward hooks on each layer's
             q_proj / k_proj, because update() sees only rotated keys and no queries);
   answer  - on the first call per layer, asks the retrieval plan which long-term tokens this layer
-            reads (PaR scores pages with the question's pre-RoPE queries), assembles the context in
-            a buffer with room for the answer, then appends in place while the answer is decoded.
-            Nothing is written back into memory: when the answer ends, the buffers are dropped.
-Nothing here waits for the device (no .item(), no nonzero()), so the host can run ahead.
+            reads (PaR scores pages with the question's pre-RoPE queries; a time window narrows the
+            candidates), assembles the context in a buffer with room for the answer, optionally
+            measures the attention the question pays each frame (evidence), then appends in place
+            while the answer is decoded;
+  decode  - the fixed-shape step of decode_step.py: writes at per-layer lengths kept on the device
+            and hands back the whole answer buffer with the slots in use marked.
+Nothing is written back into memory. Nothing here waits for the device (no .item(), no nonzero()),
+so the host can run ahead; the one exception is a time window, whose per-layer counts are read once
+per answer.
 """
 
 from __future__ import annotations
