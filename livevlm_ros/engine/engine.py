@@ -211,11 +211,8 @@ class LiveVLMEngine:
                              the most of the question's attention (0 = do not measure it)"""
         question = self._check_question(question)
         self.flush()
-        if self.memory.frames_ingested == 0:
-            raise NoFramesError("no frame has been ingested yet: nothing to answer from")
-        tokens = None if window is None else self._window_tokens(*window)
         return self._answer(question, self.selector, max_new_tokens, return_logits, cancel, on_token,
-                            tokens, evidence)
+                            window, evidence)
 
     def _window_tokens(self, start: float | None, end: float | None) -> tuple[int, int]:
         lo, hi = -np.inf if start is None else start, np.inf if end is None else end
@@ -239,6 +236,7 @@ class LiveVLMEngine:
                 on_token, window=None, evidence=0) -> Answer:
         if self.memory.frames_ingested == 0:
             raise NoFramesError("no frame has been ingested yet: nothing to answer from")
+        tokens = None if window is None else self._window_tokens(*window)
         t0 = time.perf_counter()
         text = self.config.question_template.format(question=question)
         head = text[:text.index(question)]
@@ -253,7 +251,7 @@ class LiveVLMEngine:
         limit = max_new_tokens or self.config.max_new_tokens
         out, first_logits, ttft = [], None, 0.0
         with _device_errors("answer"):
-            start = self.hook.begin_answer(selector, rows, limit, window, rows if evidence else None)
+            start = self.hook.begin_answer(selector, rows, limit, tokens, rows if evidence else None)
             pages_used, pages_total = self.hook.pages()
             try:
                 n = embeds.shape[0]
