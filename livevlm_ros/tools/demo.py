@@ -103,6 +103,9 @@ def main():
             print(f"[query] {q}\n        -> {r.answer if r.success else 'ERROR: ' + r.error_message!r} "
                   f"(latency {r.latency_s * 1000:.0f} ms, memory {stamp(r.span_start):.1f}-{stamp(r.span_end):.1f}s, "
                   f"pages {r.pages_used}/{r.pages_total})")
+            if r.success:
+                print("        evidence: " + ", ".join(f"{stamp(t):.1f}s ({w:.0%})"
+                                                      for t, w in zip(r.evidence_times, r.evidence_weights)))
             if episode:
                 print(f"        truth: {truth(episode, q, stamp(r.span_end))}")
     finally:
