@@ -25,7 +25,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
 from ros_harness import Client, NodeProcess  # noqa: E402 (isolates the DDS domain before rclpy loads)
 
-from livevlm_ros.srv import Query  # noqa: E402
 from livevlm_ros.tools import synthetic_world as world  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,8 +73,7 @@ def main():
         while time.monotonic() < end:
             question = QUESTIONS[i % len(QUESTIONS)]
             t0 = time.monotonic()
-            future = client.query_client.call_async(Query.Request(question=question))
-            r = client.wait_for(lambda: future.done() and future.result(), 60, "an answer")
+            r = client.query(question, max_new_tokens=0)          # 0: the node's max_new_tokens
             seen = time.monotonic() - t0
             rows.append(dict(question=question, success=r.success, caller_s=round(seen, 4),
                              node_s=round(r.latency_s, 4), ttft_s=round(r.time_to_first_token_s, 4),

@@ -138,8 +138,9 @@ class Client:
         msg.data = data[: len(data) - truncate]
         return msg
 
-    def query(self, question: str, max_new_tokens: int = 4, timeout: float = 60.0) -> Query.Response:
-        future = self.query_client.call_async(Query.Request(question=question, max_new_tokens=max_new_tokens))
+    def query(self, question: str, max_new_tokens: int = 4, timeout: float = 60.0, **fields) -> Query.Response:
+        """Call ~/query and wait; `fields`: the request's other fields (window_start, last_seconds, ...)."""
+        future = self.query_client.call_async(Query.Request(question=question, max_new_tokens=max_new_tokens, **fields))
         return self.wait_for(lambda: future.done() and future.result(), timeout, f"an answer to {question!r}")
 
     def close(self):

@@ -26,9 +26,8 @@ def seconds(t: Time) -> float:
     return t.sec + t.nanosec * 1e-9
 
 
-def ask(client, timeout=60.0, **request):  # noqa: F811
-    future = client.query_client.call_async(Query.Request(question=QUESTION, max_new_tokens=2, **request))
-    return client.wait_for(lambda: future.done() and future.result(), timeout, "an answer")
+def ask(client, **request):  # noqa: F811
+    return client.query(QUESTION, max_new_tokens=2, **request)
 
 
 def play(client, publishers, first: float, last: float, hz: float = 2.0):  # noqa: F811

@@ -67,18 +67,21 @@ class DecodeStep:
     def _record(self):
         # a warm-up on a side stream (lazy initialisation stays out of the graph), then the capture;
         # both advance the step's state, which is put back before the first replay
-        saved = [t.clone() for t in (self.token, self.position, self.hook.lengths)]
+        state = (self.token, self.position, self.hook.lengths)
+        saved = [t.clone() for t in state]
+
+        def restore():
+            for t, s in zip(state, saved):
+                t.copy_(s)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._forward()
         torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip((self.token, self.position, self.hook.lengths), saved):
-            t.copy_(s)
+        restore()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._forward()
-        for t, s in zip((self.token, self.position, self.hook.lengths), saved):
-            t.copy_(s)
+        restore()
         self.graph = graph
         self.captures += 1

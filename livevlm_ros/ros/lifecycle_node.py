@@ -29,9 +29,7 @@ class LiveVLMLifecycleNode(LiveVLMCore, LifecycleNode):
             engine = self._load_engine()
         except Exception:                                   # noqa: BLE001 - the reason is in engine_error
             return TransitionCallbackReturn.FAILURE
-        self._load_memory_file(engine)
-        with self._lock:
-            self.engine = engine
+        self._adopt(engine)
         self._start_worker(load_in_worker=False)
         self.state = "inactive"
         return TransitionCallbackReturn.SUCCESS

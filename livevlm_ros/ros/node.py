@@ -252,10 +252,14 @@ class LiveVLMCore:
             engine = self._load_engine()
         except Exception:                              # noqa: BLE001 - reported in diagnostics and answers
             return
+        self._adopt(engine)
+        self._serve()
+
+    def _adopt(self, engine: LiveVLMEngine):
+        """A loaded engine starts serving, with memory from memory_file if there is one."""
         self._load_memory_file(engine)
         with self._lock:
             self.engine = engine
-        self._serve()
 
     def _open_intake(self):
         for topic in self._p["camera_topics"]:
