@@ -7,6 +7,7 @@ import time
 
 import rclpy
 from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from livevlm_ros.srv import Query
 
@@ -15,7 +16,10 @@ def main():
     service, n, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     rclpy.init()
     node = Node(f"burst_client_{time.monotonic_ns()}")
-    client = node.create_client(Query, service)
+    # room for every response: the default client queue keeps the last 10, and a burst of refusals
+    # ("busy", sent at once) can arrive faster than spin_once takes them
+    qos = QoSProfile(depth=max(n, 10), history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+    client = node.create_client(Query, service, qos_profile=qos)
     if not client.wait_for_service(timeout_sec=20):
         print(json.dumps({"error": "service not found"}))
         return
