@@ -1,8 +1,11 @@
-"""The fixed-shape decode step (decode_step.py: one arena per layer, lengths on the device, a mask
-instead of a slice) gives exactly the tokens the ordinary per-answer path gives. On the GPU the same
-step is replayed from a CUDA graph; gpu_bench.py checks that replay the same way (CI has no GPU)."""
+"""The answer at fixed shapes - the question's prefill padded to a bucket, its rows weighted
+(question_step.py), and the decode step (decode_step.py: one arena per layer, lengths on the device,
+a mask instead of a slice) - gives the tokens, first logits and evidence of the ordinary per-answer
+path. On the GPU the same steps are replayed from CUDA graphs; gpu_bench.py checks that replay the
+same way (CI has no GPU)."""
 
 import pytest
+import torch
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine
 
@@ -26,9 +29,14 @@ def test_static_decode_gives_the_same_tokens(endless_model, frames, options):
                 engine.ingest(video[i], float(i))
         for question in QUESTIONS:
             for window in (None, (2.0, 9.0) if n_frames == 16 else None):
-                a, b = (e.ask(question, window=window) for e in (eager, static))
+                a, b = (e.ask(question, window=window, evidence=3, return_logits=True) for e in (eager, static))
                 assert a.tokens_generated == 24, "the test needs answers that run to the limit"
                 assert a.token_ids == b.token_ids, (question, window)
+                torch.testing.assert_close(a.first_logits, b.first_logits, rtol=1e-4, atol=1e-4)
+                assert [e.time for e in a.evidence] == [e.time for e in b.evidence]
+                assert [e.weight for e in a.evidence] == pytest.approx([e.weight for e in b.evidence], rel=1e-4)
+                assert a.context_tokens == b.context_tokens and a.pages_used == b.pages_used
+        assert eager.describe().token_ids == static.describe().token_ids
     assert static.hook.arena_capacity >= static.memory.total_tokens()
 
 

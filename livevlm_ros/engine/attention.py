@@ -84,9 +84,21 @@ def _probs_times_values(probs, v, chunk: int = 512, split_from: int = LONG_CONTE
     return out.view(b, h, rows, d).to(v.dtype)
 
 
-@functools.lru_cache(maxsize=2)        # one forward's layers share it; lru_cache is thread-safe
+def capturing() -> bool:
+    """Is a CUDA graph being recorded on this thread's stream? (A graph must own the tensors it
+    reads: a cached one could be evicted and its memory reused while the graph still reads it.)"""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _folded_causal_mask(groups: int, n: int, kv_len: int, device) -> torch.Tensor:
     """[groups*n, kv_len] bool: row (j, i) - head j of the group, new token i - sees keys <= kv_len - n + i."""
+    if capturing():
+        return _folded_causal_mask_cached.__wrapped__(groups, n, kv_len, device)
+    return _folded_causal_mask_cached(groups, n, kv_len, device)
+
+
+@functools.lru_cache(maxsize=2)        # one forward's layers share it; lru_cache is thread-safe
+def _folded_causal_mask_cached(groups: int, n: int, kv_len: int, device) -> torch.Tensor:
     limit = kv_len - n + torch.arange(n, device=device)
     mask = torch.arange(kv_len, device=device)[None, :] <= limit[:, None]
     return mask.repeat(groups, 1)

@@ -5,9 +5,9 @@ GPU idles between them (decode ran at 55 tokens/s against a weight-bandwidth flo
 graph records the step's kernels once and replays them with one launch. A graph replays fixed
 addresses and shapes, so everything the step touches is fixed here:
 
-  arena     each layer's answer KV lives in one buffer of `capacity` tokens, allocated once and
-            reused by every answer (MemoryKVHook.use_arena); it grows, rarely, when an answer needs
-            more (memory is bounded, so it stops growing), and the graph is then captured again;
+  arena     each layer's answer KV lives in one buffer, allocated once and reused by every answer
+            (MemoryKVHook.reserve_arena); it grows, rarely, when an answer needs more (memory is
+            bounded, so it stops growing), and the graph is then captured again;
   lengths   a device tensor of per-layer context lengths: the step writes the new token's KV at
             `lengths[layer]`, attends to the slots below it (a mask, not a slice), then adds one;
   inputs    the token id and its position are device tensors the step reads and advances itself;
@@ -31,14 +31,8 @@ class DecodeStep:
         self.position = torch.zeros(1, dtype=torch.long, device=kv.device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._generation = None              # of the arena the graph was recorded on
         self.captures = 0                    # how many times a graph was recorded (for benchmarks)
-
-    def reserve(self, tokens: int):
-        """Make sure the arena holds `tokens` per layer (prefix + context + question + answer)."""
-        if self.hook.arena_capacity < tokens:
-            # some slack, so that a memory still filling up does not grow it answer after answer
-            self.hook.use_arena(-(-tokens * 9 // 8 // 256) * 256)
-            self.graph = None                # its addresses are gone: record again
 
     def begin(self, token: int, position: int):
         """After the question's prefill: the first answer token and its position."""
@@ -59,7 +53,7 @@ class DecodeStep:
         if not self.capture:
             self._forward()
         else:
-            if self.graph is None:
+            if self.graph is None or self._generation != self.hook.arena_generation:
                 self._record()
             self.graph.replay()
         return int(self.token)
@@ -79,9 +73,10 @@ class DecodeStep:
             self._forward()
         torch.cuda.current_stream().wait_stream(side)
         restore()
+        self.graph = None                    # free the old one's pool first
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):   # as in question_step.py
             self._forward()
         restore()
-        self.graph = graph
+        self.graph, self._generation = graph, self.hook.arena_generation
         self.captures += 1

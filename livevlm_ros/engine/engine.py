@@ -28,6 +28,7 @@ from .decode_step import DecodeStep
 from .kv_hook import MemoryKVHook
 from .memory import StreamingMemory
 from .models import VideoLLMAdapter, load_adapter
+from .question_step import QuestionStep
 from .retrieval import ContextSelector, RecentFrames, make_selector
 
 
@@ -82,18 +83,23 @@ class LiveVLMEngine:
         self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, **config.extra)
         self.selector = make_selector(config)
         self.hook = MemoryKVHook(self.model.rope, self.model.query_projections(), self.model.key_projections())
-        self.decode_step = self._make_decode_step()
+        self.question_step, self.decode_step = self._make_steps()
         try:
             self.reset()                  # makes the memory (allocated once here, not twice)
         except BaseException:
             self.hook.close()             # the model may outlive a failed engine: leave it unhooked
             raise
 
-    def _make_decode_step(self) -> DecodeStep | None:
+    def _make_steps(self) -> tuple[QuestionStep | None, DecodeStep | None]:
+        """The answer at fixed shapes (a question's prefill, then each decode step), replayed from
+        CUDA graphs in mode 'graph', run kernel by kernel in 'static'; 'eager' = neither."""
         mode = self.config.decode
         if mode == "auto":
             mode = "graph" if self.model.kv.device.type == "cuda" and self.config.bounded else "eager"
-        return None if mode == "eager" else DecodeStep(self.model, self.hook, capture=mode == "graph")
+        if mode == "eager":
+            return None, None
+        capture = mode == "graph"
+        return QuestionStep(self.model, self.hook, capture), DecodeStep(self.model, self.hook, capture)
 
     def reset(self):
         """Forget the stream: empty memory (the system prompt stays), as after start-up. For a
@@ -123,7 +129,7 @@ class LiveVLMEngine:
         self.memory.config = self.config
         self.selector = make_selector(self.config)
         if "decode" in changes:
-            self.decode_step = self._make_decode_step()
+            self.question_step, self.decode_step = self._make_steps()
 
     # ---- ingest -------------------------------------------------------------------------------------
     def ingest(self, frame: np.ndarray, timestamp: float, camera: str = "") -> bool:
@@ -250,16 +256,19 @@ class LiveVLMEngine:
         embeds = torch.cat([video_end, self.model.embed_tokens(torch.tensor(ids))])
         limit = max_new_tokens or self.config.max_new_tokens
         out, first_logits, ttft = [], None, 0.0
+        n = embeds.shape[0]
         with _device_errors("answer"):
-            start = self.hook.begin_answer(selector, rows, limit, tokens, rows if evidence else None)
-            pages_used, pages_total = self.hook.pages()
             try:
-                n = embeds.shape[0]
-                if self.decode_step is not None:
-                    self.decode_step.reserve(start + n + limit)
-                positions = torch.arange(start, start + n, device=embeds.device)
-                hidden = self.model.run_language_model(embeds[None], positions, self.hook)
-                logits = self.model.logits(hidden[:, -1])[0]
+                if self.question_step is not None and tokens is None:
+                    start, logits = self.question_step.run(selector, embeds, rows, limit, bool(evidence))
+                else:
+                    start = self.hook.begin_answer(selector, rows, limit, tokens, rows if evidence else None)
+                    if self.decode_step is not None:
+                        self.hook.reserve_arena(start + n + limit)
+                    positions = torch.arange(start, start + n, device=embeds.device)
+                    hidden = self.model.run_language_model(embeds[None], positions, self.hook)
+                    logits = self.model.logits(hidden[:, -1])[0]
+                pages_used, pages_total = self.hook.pages()
                 first_logits = logits.float().cpu() if return_logits else None
                 token = int(logits.argmax())
                 ttft = time.perf_counter() - t0

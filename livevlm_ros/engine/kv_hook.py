@@ -25,14 +25,21 @@ import functools
 
 import torch
 
+from .attention import capturing
 from .memory import StreamingMemory
 from .retrieval import ContextSelector
 from .rope import apply_rope
 
 
-@functools.lru_cache(maxsize=4)
 def _blocked(groups: int, r: int, device) -> torch.Tensor:
     """[groups*r, r] True where row (head in group, i) may not see the r rows' key j (j > i)."""
+    if capturing():
+        return _blocked_cached.__wrapped__(groups, r, device)
+    return _blocked_cached(groups, r, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _blocked_cached(groups: int, r: int, device) -> torch.Tensor:
     return torch.ones(r, r, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
 
 
@@ -52,25 +59,33 @@ class MemoryKVHook:
         # the last answer (off by default: it costs a device->host copy per layer).
         self.record_selection = False
         self.last_selection: dict[int, torch.Tensor] = {}
-        self._arena_k = self._arena_v = None          # fixed answer buffers (use_arena), for DecodeStep
+        self._arena_k = self._arena_v = None          # fixed answer buffers (reserve_arena)
         self.lengths: torch.Tensor | None = None
+        self.arena_generation = 0
 
-    # ---- fixed answer buffers (decode_step.py) --------------------------------------------------------
+    # ---- fixed answer buffers (decode_step.py, question_step.py) ------------------------------------
     @property
     def arena_capacity(self) -> int:
         return 0 if self._arena_k is None else self._arena_k.shape[2]
 
-    def use_arena(self, capacity: int):
-        """From now on every answer's context is assembled in one buffer per layer of `capacity`
-        tokens, allocated here once (instead of per answer), so that a captured decode step finds
-        its KV at the same addresses every time."""
+    def reserve_arena(self, tokens: int):
+        """From now on every answer's context is assembled in one buffer per layer, allocated here
+        (instead of per answer), so that captured steps find their KV at the same addresses every
+        time. It grows, rarely, when an answer needs more than `tokens` (prefix + context + question
+        + answer); memory is bounded, so it stops growing. `arena_generation` counts the buffers:
+        a graph recorded on older ones must be recorded again."""
+        if self.arena_capacity >= tokens:
+            return
         kv = self.memory.kv
+        # some slack, so that a memory still filling up does not grow it answer after answer
+        capacity = -(-tokens * 9 // 8 // 256) * 256
         self._arena_k = self._arena_v = None                    # free the old ones first
         # zeros, not empty: masked slots still enter the product (0 x -inf is NaN, garbage may be NaN)
         self._arena_k = torch.zeros(kv.layers, kv.kv_heads, capacity, kv.head_dim, dtype=kv.dtype, device=kv.device)
         self._arena_v = torch.zeros_like(self._arena_k)
         self._slots = torch.arange(capacity, device=kv.device)
         self.lengths = torch.zeros(kv.layers, dtype=torch.long, device=kv.device)
+        self.arena_generation += 1
 
     def begin_decode(self):
         """After an answer's prefill (in the arena): one token at a time at a fixed shape, the
@@ -152,10 +167,12 @@ class MemoryKVHook:
         n_new, r = cos.shape[0], self._window
         return self._attention_received(layer, slice(n_new - r, n_new), cos[-r:], sin[-r:], keys)
 
-    def _attention_received(self, layer: int, rows: slice, cos, sin, keys: torch.Tensor) -> torch.Tensor:
+    def _attention_received(self, layer: int, rows: slice, cos, sin, keys: torch.Tensor,
+                            weights: torch.Tensor | None = None) -> torch.Tensor:
         """Mean softmax attention that the captured query `rows` (of this forward, at the positions
         cos/sin give) pay to `keys`, whose last r = len(rows) columns are those rows' own keys, [n_keys].
-        Only these r rows are computed (per kv head: group*r x n_keys), never the full matrix."""
+        Only these r rows are computed (per kv head: group*r x n_keys), never the full matrix.
+        `weights` [r] (0/1): average over the rows weighted 1 only (a padded question)."""
         q = apply_rope(self._query_heads(layer, rows), cos, sin)
         kv_heads, _, D = keys.shape
         r = q.shape[1]
@@ -166,8 +183,13 @@ class MemoryKVHook:
         logits = torch.matmul(q, keys.transpose(1, 2))
         # row i sees every key before the r rows and their keys <= i: only the last r columns are masked
         logits[..., -r:].masked_fill_(_blocked(q.shape[1] // r, r, keys.device), float("-inf"))
-        received = logits.softmax(dim=-1).sum(dim=1, dtype=torch.float32)   # [kv_heads, keys]
-        return received.sum(dim=0) / (q.shape[0] * q.shape[1])
+        probs = logits.softmax(dim=-1)
+        if weights is None:
+            received = probs.sum(dim=1, dtype=torch.float32)                  # [kv_heads, keys]
+            return received.sum(dim=0) / (q.shape[0] * q.shape[1])
+        folded = weights.repeat(q.shape[1] // r).to(probs.dtype)             # rows are (head in group, i)
+        received = (probs * folded[:, None]).sum(dim=1, dtype=torch.float32)
+        return received.sum(dim=0) / (q.shape[0] * folded.sum(dtype=torch.float32))
 
     def finish_ingest(self):
         # post-RoPE keys stay a per-layer list: only the prefix keeps them, so clips skip the copy
@@ -178,28 +200,33 @@ class MemoryKVHook:
 
     # ---- answer -----------------------------------------------------------------------------------
     def begin_answer(self, selector: ContextSelector, question_rows: slice, max_new_tokens: int,
-                     window: tuple[int, int] | None = None, evidence_rows: slice | None = None) -> int:
+                     window: tuple[int, int] | None = None, evidence_rows: slice | None = None,
+                     row_weights: torch.Tensor | None = None) -> int:
         """Returns the position of the answer's first token. `window`: the stream tokens [a, b) it may
         read; `evidence_rows`: rows of the first forward whose attention to memory is measured per
-        frame (`frame_attention()`)."""
+        frame (`frame_attention()`); `row_weights` (0/1, one per question row; the same rows serve
+        evidence): which of them count, when the question is padded to a fixed length."""
         mem, kv = self.memory, self.memory.kv
         self.mode = "answer"
         self._plan = selector.plan(mem, window)
-        self._question_rows, self._room = question_rows, max_new_tokens
+        self._question_rows, self._room, self._row_weights = question_rows, max_new_tokens, row_weights
         n_short = self._plan.short_to - self._plan.short_from
         self._n_ctx = [n + n_short for n in self._plan.n_long]
         # layers may read different numbers of tokens (a time window): each layer's context ends
         # right before the question, so the newest memory is as close to it on every layer
         self.context_tokens = max(self._n_ctx)
         p = mem.prefix_len
-        self._ctx_rope = self.rope(torch.arange(p, p + self.context_tokens))
+        self._ctx_rope = self.rope(torch.arange(p, p + self.context_tokens, device=kv.device))
         start = p + self.context_tokens
         self._evidence_rows = evidence_rows
         self.evidence = None
         if evidence_rows is not None:
-            # per frame number, over all layers: attention drawn, and tokens that drew it
-            self.evidence = torch.zeros(2, mem.frames_ingested, dtype=torch.float32, device=kv.device)
-            self._evidence_rope = self.rope(torch.arange(start + evidence_rows.start, start + evidence_rows.stop))
+            # per frame number, over all layers: attention drawn, and tokens that drew it (sized in
+            # steps of 4096 frames, so that a captured prefill outlives many new frames)
+            frames = -(-(mem.frames_ingested + 1) // 4096) * 4096
+            self.evidence = torch.zeros(2, frames, dtype=torch.float32, device=kv.device)
+            self._evidence_rope = self.rope(torch.arange(start + evidence_rows.start, start + evidence_rows.stop,
+                                                         device=kv.device))
         self._capture = self._plan.uses_question or evidence_rows is not None
         self._answer_k: dict[int, torch.Tensor] = {}     # per layer: context + question + room to decode
         self._answer_v: dict[int, torch.Tensor] = {}
@@ -228,7 +255,7 @@ class MemoryKVHook:
         and the answer."""
         mem, kv, plan = self.memory, self.memory.kv, self._plan
         q = self._query_heads(layer, self._question_rows) if plan.uses_question else None
-        index = plan.long_index(layer, q)
+        index = plan.long_index(layer, q, self._row_weights)
         long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
         if index is not None:
             index = index.to(long_k.device)
@@ -269,9 +296,29 @@ class MemoryKVHook:
         (attention sinks), so what they draw says nothing about what the question is about."""
         rows, (cos, sin) = self._evidence_rows, self._evidence_rope
         keys = self._answer_k[layer][:, :context_end + rows.stop]
-        received = self._attention_received(layer, rows, cos, sin, keys)[self.memory.prefix_len:context_end]
+        received = self._attention_received(layer, rows, cos, sin, keys, self._row_weights)
+        received = received[self.memory.prefix_len:context_end]
         self.evidence[0].index_add_(0, self._ctx_frames, received * self._ctx_content)
         self.evidence[1].index_add_(0, self._ctx_frames, self._ctx_content)
+
+    def forget_padding(self, n: int):
+        """The last n tokens of the answer's first forward were padding (question_step.py): the
+        answer goes on from before them, and decoding writes over their KV."""
+        for layer in self._answer_len:
+            self._answer_len[layer] -= n
+
+    _ANSWER_STATE = ("mode", "_plan", "_answer_k", "_answer_v", "_answer_len", "context_tokens", "evidence")
+
+    def answer_state(self) -> dict:
+        """What the host knows after an answer's first forward (question_step.py records it with
+        the forward's graph, and puts it back when it replays that graph)."""
+        state = {name: getattr(self, name) for name in self._ANSWER_STATE}
+        state["_answer_len"] = dict(state["_answer_len"])
+        return state
+
+    def restore_answer_state(self, state: dict):
+        for name, value in state.items():
+            setattr(self, name, dict(value) if name == "_answer_len" else value)
 
     def frame_attention(self) -> torch.Tensor:
         """After an answer's first forward with evidence rows: per frame number, the mean attention
@@ -287,7 +334,7 @@ class MemoryKVHook:
         self._queries.clear()
         self._keys_pre.clear()
         self._answer_k = self._answer_v = self._keys = self._values = self._parts = None
-        self._evidence_rows = self._ctx_frames = self._ctx_content = None
+        self._evidence_rows = self._ctx_frames = self._ctx_content = self._row_weights = None
         self.new_keys_pre = self.new_keys_rot = self.new_values = self.scores = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

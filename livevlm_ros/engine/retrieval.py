@@ -47,9 +47,11 @@ class PageSummary:
                              zip((self.mean, self.low, self.high), (other.mean, other.low, other.high))))
 
 
-def page_scores(question_q: torch.Tensor, pages: PageSummary, scoring: str = "softmax_mean") -> torch.Tensor:
+def page_scores(question_q: torch.Tensor, pages: PageSummary, scoring: str = "softmax_mean",
+                row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """question_q [q_heads, n, D] pre-RoPE queries of the question's tokens; pages: one layer's
-    summaries [kv_heads, pages, D] -> the attention each page draws, [pages].
+    summaries [kv_heads, pages, D] -> the attention each page draws, [pages]. row_weights [n] (0/1):
+    only the tokens weighted 1 count (a question padded to a fixed length, question_step.py).
 
     softmax_mean  logits q . mean_key; softmax over pages per (query head, token); mean over both
     softmax_max   the same softmax; max over (query head, token): one strong match decides
@@ -65,8 +67,12 @@ def page_scores(question_q: torch.Tensor, pages: PageSummary, scoring: str = "so
                   + torch.einsum("hqd,hpd->hqp", q.clamp_max(0), pages.low.float()))
     else:
         logits = torch.einsum("hqd,hpd->hqp", q, pages.mean)
-    probs = (logits * D ** -0.5).softmax(dim=-1)
-    return probs.amax(dim=(0, 1)) if scoring == "softmax_max" else probs.mean(dim=(0, 1))
+    probs = (logits * D ** -0.5).softmax(dim=-1)                   # [kv_heads, rows, pages]
+    if row_weights is None:
+        return probs.amax(dim=(0, 1)) if scoring == "softmax_max" else probs.mean(dim=(0, 1))
+    folded = row_weights.repeat(q.shape[1] // row_weights.shape[0]).to(probs.dtype)   # rows: (head, token)
+    probs = probs * folded[:, None]
+    return probs.amax(dim=(0, 1)) if scoring == "softmax_max" else probs.sum(dim=(0, 1)) / (kv_heads * folded.sum())
 
 
 @dataclass
@@ -80,7 +86,8 @@ class RetrievalPlan:
     pages_total: int
     uses_question: bool = False
 
-    def long_index(self, layer: int, question_q: torch.Tensor | None) -> torch.Tensor | None:
+    def long_index(self, layer: int, question_q: torch.Tensor | None,
+                   row_weights: torch.Tensor | None = None) -> torch.Tensor | None:
         """Sorted indices of the long-term tokens `layer` reads; None = all of them."""
         return None
 
@@ -99,6 +106,15 @@ def _short_range(memory: StreamingMemory, window) -> tuple[int, int]:
     return min(max(a - first, 0), memory.short.len), min(max(b - first, 0), memory.short.len)
 
 
+def _in_order(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions where the 1-d `mask` is True, ascending, given that there are exactly n of them:
+    each goes to the slot its rank names, the rest to a spare slot (no sort, and no asking the
+    device how many: a sort costs ~45 us on the GPU, this ~15; and nothing here waits)."""
+    slot = torch.where(mask, mask.cumsum(0) - 1, n)
+    out = torch.zeros(n + 1, dtype=torch.long, device=mask.device)
+    return out.scatter_(0, slot, torch.arange(mask.shape[0], device=mask.device))[:n]
+
+
 def _windowed(memory: StreamingMemory, window) -> tuple[torch.Tensor, list[int]]:
     """Long-term tokens (device tier) that are no sinks and lie in the window, per layer: their
     positions first, in time order, then the rest, [L, long.len]; and how many there are per layer
@@ -107,7 +123,11 @@ def _windowed(memory: StreamingMemory, window) -> tuple[torch.Tensor, list[int]]
     free = ~long.sink
     if window is not None:
         free &= (long.token_idx >= window[0]) & (long.token_idx < window[1])
-    order = (~free).to(torch.int8).argsort(dim=1, stable=True)
+    # a stable partition by rank (what a stable argsort of ~free gives, without the sort)
+    n_free = free.sum(dim=1, keepdim=True)
+    slot = torch.where(free, free.cumsum(dim=1) - 1, n_free + (~free).cumsum(dim=1) - 1)
+    positions = torch.arange(free.shape[1], device=free.device).expand_as(slot)
+    order = torch.empty_like(slot).scatter_(1, slot, positions)
     counts = (free.sum(dim=1).tolist() if window is not None
               else [memory.long.len - memory.n_sinks] * memory.kv.layers)
     return order, counts
@@ -124,7 +144,7 @@ def _sinks(memory: StreamingMemory, order: torch.Tensor, window) -> torch.Tensor
 class _IndexPlan(RetrievalPlan):
     index: list[torch.Tensor]
 
-    def long_index(self, layer, question_q):
+    def long_index(self, layer, question_q, row_weights=None):
         return self.index[layer]
 
 
@@ -170,20 +190,20 @@ class _PagePlan(RetrievalPlan):
     sinks: torch.Tensor             # [L, n_sink]
     summary: PageSummary
 
-    def long_index(self, layer, question_q):
+    def long_index(self, layer, question_q, row_weights=None):
         P, n_free = self.page_tokens, self.n_free[layer]
         full = n_free // P
         k = math.ceil(self.ratio * full)
-        device = self.summary.mean.device
+        order, device = self.order[layer], self.order.device
+        # mark what is read over the long-term positions, then list the marks in time order
+        read = torch.zeros(order.shape[0], dtype=torch.bool, device=device)
         if k:
-            scores = page_scores(question_q, self.summary.layer(layer), self.scoring)[:full]
-            top = scores.topk(k).indices.sort().values
-        else:
-            top = torch.empty(0, dtype=torch.long, device=device)
-        pos = torch.cat([(top[:, None] * P + torch.arange(P, device=device)).flatten(),
-                         torch.arange(full * P, n_free, device=device)])                  # + the tail
-        chosen = self.order[layer][pos.to(self.order.device)]
-        return torch.cat([self.sinks[layer], chosen]).sort().values if self.sinks.shape[1] else chosen
+            scores = page_scores(question_q, self.summary.layer(layer), self.scoring, row_weights)[:full]
+            pages = torch.zeros(full, dtype=torch.bool, device=device).index_fill_(0, scores.topk(k).indices, True)
+            read[order[:full * P]] = pages[:, None].expand(full, P).reshape(-1)
+        read[order[full * P:n_free]] = True                                     # the tail
+        read[self.sinks[layer]] = True
+        return _in_order(read, self.n_long[layer])
 
 
 class _OffloadedPagePlan(RetrievalPlan):
@@ -196,11 +216,12 @@ class _OffloadedPagePlan(RetrievalPlan):
     b: int
     summary: PageSummary            # of the candidate pages
 
-    def long_index(self, layer, question_q):
+    def long_index(self, layer, question_q, row_weights=None):
         P, device = self.page_tokens, self.summary.mean.device
         first, last = -(-self.a // P), self.b // P            # candidate pages [first, last)
         if self.k:
-            top = page_scores(question_q, self.summary.layer(layer), self.scoring).topk(self.k).indices
+            scores = page_scores(question_q, self.summary.layer(layer), self.scoring, row_weights)
+            top = scores.topk(self.k).indices
             top = top.sort().values + first
         else:
             top = torch.empty(0, dtype=torch.long, device=device)

@@ -1,0 +1,147 @@
+"""The question's prefill at fixed shapes, so that a CUDA graph can replay it (issue 13).
+
+A question's first forward is ~3,400 small kernels at 7B shapes (per layer: score pages, pick
+them, gather and re-rotate their keys, attend), launched one by one from Python: 44 ms of wall
+time for 19.5 ms of GPU work. Once memory is full nothing in it changes shape from one question to
+the next, so it is recorded once and replayed with one launch. What is fixed, and how:
+
+  question  padded to a multiple of `BUCKET` tokens. The padding comes after the question, so no
+            real token sees it (causal attention); the first answer token is read from the last
+            real row, and decoding goes on from there, writing over the padding's KV.
+  rows      the rows that score pages (PaR) and measure evidence run from the question's first
+            token to the end of the bucket, weighted 1 for the question's own tokens, 0 after.
+  memory    the graph reads memory's tiers at fixed addresses and lengths (`_memory_changed`
+            names them); graphs are dropped when they change, and one is recorded for a question
+            shape (bucket, selector, evidence or not) only when that shape already ran on this
+            memory layout: while memory still fills up (its lengths change with every clip)
+            questions run kernel by kernel and nothing is recorded in vain.
+  the host  what the hook knows after the forward (the plan, per-layer lengths) is saved with the
+            graph and put back at each replay (MemoryKVHook.answer_state).
+
+Not captured (run kernel by kernel, at the same fixed shapes): time windows (their per-layer
+counts are read from the device), an offloaded (CPU) long-term tier, and CPUs. With capture off the
+same padded step runs eagerly: the CPU test suite checks it answers as the unpadded path does, and
+the GPU benchmark checks the replay gives the tokens of that eager step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BUCKET = 32           # question lengths are rounded up to this: few graphs, little padding
+
+
+@dataclass
+class _Inputs:
+    """The tensors a recorded graph reads (filled before each replay) and writes."""
+    embeds: torch.Tensor            # [bucket, hidden] the question's embeddings, then padding
+    last: torch.Tensor              # [1] row of the question's last token
+    row_weights: torch.Tensor       # [bucket - first question row] 1 for the question's own tokens
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Recorded:
+    graph: torch.cuda.CUDAGraph
+    inputs: _Inputs
+    start: int                      # position of the question's first token
+    hook_state: dict
+
+
+class QuestionStep:
+    def __init__(self, model, hook, capture: bool):
+        self.model, self.hook, self.capture = model, hook, capture
+        self.graphs: dict[tuple, _Recorded] = {}     # question key -> graph, for the memory of _memory_key
+        self._starts: dict[tuple, int] = {}          # question key -> start, of questions run eagerly
+        self._memory_key: tuple | None = None
+        self._pool = None                      # one memory pool for all these graphs (never run together)
+        self.captures = self.replays = 0       # for benchmarks
+
+    def run(self, selector, embeds: torch.Tensor, rows: slice, max_new_tokens: int, evidence: bool):
+        """The question's first forward. embeds [n, hidden]; rows: the question's own token rows.
+        Returns (position of the first row, logits that choose the first answer token); the hook is
+        left in answer mode with the padding forgotten, ready to decode."""
+        hook, n = self.hook, embeds.shape[0]
+        bucket = -(-n // BUCKET) * BUCKET
+        weights = torch.zeros(bucket - rows.start, device=embeds.device)
+        weights[:rows.stop - rows.start] = 1
+        inputs = _Inputs(torch.cat([embeds, embeds.new_zeros(bucket - n, embeds.shape[1])]),
+                         torch.tensor([n - 1], device=embeds.device), weights)
+        rows = slice(rows.start, bucket)
+        key = (bucket, rows.start, evidence, type(selector).__name__, tuple(sorted(vars(selector).items())))
+        if self._memory_changed():
+            self.graphs.clear()
+            self._starts.clear()
+        recorded = self.graphs.get(key)
+        if recorded is None and self._memory_key is not None and key in self._starts:
+            # the second question of this shape on this memory layout: record it
+            generation = hook.arena_generation
+            hook.reserve_arena(self._starts[key] + bucket + max_new_tokens)
+            if hook.arena_generation != generation:
+                self.graphs.clear()            # recorded on the old arena
+            recorded = self._record(key, selector, inputs, rows, max_new_tokens, evidence)
+        if recorded is not None and hook.arena_capacity >= recorded.start + bucket + max_new_tokens:
+            for static, new in zip((recorded.inputs.embeds, recorded.inputs.last, recorded.inputs.row_weights),
+                                   (inputs.embeds, inputs.last, inputs.row_weights)):
+                static.copy_(new)
+            recorded.graph.replay()
+            self.replays += 1
+            hook.restore_answer_state(recorded.hook_state)
+            start, logits = recorded.start, recorded.inputs.logits
+        else:
+            generation = hook.arena_generation
+            start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
+            if hook.arena_generation != generation:
+                self.graphs.clear()            # the arena grew: every graph must be recorded again
+            self._starts[key] = start
+            logits = inputs.logits
+        hook.forget_padding(bucket - n)
+        return start, logits
+
+    def _memory_changed(self) -> bool:
+        """Has memory's layout (what a graph reads: its tensors, their lengths) changed since the
+        last question? `_memory_key` is None where nothing may be recorded."""
+        mem = self.hook.memory
+        key = None
+        if self.capture and mem.long.device.type == "cuda":
+            tensors = [mem.prefix_keys, mem.prefix_values] + [t for b in (mem.long, mem.short)
+                                                             for t in (b.keys, b.values, b.token_idx, b.sink)]
+            key = (mem.prefix_len, mem.long.len, mem.short.len, mem.n_sinks,
+                   -(-(mem.frames_ingested + 1) // 4096),       # the hook sizes evidence in these steps
+                   tuple(t.data_ptr() for t in tensors))
+        changed, self._memory_key = key != self._memory_key, key
+        return changed
+
+    @torch.inference_mode()
+    def _forward(self, selector, inputs: _Inputs, rows: slice, max_new_tokens: int, evidence: bool) -> int:
+        hook, bucket = self.hook, inputs.embeds.shape[0]
+        start = hook.begin_answer(selector, rows, max_new_tokens, None, rows if evidence else None,
+                                  row_weights=inputs.row_weights)
+        hook.reserve_arena(start + bucket + max_new_tokens)       # no-op while recording: reserved before
+        positions = torch.arange(start, start + bucket, device=inputs.embeds.device)
+        hidden = self.model.run_language_model(inputs.embeds[None], positions, hook)
+        inputs.logits = self.model.logits(hidden[0].index_select(0, inputs.last))[0]
+        return start
+
+    def _record(self, key, selector, inputs: _Inputs, rows, max_new_tokens, evidence) -> _Recorded:
+        # a warm-up on a side stream first (lazy initialisation stays out of the graph), as
+        # torch.cuda.graphs asks; the forward changes nothing but the hook, which is reset after
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(selector, inputs, rows, max_new_tokens, evidence)
+        torch.cuda.current_stream().wait_stream(side)
+        self.hook.reset()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA calls (a ROS timer reading memory stats) do not spoil it
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
+        recorded = _Recorded(graph, inputs, start, self.hook.answer_state())
+        self.hook.reset()
+        self.graphs[key] = recorded
+        self.captures += 1
+        return recorded
