@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,8 @@ def time_answer(engine, repeats=3, max_new_tokens=16):
     stops = engine.model.stop_token_ids
     engine.model.stop_token_ids = ()           # random weights: never stop early, time the full answer
     try:
-        engine.ask(QUESTION, max_new_tokens=2)  # warm-up
+        for _ in range(2):                      # warm-up; the second records the question's graph
+            engine.ask(QUESTION, max_new_tokens=2)
         ttft, total, tps = [], [], []
         for _ in range(repeats):
             sync()
@@ -189,7 +191,8 @@ def bench_decode_paths(adapter, results, frames, budget, tokens=32):
                           decode_ms_per_token=(total - ttft) / (tokens - 1) * 1e3, gpu_allocated=alloc,
                           captures=engine.decode_step.captures if engine.decode_step else 0,
                           question_captures=engine.question_step.captures if engine.question_step else 0,
-                          question_replays=engine.question_step.replays if engine.question_step else 0)
+                          question_replays=engine.question_step.replays if engine.question_step else 0,
+                          question_capture_error=engine.question_step.capture_error if engine.question_step else None)
     for mode in modes:
         engine.reconfigure(decode=mode)
         stops, engine.model.stop_token_ids = engine.model.stop_token_ids, ()
@@ -201,7 +204,7 @@ def bench_decode_paths(adapter, results, frames, budget, tokens=32):
         finally:
             engine.model.stop_token_ids = stops
         rows[mode].update(kernel_ms_per_token=(whole - prefill) / (tokens - 1) * 1e3, prefill_kernel_ms=prefill * 1e3)
-        log("decode", mode, json.dumps({k: round(v, 2) for k, v in rows[mode].items()}))
+        log("decode", mode, json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in rows[mode].items()}))
     def first_diff(a, b):
         return [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), None) for p, q in zip(answers[a], answers[b])]
     # the captured replay must give exactly the tokens of the same step run kernel by kernel; against the
@@ -429,11 +432,13 @@ def bench_response(adapter, results, lengths, budget):
                 s = engine.stats()
                 row = dict(policy=policy, frames=frames, ttft_ms=ttft * 1e3, answer_ms=total * 1e3, decode_tps=tps,
                            context_tokens=a.context_tokens, device_kv_bytes=s["device_bytes"],
-                           offload_kv_bytes=s["offload_bytes"], gpu_allocated=alloc, gpu_peak=peak)
+                           offload_kv_bytes=s["offload_bytes"], gpu_allocated=alloc, gpu_peak=peak,
+                           question_replays=engine.question_step.replays if engine.question_step else 0)
             except torch.OutOfMemoryError as err:
                 row = dict(policy=policy, frames=frames, oom=str(err).splitlines()[0][:120])
             except Exception as err:          # noqa: BLE001 - EngineResourceError wraps OOM
                 row = dict(policy=policy, frames=frames, error=f"{type(err).__name__}: {str(err)[:160]}")
+                log(traceback.format_exc())
             rows.append(row)
             log("response", json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
             free(engine)
@@ -621,7 +626,7 @@ def main():
             fn(*a)
         except Exception as err:       # noqa: BLE001 - keep the other parts' numbers
             results.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"[:400]
-            log(f"!! {name} failed: {err}")
+            log(f"!! {name} failed: {err}\n{traceback.format_exc()}")
         log(f"-- {name} took {time.time() - t:.0f} s")
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 

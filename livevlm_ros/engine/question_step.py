@@ -26,6 +26,8 @@ the GPU benchmark checks the replay gives the tokens of that eager step.
 
 from __future__ import annotations
 
+import traceback
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,7 @@ class QuestionStep:
         self._memory_key: tuple | None = None
         self._pool = None                      # one memory pool for all these graphs (never run together)
         self.captures = self.replays = 0       # for benchmarks
+        self.capture_error: str | None = None  # why recording failed (then questions run kernel by kernel)
 
     def run(self, selector, embeds: torch.Tensor, rows: slice, max_new_tokens: int, evidence: bool):
         """The question's first forward. embeds [n, hidden]; rows: the question's own token rows.
@@ -81,7 +84,14 @@ class QuestionStep:
             hook.reserve_arena(self._starts[key] + bucket + max_new_tokens)
             if hook.arena_generation != generation:
                 self.graphs.clear()            # recorded on the old arena
-            recorded = self._record(key, selector, inputs, rows, max_new_tokens, evidence)
+            try:
+                recorded = self._record(key, selector, inputs, rows, max_new_tokens, evidence)
+            except RuntimeError as err:       # an operation a graph cannot record: answer anyway
+                self.hook.reset()
+                where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                                  for f in traceback.extract_tb(err.__traceback__)[-4:])
+                self.capture, self.capture_error = False, f"{type(err).__name__}: {err} (at {where})"
+                warnings.warn(f"question prefill is not captured in a CUDA graph: {self.capture_error}")
         if recorded is not None and hook.arena_capacity >= recorded.start + bucket + max_new_tokens:
             for static, new in zip((recorded.inputs.embeds, recorded.inputs.last, recorded.inputs.row_weights),
                                    (inputs.embeds, inputs.last, inputs.row_weights)):

@@ -200,9 +200,10 @@ class _PagePlan(RetrievalPlan):
         if k:
             scores = page_scores(question_q, self.summary.layer(layer), self.scoring, row_weights)[:full]
             pages = torch.zeros(full, dtype=torch.bool, device=device).index_fill_(0, scores.topk(k).indices, True)
-            read[order[:full * P]] = pages[:, None].expand(full, P).reshape(-1)
-        read[order[full * P:n_free]] = True                                     # the tail
-        read[self.sinks[layer]] = True
+            read.index_put_((order[:full * P],), pages[:, None].expand(full, P).reshape(-1))
+        # index_fill_, not read[i] = True: that copies a host scalar, which a CUDA graph cannot record
+        read.index_fill_(0, order[full * P:n_free], True)                      # the tail
+        read.index_fill_(0, self.sinks[layer], True)
         return _in_order(read, self.n_long[layer])
 
 
