@@ -136,17 +136,17 @@ def simulate_fill(engine: LiveVLMEngine, frames: int, clip_frames: int = 8):
     sync()
 
 
-def time_answer(engine, repeats=3, max_new_tokens=16):
+def time_answer(engine, repeats=3, max_new_tokens=16, evidence=0):
     """(ttft, full answer latency, decode tokens/s), medians; the answer is forced to full length."""
     stops = engine.model.stop_token_ids
     engine.model.stop_token_ids = ()           # random weights: never stop early, time the full answer
     try:
         for _ in range(2):                      # warm-up; the second records the question's graph
-            engine.ask(QUESTION, max_new_tokens=2)
+            engine.ask(QUESTION, max_new_tokens=2, evidence=evidence)
         ttft, total, tps = [], [], []
         for _ in range(repeats):
             sync()
-            a = engine.ask(QUESTION, max_new_tokens=max_new_tokens)
+            a = engine.ask(QUESTION, max_new_tokens=max_new_tokens, evidence=evidence)
             sync()
             ttft.append(a.ttft_s)
             total.append(a.latency_s)
@@ -173,7 +173,7 @@ def bench_decode_paths(adapter, results, frames, budget, tokens=32):
     """Issue 13: the decode step launched kernel by kernel (eager) vs replayed from a CUDA graph,
     on the same LiveVLM memory; the self-check that both give the same tokens; and per path the
     GPU's kernel time against the wall time (what is left is launch gaps)."""
-    engine = make_engine(adapter, "livevlm", budget, decode="eager")
+    engine = make_engine(adapter, "livevlm", budget, launch="eager")
     simulate_fill(engine, frames)
     questions = [QUESTION, "Is the door open?", "What did the robot see in the kitchen?"]
     rows, answers = {}, {}
@@ -184,17 +184,19 @@ def bench_decode_paths(adapter, results, frames, budget, tokens=32):
     # timings first, for both paths: once the profiler has run, kernel launches stay slower for the
     # rest of the process (seen on the H200: +10-20 ms on a 50 ms question prefill)
     for mode in modes:
-        engine.reconfigure(decode=mode)
+        engine.reconfigure(launch=mode)
         ttft, total, tps, a = time_answer(engine, repeats=5, max_new_tokens=tokens)
         alloc, peak = gpu_mem()
-        rows[mode] = dict(ttft_ms=ttft * 1e3, answer_ms=total * 1e3, decode_tps=tps,
+        # as the node asks by default (evidence_frames: 3): the question also measures evidence
+        ttft_evidence = time_answer(engine, repeats=5, max_new_tokens=2, evidence=3)[0]
+        rows[mode] = dict(ttft_ms=ttft * 1e3, ttft_evidence_ms=ttft_evidence * 1e3, answer_ms=total * 1e3, decode_tps=tps,
                           decode_ms_per_token=(total - ttft) / (tokens - 1) * 1e3, gpu_allocated=alloc,
                           captures=engine.decode_step.captures if engine.decode_step else 0,
                           question_captures=engine.question_step.captures if engine.question_step else 0,
                           question_replays=engine.question_step.replays if engine.question_step else 0,
                           question_capture_error=engine.question_step.capture_error if engine.question_step else None)
     for mode in modes:
-        engine.reconfigure(decode=mode)
+        engine.reconfigure(launch=mode)
         stops, engine.model.stop_token_ids = engine.model.stop_token_ids, ()
         try:
             answers[mode] = [engine.ask(q, max_new_tokens=tokens).token_ids for q in questions]
@@ -276,12 +278,43 @@ def bench_ingest(adapter, results, n_frames, clip_sizes):
         dt = (time.perf_counter() - t0) / n
         ctx = engine.memory.total_tokens()
         fl = flops_per_frame(adapter, ctx)
+        step = engine.ingest_step
         out[f"clip{clip}"] = dict(ms_per_frame=dt * 1e3, fps=1 / dt, memory_tokens=ctx, flops_per_frame=fl,
-                                  achieved_tflops=fl["total"] / dt / 1e12, peak_bytes=gpu_mem()[1])
+                                  achieved_tflops=fl["total"] / dt / 1e12, peak_bytes=gpu_mem()[1],
+                                  allocated_bytes=gpu_mem()[0], launch=engine.config.launch,
+                                  clip_captures=step.captures if step else 0, clip_replays=step.replays if step else 0,
+                                  clip_capture_error=step.capture_error if step else None)
         log(f"ingest livevlm clip={clip}: {dt * 1e3:.1f} ms/frame ({1 / dt:.1f} fps), "
             f"{fl['total'] / dt / 1e12:.0f} TFLOP/s achieved, memory {ctx} tokens")
         free(engine)
     results["ingest"] = out
+
+
+def check_ingest_replay(adapter, results, clip: int, frames: int):
+    """Issue 13 self-check: clips replayed from CUDA graphs leave exactly the memory (and answers)
+    that the same fixed-shape steps run kernel by kernel leave, over a stream that fills memory."""
+    T = adapter.tokens_per_frame
+    video = random_frames(frames)
+    engines = {}
+    for mode in ("static", "graph"):
+        engine = make_engine(adapter, "livevlm", 12288 if T > 100 else 34 + 2 * T + 256, frames_per_clip=clip,
+                             launch=mode)
+        for i, frame in enumerate(video):
+            engine.ingest(frame, float(i))
+        engine.flush()
+        engines[mode] = engine
+    a, b = engines["static"].memory, engines["graph"].memory
+    same = all(torch.equal(getattr(x.view(), f), getattr(y.view(), f))
+               for x, y in ((a.long, b.long), (a.short, b.short)) for f in ("keys", "values", "token_idx", "sink"))
+    answers = {m: e.ask(QUESTION, max_new_tokens=16).token_ids for m, e in engines.items()}
+    step = engines["graph"].ingest_step
+    results.setdefault("ingest", {})[f"replay_check_clip{clip}"] = dict(
+        frames=frames, same_memory=same, same_answer=answers["static"] == answers["graph"],
+        clip_replays=step.replays, clip_captures=step.captures, clip_capture_error=step.capture_error)
+    log(f"ingest self-check, clip={clip}, {frames} frames: graph memory == static memory: {same}; same answer: "
+        f"{answers['static'] == answers['graph']}; clips replayed {step.replays}, recorded {step.captures}"
+        + (f"; capture error: {step.capture_error}" if step.capture_error else ""))
+    free(*engines.values())
 
 
 def bench_ingest_vsb_off(adapter, results, n_frames):
@@ -630,7 +663,8 @@ def main():
         log(f"-- {name} took {time.time() - t:.0f} s")
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    part("ingest", lambda: (bench_ingest(adapter, results, n, [1, 8]), bench_ingest_vsb_off(adapter, results, n)))
+    part("ingest", lambda: (bench_ingest(adapter, results, n, [1, 8]), bench_ingest_vsb_off(adapter, results, n),
+                            check_ingest_replay(adapter, results, 1, 80 if not args.tiny else 40)))
     part("hf", bench_hf_baseline, adapter, results, n * 2)
     part("response", bench_response, adapter, results, lengths, budget)
     part("hf_static", bench_hf_static_compiled, adapter, results, lengths[0], 16, not args.tiny)

@@ -3,6 +3,8 @@ decode path (eager, static, graph), as wall time against the GPU's kernel time, 
 that take it. Memory is LiveVLM's, full (simulated fill, as in gpu_bench.py).
 
     python3 benchmarks/profile_answer.py --shape 7b --frames 1024 --out results/profile_7b.txt
+
+--ingest profiles a clip's way into memory instead (real frames, memory full), per launch mode.
 """
 
 from __future__ import annotations
@@ -49,15 +51,18 @@ def main():
     ap.add_argument("--frames", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=17)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ingest", action="store_true", help="profile ingest (1- and 8-frame clips) instead")
     args = ap.parse_args()
     adapter = gb.build_adapter(args.shape, "cuda", torch.bfloat16)
-    engine = gb.make_engine(adapter, "livevlm", 12288, decode="eager")
+    if args.ingest:
+        return profile_ingest(adapter, args.out)
+    engine = gb.make_engine(adapter, "livevlm", 12288, launch="eager")
     gb.simulate_fill(engine, args.frames)
     engine.model.stop_token_ids = ()              # random weights: every answer runs to its length
     report, rows, runs = [], {}, ("eager", "static", "graph")
     # wall times first, for every path: once the profiler has run, launches stay slower in this process
     for mode in runs:
-        engine.reconfigure(decode=mode)
+        engine.reconfigure(launch=mode)
         for _ in range(2):
             engine.ask(gb.QUESTION, max_new_tokens=args.tokens)
         prefill_wall = wall(lambda: engine.ask(gb.QUESTION, max_new_tokens=1))
@@ -65,7 +70,7 @@ def main():
         rows[mode] = dict(prefill_wall_ms=prefill_wall * 1e3,
                           step_wall_ms=(answer_wall - prefill_wall) / (args.tokens - 1) * 1e3)
     for mode in runs:
-        engine.reconfigure(decode=mode)
+        engine.reconfigure(launch=mode)
         prefill_k, prefill_n, prefill_table = kernels(lambda: engine.ask(gb.QUESTION, max_new_tokens=1))
         answer_k, answer_n, answer_table = kernels(lambda: engine.ask(gb.QUESTION, max_new_tokens=args.tokens))
         steps = args.tokens - 1
@@ -79,6 +84,39 @@ def main():
     args.out.write_text("\n".join(report))
     args.out.with_suffix(".json").write_text(json.dumps(dict(shape=args.shape, frames=args.frames,
                                                               gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
+
+
+def profile_ingest(adapter, out: Path, frames: int = 48):
+    """Per clip size and launch mode: wall time per frame once memory is full, then the GPU's
+    kernel time per frame and the kernels that take it."""
+    video = gb.random_frames(frames)
+    T = adapter.tokens_per_frame
+    engines, rows, report = {}, {}, []
+    for clip in (1, 8):
+        for mode in ("eager", "graph"):
+            engine = gb.make_engine(adapter, "livevlm", 12288, frames_per_clip=clip, launch=mode)
+            t = 0
+            for _ in range(12288 // T + 3 * clip):              # memory full, and the clip's graph recorded
+                engine.ingest(video[t % frames], float(t))
+                t += 1
+            gb.sync()
+
+            def clips(n_frames, engine=engine, start=[t]):      # noqa: B006 - a counter shared by the calls
+                for _ in range(n_frames):
+                    engine.ingest(video[start[0] % frames], float(start[0]))
+                    start[0] += 1
+            rows[(clip, mode)] = dict(clip=clip, launch=mode, wall_ms_per_frame=wall(lambda: clips(8), 5) / 8 * 1e3)
+            engines[(clip, mode)] = (engine, clips)
+            print(json.dumps(rows[(clip, mode)]), flush=True)
+    for key, (engine, clips) in engines.items():        # the profiler last: launches stay slower after it
+        k, n, table = kernels(lambda: clips(8))
+        rows[key].update(kernel_ms_per_frame=k / 8 * 1e3, kernels_per_frame=n / 8)
+        report += [f"==== clip {key[0]}, {key[1]}: " + json.dumps({a: round(b, 2) if isinstance(b, float) else b
+                                                                   for a, b in rows[key].items()}), table]
+        print(report[-2], flush=True)
+    out.write_text("\n".join(report))
+    out.with_suffix(".json").write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=list(rows.values())),
+                                                   indent=1))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ QUESTIONS = ["Where did I last see the red toolbox?", "Is the door open?", "What
 
 
 def engines(path, **options):
-    return [LiveVLMEngine(EngineConfig(model_path=path, sample_fps=0, decode=mode, max_new_tokens=24, **options))
+    return [LiveVLMEngine(EngineConfig(model_path=path, sample_fps=0, launch=mode, max_new_tokens=24, **options))
             for mode in ("eager", "static")]
 
 
@@ -44,6 +44,6 @@ def test_decode_mode_is_checked(tiny_model_path):
     from livevlm_ros.engine.config import ConfigError
 
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        EngineConfig(model_path=tiny_model_path, decode="graph").validate()
-    with pytest.raises(ConfigError, match="decode must be one of"):
-        EngineConfig(model_path=tiny_model_path, decode="fast").validate()
+        EngineConfig(model_path=tiny_model_path, launch="graph").validate()
+    with pytest.raises(ConfigError, match="launch must be one of"):
+        EngineConfig(model_path=tiny_model_path, launch="fast").validate()

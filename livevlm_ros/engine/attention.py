@@ -26,14 +26,13 @@ import torch.nn.functional as F
 NAME = "livevlm_stream"
 
 
-# Up to this many folded query rows (a decode step: 7 at 7B shapes; a question: a few hundred) the
-# fused kernel is the slow choice: it tiles over query rows, so 4 kv heads x 1 tile keep 4 of 132 SMs
-# busy (73-116 us a layer for one token at 7B shapes, H200). Two matrix products, split over the keys
-# by cuBLAS, read the same keys and values once with the whole GPU.
-# The two products take ~7 kernel launches where the fused kernel takes one: that pays in a captured
-# decode step (launches cost nothing there) and over long contexts (full cache: the fused kernel's
-# 4 busy SMs made a question over 50k keys kernel-bound), not in a question over LiveVLM's ~5k keys,
-# whose prefill is launch-bound (3,367 kernels for 19.5 ms of GPU time in 44 ms).
+# Up to this many folded query rows (a decode step: 7 at 7B shapes; a question: 7 x 32) the fused
+# kernel is the slow choice: it tiles over query rows, so 4 kv heads x 1-2 tiles keep 4-8 of 132 SMs
+# busy (73-116 us a layer for one token, H200; 122 us for a 32-token question over 5k keys, H100).
+# Two matrix products, split over the keys by cuBLAS, read the same keys and values with the whole
+# GPU. They take ~5 kernels where the fused kernel takes one, which costs nothing where the step is
+# replayed from a CUDA graph (question_step.py, decode_step.py). A clip's prefill (196+ tokens a
+# frame, 1,372+ rows) keeps the fused kernel.
 SMALL_BLOCK_ROWS = 512
 LONG_CONTEXT = 16384
 _bmm_out_dtype = True          # torch.bmm(..., out_dtype=float32) on CUDA; False once it is found missing
@@ -52,13 +51,17 @@ def _bmm_float32(a, b):
     return torch.bmm(a.float(), b.float())
 
 
-def _small_block_attention(q, k, v, mask, scale):
-    """softmax(q k^T * scale) v for a few query rows, logits and softmax in float32."""
+def _small_block_attention(q, k, v, n: int, valid, scale):
+    """softmax(q k^T * scale) v for a few folded query rows (groups x n new tokens) whose own keys
+    are the last n; logits and softmax in float32. `valid` [kv] (one new token only): the slots of a
+    fixed-size buffer that hold context."""
     b, h, rows, d = q.shape
     q3, kt = (q * scale).reshape(b * h, rows, d), k.reshape(b * h, -1, d).transpose(1, 2)
     logits = _bmm_float32(q3, kt).view(b, h, rows, -1)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
+    if valid is not None:
+        logits.masked_fill_(~valid, float("-inf"))
+    if n > 1:          # new token i sees the context and new tokens <= i: only the last n columns are masked
+        logits[..., -n:].masked_fill_(causal_tail(rows // n, n, q.device), float("-inf"))
     probs = logits.softmax(dim=-1).to(v.dtype)
     return _probs_times_values(probs, v)
 
@@ -90,6 +93,18 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def causal_tail(groups: int, n: int, device) -> torch.Tensor:
+    """[groups*n, n] True where folded row (head in group, i) may not see new token j (j > i)."""
+    if capturing():
+        return _causal_tail_cached.__wrapped__(groups, n, device)
+    return _causal_tail_cached(groups, n, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_tail_cached(groups: int, n: int, device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
+
+
 def _folded_causal_mask(groups: int, n: int, kv_len: int, device) -> torch.Tensor:
     """[groups*n, kv_len] bool: row (j, i) - head j of the group, new token i - sees keys <= kv_len - n + i."""
     if capturing():
@@ -110,13 +125,13 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     hkv = key.shape[1]
     groups = hq // hkv
     folded = query.reshape(b, hkv, groups * n, d)          # heads of a group are adjacent in Hq
-    mask = None if n == 1 else _folded_causal_mask(groups, n, key.shape[2], query.device)
     valid = getattr(key, "livevlm_valid", None)     # a fixed-size buffer (decode_step.py): its used slots
-    if valid is not None:
-        mask = valid.view(1, 1, 1, -1) if n == 1 else mask & valid
-    if groups * n <= SMALL_BLOCK_ROWS and (n == 1 or key.shape[2] >= LONG_CONTEXT):
-        out = _small_block_attention(folded, key, value, mask, d ** -0.5 if scaling is None else scaling)
+    if valid is not None and n > 1:
+        raise ValueError("a fixed-size key buffer takes one new token at a time")
+    if groups * n <= SMALL_BLOCK_ROWS:
+        out = _small_block_attention(folded, key, value, n, valid, d ** -0.5 if scaling is None else scaling)
     else:
+        mask = None if n == 1 else _folded_causal_mask(groups, n, key.shape[2], query.device)
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), None
 

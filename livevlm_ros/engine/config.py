@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 PAGE_SCORINGS = ("quest", "softmax_mean", "softmax_max")    # see retrieval.page_scores
-DECODE_MODES = ("auto", "eager", "static", "graph")          # see decode_step.py
+LAUNCH_MODES = ("auto", "eager", "static", "graph")          # see graphs.py
 
 POLICIES = {
     # name:            (compression,      retrieval, long_term)
@@ -63,7 +63,7 @@ class EngineConfig:
 
     # --- answering ---------------------------------------------------------------------------
     max_new_tokens: int = 64
-    decode: str = "auto"                 # eager | static | graph (decode_step.py); auto = graph on CUDA, bounded memory
+    launch: str = "auto"                 # eager | static | graph (graphs.py); auto = graph on CUDA, bounded memory
     max_question_tokens: int = 256
     narration_frames: int = 2            # recent frames a narration looks at (<= short_term_frames)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -108,8 +108,8 @@ class EngineConfig:
         need(0.0 < self.retrieval_ratio <= 1.0, "retrieval_ratio must be in (0, 1]")
         need(self.page_scoring in PAGE_SCORINGS, f"page_scoring must be one of {PAGE_SCORINGS}")
         need(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
-        need(self.decode in DECODE_MODES, f"decode must be one of {DECODE_MODES}")
-        need(self.decode != "graph" or self.device.startswith("cuda"), "decode 'graph' needs a CUDA device")
+        need(self.launch in LAUNCH_MODES, f"launch must be one of {LAUNCH_MODES}")
+        need(self.launch != "graph" or self.device.startswith("cuda"), "launch 'graph' needs a CUDA device")
         need(self.max_question_tokens >= 1, "max_question_tokens must be >= 1")
         need(1 <= self.narration_frames <= self.short_term_frames,
              "narration_frames must be in [1, short_term_frames]")

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .graphs import record
+
 
 class DecodeStep:
     def __init__(self, model, hook, capture: bool):
@@ -59,24 +61,14 @@ class DecodeStep:
         return int(self.token)
 
     def _record(self):
-        # a warm-up on a side stream (lazy initialisation stays out of the graph), then the capture;
-        # both advance the step's state, which is put back before the first replay
+        # the warm-up and the recording both advance the step's state: put it back after each
         state = (self.token, self.position, self.hook.lengths)
         saved = [t.clone() for t in state]
 
         def restore():
             for t, s in zip(state, saved):
                 t.copy_(s)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        restore()
         self.graph = None                    # free the old one's pool first
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):   # as in question_step.py
-            self._forward()
-        restore()
-        self.graph, self._generation = graph, self.hook.arena_generation
+        self.graph, _ = record(self._forward, None, restore)
+        self._generation = self.hook.arena_generation
         self.captures += 1

@@ -25,6 +25,7 @@ import torch
 from . import persistence
 from .config import EngineConfig
 from .decode_step import DecodeStep
+from .ingest_step import IngestStep
 from .kv_hook import MemoryKVHook
 from .memory import StreamingMemory
 from .models import VideoLLMAdapter, load_adapter
@@ -50,7 +51,7 @@ class AnswerCancelled(RuntimeError):
 
 # options that may change while the engine runs (the rest shape memory and need a new engine)
 RUNTIME_OPTIONS = ("retrieval_ratio", "page_scoring", "max_new_tokens", "max_question_tokens",
-                   "narration_frames", "narration_prompt", "decode")
+                   "narration_frames", "narration_prompt", "launch")
 
 
 @dataclass
@@ -83,23 +84,27 @@ class LiveVLMEngine:
         self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, **config.extra)
         self.selector = make_selector(config)
         self.hook = MemoryKVHook(self.model.rope, self.model.query_projections(), self.model.key_projections())
-        self.question_step, self.decode_step = self._make_steps()
+        self._make_steps()
         try:
             self.reset()                  # makes the memory (allocated once here, not twice)
         except BaseException:
             self.hook.close()             # the model may outlive a failed engine: leave it unhooked
             raise
 
-    def _make_steps(self) -> tuple[QuestionStep | None, DecodeStep | None]:
-        """The answer at fixed shapes (a question's prefill, then each decode step), replayed from
-        CUDA graphs in mode 'graph', run kernel by kernel in 'static'; 'eager' = neither."""
-        mode = self.config.decode
+    def _make_steps(self):
+        """`launch`: how a clip's prefill, a question's prefill and each answer token run. 'graph':
+        at fixed shapes, replayed from CUDA graphs once memory is full (graphs.py); 'static': the
+        same fixed shapes, kernel by kernel (the CPU tests check them against 'eager'); 'eager':
+        shapes as they come."""
+        mode = self.config.launch
         if mode == "auto":
             mode = "graph" if self.model.kv.device.type == "cuda" and self.config.bounded else "eager"
-        if mode == "eager":
-            return None, None
-        capture = mode == "graph"
-        return QuestionStep(self.model, self.hook, capture), DecodeStep(self.model, self.hook, capture)
+        self.ingest_step = self.question_step = self.decode_step = None
+        if mode != "eager":
+            capture = mode == "graph"
+            self.ingest_step = IngestStep(self.hook, capture)
+            self.question_step = QuestionStep(self.model, self.hook, capture)
+            self.decode_step = DecodeStep(self.model, self.hook, capture)
 
     def reset(self):
         """Forget the stream: empty memory (the system prompt stays), as after start-up. For a
@@ -128,8 +133,8 @@ class LiveVLMEngine:
         self.config = self.config.replace(**changes)
         self.memory.config = self.config
         self.selector = make_selector(self.config)
-        if "decode" in changes:
-            self.question_step, self.decode_step = self._make_steps()
+        if "launch" in changes:
+            self._make_steps()
 
     # ---- ingest -------------------------------------------------------------------------------------
     def ingest(self, frame: np.ndarray, timestamp: float, camera: str = "") -> bool:
@@ -157,7 +162,12 @@ class LiveVLMEngine:
         frames, times, cameras = zip(*self._pending)
         self._pending = []
         with _device_errors("ingest a clip"):
-            self._commit(self.model.encode_frames(self.model.preprocess(list(frames))), list(times), list(cameras))
+            pixels = self.model.preprocess(list(frames))
+
+            def clip_forward(pixels):
+                return self._prefill(self.model.encode_frames(pixels), self.compression.needs_scores)
+            out = self.ingest_step.run(pixels, clip_forward) if self.ingest_step else clip_forward(pixels)
+            self._commit(*out, list(times), list(cameras))
 
     def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[float]):
         """Prefill precomputed token embeddings [n_frames * tokens_per_frame, hidden] as frames,
@@ -166,11 +176,17 @@ class LiveVLMEngine:
             raise EngineInputError(f"need [{len(timestamps)} x {self.model.tokens_per_frame}, hidden] embeddings, "
                                    f"got {tuple(embeds.shape)}")
         with _device_errors("ingest embeddings"):
-            self._commit(embeds.to(self.model.kv.device, self.model.kv.dtype), list(timestamps),
+            embeds = embeds.to(self.model.kv.device, self.model.kv.dtype)
+            self._commit(*self._prefill(embeds, self.compression.needs_scores), list(timestamps),
                          [""] * len(timestamps))
 
-    def _commit(self, embeds: torch.Tensor, times: list[float], cameras: list[str]):
-        keys_pre, _, values, scores = self._prefill(embeds, score=self.compression.needs_scores)
+    def _commit(self, keys_pre, keys_rot, values, scores, times: list[float], cameras: list[str]):
+        """A prefilled clip into memory: the attention memory drew from it (VSB's scores), then the
+        clip itself (StreamingMemory.commit_clip: eviction and compression)."""
+        if scores is not None:
+            p, start = self.memory.prefix_len, self.memory.prefix_len + self.memory.attendable_len()
+            self.memory.add_observations(scores[:, p:start])
+            scores = scores[:, start:]
         self.memory.commit_clip(keys_pre, values, scores, times, cameras)
 
     def _prefill_prefix(self):
@@ -185,6 +201,9 @@ class LiveVLMEngine:
 
     @torch.inference_mode()
     def _prefill(self, embeds: torch.Tensor, score: bool):
+        """New tokens after prefix + memory -> their pre-RoPE keys [L, H, n, D], post-RoPE keys (per
+        layer), values, and (score) the attention every token drew from the observation window
+        [L, p + memory + n]. Changes nothing: ingest_step.py may replay it from a graph."""
         start = self.memory.prefix_len + self.memory.attendable_len()
         n = embeds.shape[0]
         positions = torch.arange(start, start + n, device=embeds.device)
@@ -195,12 +214,7 @@ class LiveVLMEngine:
         except BaseException:
             self.hook.reset()
             raise
-        keys_pre, keys_rot, values, scores = self.hook.finish_ingest()
-        if scores is not None:
-            p = self.memory.prefix_len
-            self.memory.add_observations(scores[:, p:start])
-            scores = scores[:, start:]
-        return keys_pre, keys_rot, values, scores
+        return self.hook.finish_ingest()
 
     # ---- answer -------------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False,

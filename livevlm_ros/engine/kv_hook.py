@@ -21,26 +21,13 @@ per answer.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from .attention import capturing
+from .attention import causal_tail
 from .memory import StreamingMemory
 from .retrieval import ContextSelector
 from .rope import apply_rope
-
-
-def _blocked(groups: int, r: int, device) -> torch.Tensor:
-    """[groups*r, r] True where row (head in group, i) may not see the r rows' key j (j > i)."""
-    if capturing():
-        return _blocked_cached.__wrapped__(groups, r, device)
-    return _blocked_cached(groups, r, device)
-
-
-@functools.lru_cache(maxsize=4)
-def _blocked_cached(groups: int, r: int, device) -> torch.Tensor:
-    return torch.ones(r, r, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
 
 
 class MemoryKVHook:
@@ -127,7 +114,7 @@ class MemoryKVHook:
         self.mode = "ingest"
         p, n_att, n = mem.prefix_len, mem.attendable_len(), new_positions.shape[0]
         self._parts = [b for b in mem.attendable_buffers() if b.len]
-        self._mem_rope = self.rope(torch.arange(p, p + n_att))
+        self._mem_rope = self.rope(torch.arange(p, p + n_att, device=kv.device))
         self._new_rope = self.rope(new_positions)
         # one [prefix | memory | new] buffer, reused by every layer: the device runs layer i's
         # attention before layer i+1's update overwrites it (same stream, in order)
@@ -182,7 +169,7 @@ class MemoryKVHook:
         # bytes of float32 (softmax and the row sum still accumulate in float32)
         logits = torch.matmul(q, keys.transpose(1, 2))
         # row i sees every key before the r rows and their keys <= i: only the last r columns are masked
-        logits[..., -r:].masked_fill_(_blocked(q.shape[1] // r, r, keys.device), float("-inf"))
+        logits[..., -r:].masked_fill_(causal_tail(q.shape[1] // r, r, keys.device), float("-inf"))
         probs = logits.softmax(dim=-1)
         if weights is None:
             received = probs.sum(dim=1, dtype=torch.float32)                  # [kv_heads, keys]

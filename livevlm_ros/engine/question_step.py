@@ -10,27 +10,26 @@ the next, so it is recorded once and replayed with one launch. What is fixed, an
             real row, and decoding goes on from there, writing over the padding's KV.
   rows      the rows that score pages (PaR) and measure evidence run from the question's first
             token to the end of the bucket, weighted 1 for the question's own tokens, 0 after.
-  memory    the graph reads memory's tiers at fixed addresses and lengths (`_memory_changed`
-            names them); graphs are dropped when they change, and one is recorded for a question
-            shape (bucket, selector, evidence or not) only when that shape already ran on this
-            memory layout: while memory still fills up (its lengths change with every clip)
-            questions run kernel by kernel and nothing is recorded in vain.
+  memory    the graph reads memory at fixed addresses and lengths (graphs.memory_layout); graphs
+            are dropped when they change, and one is recorded for a question shape (bucket,
+            selector, evidence or not) only when that shape already ran on this memory layout.
   the host  what the hook knows after the forward (the plan, per-layer lengths) is saved with the
             graph and put back at each replay (MemoryKVHook.answer_state).
 
 Not captured (run kernel by kernel, at the same fixed shapes): time windows (their per-layer
-counts are read from the device), an offloaded (CPU) long-term tier, and CPUs. With capture off the
+counts are read from the device), an offloaded (CPU) long-term tier, `hook.record_selection`, CPUs. With capture off the
 same padded step runs eagerly: the CPU test suite checks it answers as the unpadded path does, and
 the GPU benchmark checks the replay gives the tokens of that eager step.
 """
 
 from __future__ import annotations
 
-import traceback
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from .graphs import describe_error, memory_layout, record
 
 BUCKET = 32           # question lengths are rounded up to this: few graphs, little padding
 
@@ -88,9 +87,7 @@ class QuestionStep:
                 recorded = self._record(key, selector, inputs, rows, max_new_tokens, evidence)
             except RuntimeError as err:       # an operation a graph cannot record: answer anyway
                 self.hook.reset()
-                where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
-                                  for f in traceback.extract_tb(err.__traceback__)[-4:])
-                self.capture, self.capture_error = False, f"{type(err).__name__}: {err} (at {where})"
+                self.capture, self.capture_error = False, describe_error(err)
                 warnings.warn(f"question prefill is not captured in a CUDA graph: {self.capture_error}")
         if recorded is not None and hook.arena_capacity >= recorded.start + bucket + max_new_tokens:
             for static, new in zip((recorded.inputs.embeds, recorded.inputs.last, recorded.inputs.row_weights),
@@ -115,12 +112,10 @@ class QuestionStep:
         last question? `_memory_key` is None where nothing may be recorded."""
         mem = self.hook.memory
         key = None
-        if self.capture and mem.long.device.type == "cuda":
-            tensors = [mem.prefix_keys, mem.prefix_values] + [t for b in (mem.long, mem.short)
-                                                             for t in (b.keys, b.values, b.token_idx, b.sink)]
-            key = (mem.prefix_len, mem.long.len, mem.short.len, mem.n_sinks,
-                   -(-(mem.frames_ingested + 1) // 4096),       # the hook sizes evidence in these steps
-                   tuple(t.data_ptr() for t in tensors))
+        # (recording which tokens each layer read copies them to the host: not in a graph)
+        if self.capture and mem.long.device.type == "cuda" and not self.hook.record_selection:
+            # + the frame count in the steps the hook sizes evidence in
+            key = (memory_layout(mem), -(-(mem.frames_ingested + 1) // 4096))
         changed, self._memory_key = key != self._memory_key, key
         return changed
 
@@ -136,22 +131,12 @@ class QuestionStep:
         return start
 
     def _record(self, key, selector, inputs: _Inputs, rows, max_new_tokens, evidence) -> _Recorded:
-        # a warm-up on a side stream first (lazy initialisation stays out of the graph), as
-        # torch.cuda.graphs asks; the forward changes nothing but the hook, which is reset after
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward(selector, inputs, rows, max_new_tokens, evidence)
-        torch.cuda.current_stream().wait_stream(side)
-        self.hook.reset()
+        def forward():
+            start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
+            return start, self.hook.answer_state()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA calls (a ROS timer reading memory stats) do not spoil it
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
-        recorded = _Recorded(graph, inputs, start, self.hook.answer_state())
-        self.hook.reset()
-        self.graphs[key] = recorded
+        graph, (start, state) = record(forward, self._pool, self.hook.reset)
+        recorded = self.graphs[key] = _Recorded(graph, inputs, start, state)
         self.captures += 1
         return recorded

@@ -45,7 +45,7 @@ from std_srvs.srv import Trigger
 
 from livevlm_ros.engine import (RUNTIME_OPTIONS, AnswerCancelled, EngineConfig, EngineInputError,
                                 EngineResourceError, LiveVLMEngine, MemoryFileError, NoFramesError)
-from livevlm_ros.engine.config import DECODE_MODES, PAGE_SCORINGS, POLICIES
+from livevlm_ros.engine.config import LAUNCH_MODES, PAGE_SCORINGS, POLICIES
 from livevlm_ros.action import Ask
 from livevlm_ros.msg import Narration
 from livevlm_ros.srv import Query
@@ -95,8 +95,9 @@ NODE_PARAMETERS = [
     ("model_path", "", "Local folder of a from_pretrained Video LLM checkpoint (LLaVA-OneVision).", RESTART),
     ("device", _ENGINE_DEFAULTS.device, "Torch device: cpu, cuda, cuda:1, ...", RESTART),
     ("dtype", _ENGINE_DEFAULTS.dtype, "float32 | bfloat16 | float16", RESTART),
-    ("decode", _ENGINE_DEFAULTS.decode, "Decode step: auto (a CUDA graph on a GPU with bounded memory) | graph | "
-     "static | eager.", RESTART),
+    ("launch", _ENGINE_DEFAULTS.launch, "How clips, questions and answer tokens launch their kernels: graph "
+     "(replayed from CUDA graphs once memory is full) | static (the same fixed shapes, one by one) | eager | auto "
+     "(graph on a GPU with bounded memory).", RESTART),
     ("policy", _ENGINE_DEFAULTS.policy, f"Memory policy: {' | '.join(POLICIES)}", RESTART),
     ("budget_tokens", _ENGINE_DEFAULTS.budget_tokens, "Hard cap on memory tokens on the device (-1 = unbounded).",
      RESTART),
@@ -123,7 +124,7 @@ NODE_PARAMETERS = [
     ("narration_prompt", _ENGINE_DEFAULTS.narration_prompt, "The question a narration asks."),
 ]
 _ENGINE_FIELDS = set(EngineConfig.__dataclass_fields__)
-_CHOICES = {"on_time_jump": ("reset", "refuse"), "page_scoring": PAGE_SCORINGS, "decode": DECODE_MODES}
+_CHOICES = {"on_time_jump": ("reset", "refuse"), "page_scoring": PAGE_SCORINGS, "launch": LAUNCH_MODES}
 
 # The service takes every request off the wire at once (its callback only queues), so the request
 # queue needs room for one burst of callers, not for the backlog: a few hundred covers any fleet

@@ -1,0 +1,54 @@
+"""What the captured steps share: recording a step in a CUDA graph, and the memory layout a graph
+depends on (issue 13).
+
+A graph replays fixed kernels on fixed addresses. The engine's steps (ingest_step.py,
+question_step.py, decode_step.py) run at shapes that stop changing once memory is full; each
+records its graph for a key that names those shapes plus `memory_layout`, and records it only
+when that key comes a second time: while memory still fills up, its lengths change with every
+clip and steps run kernel by kernel, so nothing is recorded in vain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def memory_layout(memory) -> tuple:
+    """The addresses and lengths of memory's device tensors: what a recorded step reads (a new
+    memory, a tier that grew, or a clip that changed the lengths makes a different layout)."""
+    tensors = [memory.prefix_keys, memory.prefix_values] + [
+        t for tier in (memory.long, memory.short) for t in (tier.keys, tier.values, tier.token_idx, tier.sink)]
+    return (memory.prefix_len, memory.long.len, memory.short.len, memory.n_sinks,
+            tuple(t.data_ptr() for t in tensors))
+
+
+def record(body: Callable[[], object], pool, reset: Callable[[], None] | None = None):
+    """Record `body` in a CUDA graph; returns (graph, what body returned while recording).
+    A warm-up run on a side stream comes first, as torch.cuda.graphs asks (lazy initialisation stays
+    out of the graph); `reset` undoes what a run left behind, after the warm-up and after recording.
+    thread_local: CUDA calls of other threads (a ROS timer reading memory stats) do not spoil it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    if reset is not None:
+        reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        result = body()
+    if reset is not None:
+        reset()
+    return graph, result
+
+
+def describe_error(err: BaseException) -> str:
+    """An error while recording, with where it happened (a step that cannot be recorded runs
+    kernel by kernel from then on, and says why once)."""
+    import traceback
+
+    where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                      for f in traceback.extract_tb(err.__traceback__)[-4:])
+    return f"{type(err).__name__}: {err} (at {where})"
