@@ -290,6 +290,28 @@ def bench_ingest(adapter, results, n_frames, clip_sizes):
     results["ingest"] = out
 
 
+def check_attention_paths(adapter, results, context=12288):
+    """A clip's prefill attends with the flash kernel on CUDA (bottom-right causal, grouped kv heads,
+    no mask): it must equal the folded-mask path the CPU takes, on a clip of one frame after memory."""
+    import torch.nn.functional as F
+
+    from livevlm_ros.engine import attention
+
+    kv, n = adapter.kv, adapter.tokens_per_frame
+    g = torch.Generator(device=kv.device).manual_seed(0)
+    q = torch.randn(1, kv.q_heads, n, kv.head_dim, device=kv.device, dtype=kv.dtype, generator=g)
+    k, v = (torch.randn(1, kv.kv_heads, context + n, kv.head_dim, device=kv.device, dtype=kv.dtype, generator=g)
+            for _ in range(2))
+    flash = attention._flash_bottom_right(q, k, v, kv.head_dim ** -0.5)
+    groups = kv.q_heads // kv.kv_heads
+    mask = attention._folded_causal_mask(groups, n, context + n, kv.device)
+    ref = F.scaled_dot_product_attention(q.reshape(1, kv.kv_heads, groups * n, -1), k, v, attn_mask=mask)
+    ref = ref.reshape(1, kv.q_heads, n, -1)
+    diff = None if flash is None else float((flash.float() - ref.float()).abs().max())
+    results["attention_check"] = dict(flash_used=flash is not None, max_abs_diff=diff)
+    log(f"attention self-check (clip prefill): flash used {flash is not None}, max |flash - folded mask| {diff}")
+
+
 def check_ingest_replay(adapter, results, clip: int, frames: int):
     """Issue 13 self-check: clips replayed from CUDA graphs leave exactly the memory (and answers)
     that the same fixed-shape steps run kernel by kernel leave, over a stream that fills memory."""
@@ -665,7 +687,8 @@ def main():
         log(f"-- {name} took {time.time() - t:.0f} s")
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    part("ingest", lambda: (bench_ingest(adapter, results, n, [1, 8]), bench_ingest_vsb_off(adapter, results, n),
+    part("ingest", lambda: (check_attention_paths(adapter, results), bench_ingest(adapter, results, n, [1, 8]),
+                            bench_ingest_vsb_off(adapter, results, n),
                             check_ingest_replay(adapter, results, 1, 80 if not args.tiny else 40)))
     part("hf", bench_hf_baseline, adapter, results, n * 2)
     part("response", bench_response, adapter, results, lengths, budget)

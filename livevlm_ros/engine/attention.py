@@ -36,6 +36,7 @@ NAME = "livevlm_stream"
 SMALL_BLOCK_ROWS = 512
 LONG_CONTEXT = 16384
 _bmm_out_dtype = True          # torch.bmm(..., out_dtype=float32) on CUDA; False once it is found missing
+_flash_gqa = True              # the flash kernel with fewer kv heads on CUDA; False once it is found missing
 
 
 def _bmm_float32(a, b):
@@ -87,6 +88,22 @@ def _probs_times_values(probs, v, chunk: int = 512, split_from: int = LONG_CONTE
     return out.view(b, h, rows, d).to(v.dtype)
 
 
+def _flash_bottom_right(q, k, v, scale):
+    """Many new tokens after a context on CUDA (a clip's prefill): the flash kernel, whose causal
+    mask is aligned bottom-right when there are fewer queries than keys (flash-attention 2), with
+    grouped kv heads read in place. No mask is built or read: the folded mask is n*groups x keys
+    bools (154 MB for an 8-frame clip at 7B shapes), and a graph rebuilt it for every layer.
+    None where the kernel is missing or refuses these inputs."""
+    global _flash_gqa
+    if not (_flash_gqa and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return None
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
+    except (RuntimeError, NotImplementedError):
+        _flash_gqa = False
+        return None
+
+
 def capturing() -> bool:
     """Is a CUDA graph being recorded on this thread's stream? (A graph must own the tensors it
     reads: a cached one could be evicted and its memory reused while the graph still reads it.)"""
@@ -128,8 +145,11 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     valid = getattr(key, "livevlm_valid", None)     # a fixed-size buffer (decode_step.py): its used slots
     if valid is not None and n > 1:
         raise ValueError("a fixed-size key buffer takes one new token at a time")
+    scale = d ** -0.5 if scaling is None else scaling
     if groups * n <= SMALL_BLOCK_ROWS:
-        out = _small_block_attention(folded, key, value, n, valid, d ** -0.5 if scaling is None else scaling)
+        out = _small_block_attention(folded, key, value, n, valid, scale)
+    elif (out := _flash_bottom_right(query, key, value, scale)) is not None:
+        return out.transpose(1, 2).contiguous(), None
     else:
         mask = None if n == 1 else _folded_causal_mask(groups, n, key.shape[2], query.device)
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
