@@ -90,15 +90,11 @@ def profile_ingest(adapter, out: Path, frames: int = 48):
     """Per clip size and launch mode: wall time per frame once memory is full, then the GPU's
     kernel time per frame and the kernels that take it."""
     video = gb.random_frames(frames)
-    T = adapter.tokens_per_frame
     engines, rows, report = {}, {}, []
     for clip in (1, 8):
         for mode in ("eager", "graph"):
             engine = gb.make_engine(adapter, "livevlm", 12288, frames_per_clip=clip, launch=mode)
-            t = 0
-            for _ in range(12288 // T + 3 * clip):              # memory full, and the clip's graph recorded
-                engine.ingest(video[t % frames], float(t))
-                t += 1
+            t = gb.warm_up_ingest(engine, video)              # memory full, and the clip's graph recorded
             gb.sync()
 
             def clips(n_frames, engine=engine, start=[t]):      # noqa: B006 - a counter shared by the calls

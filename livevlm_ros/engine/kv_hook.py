@@ -30,6 +30,9 @@ from .retrieval import ContextSelector
 from .rope import apply_rope
 
 
+SCORE_CHUNK_BYTES = 16 << 20       # logits made at once when measuring attention received (L2: 50 MB)
+
+
 class MemoryKVHook:
     def __init__(self, rope, query_modules: list[torch.nn.Module], key_modules: list[torch.nn.Module]):
         self.memory: StreamingMemory | None = None      # set by the engine (LiveVLMEngine.reset)
@@ -160,23 +163,29 @@ class MemoryKVHook:
         cos/sin give) pay to `keys`, whose last r = len(rows) columns are those rows' own keys, [n_keys].
         Only these r rows are computed (per kv head: group*r x n_keys), never the full matrix.
         `weights` [r] (0/1): average over the rows weighted 1 only (a padded question)."""
-        q = apply_rope(self._query_heads(layer, rows), cos, sin)
-        kv_heads, _, D = keys.shape
-        r = q.shape[1]
-        q = (q.reshape(kv_heads, -1, D) * D ** -0.5).to(keys.dtype)      # query heads grouped by kv head
-        # [kv_heads, rows, keys] is the largest thing VSB touches (7 x 196 rows x 12k keys per kv
-        # head at 7B shapes): it stays in the model's dtype, so every pass over it moves half the
-        # bytes of float32 (softmax and the row sum still accumulate in float32)
-        logits = torch.matmul(q, keys.transpose(1, 2))
-        # row i sees every key before the r rows and their keys <= i: only the last r columns are masked
-        logits[..., -r:].masked_fill_(causal_tail(q.shape[1] // r, r, keys.device), float("-inf"))
-        probs = logits.softmax(dim=-1)
-        if weights is None:
-            received = probs.sum(dim=1, dtype=torch.float32)                  # [kv_heads, keys]
-            return received.sum(dim=0) / (q.shape[0] * q.shape[1])
-        folded = weights.repeat(q.shape[1] // r).to(probs.dtype)             # rows are (head in group, i)
-        received = (probs * folded[:, None]).sum(dim=1, dtype=torch.float32)
-        return received.sum(dim=0) / (q.shape[0] * folded.sum(dtype=torch.float32))
+        q = apply_rope(self._query_heads(layer, rows), cos, sin)             # [q_heads, r, D]
+        kv_heads, n_keys, D = keys.shape
+        q_heads, r = q.shape[0], q.shape[1]
+        groups = q_heads // kv_heads
+        q = (q.reshape(kv_heads, groups, r, D) * D ** -0.5).to(keys.dtype)  # query heads grouped by kv head
+        # The logits stay in the model's dtype (softmax and the row sum accumulate in float32), and
+        # are made for a few query heads of each group at a time: all at once they are
+        # [kv_heads, groups * r, keys], 137 MB for a frame's 196 rows over 12k keys at 7B shapes,
+        # more than the L2 cache, so the softmax and the sum each went to HBM and back. A chunk of
+        # ~16 MB stays in L2.
+        step = max(1, SCORE_CHUNK_BYTES // (kv_heads * r * n_keys * keys.element_size()))
+        received = torch.zeros(kv_heads, n_keys, dtype=torch.float32, device=keys.device)
+        for g in range(0, groups, step):
+            part = q[:, g:g + step].reshape(kv_heads, -1, D)                   # rows: (head in group, i)
+            logits = torch.matmul(part, keys.transpose(1, 2))
+            # row i sees every key before the r rows and their keys <= i: only the last r columns are masked
+            logits[..., -r:].masked_fill_(causal_tail(part.shape[1] // r, r, keys.device), float("-inf"))
+            probs = logits.softmax(dim=-1)
+            if weights is not None:
+                probs.mul_(weights.to(probs.dtype).repeat(part.shape[1] // r)[:, None])
+            received += probs.sum(dim=1, dtype=torch.float32)
+        rows_counted = r if weights is None else weights.sum(dtype=torch.float32)
+        return received.sum(dim=0) / (q_heads * rows_counted)
 
     def finish_ingest(self):
         # post-RoPE keys stay a per-layer list: only the prefix keeps them, so clips skip the copy
@@ -246,7 +255,7 @@ class MemoryKVHook:
         long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
         if index is not None:
             index = index.to(long_k.device)
-            long_k, long_v = long_k[:, index], long_v[:, index]
+            long_k, long_v = long_k.index_select(1, index), long_v.index_select(1, index)
         if self.record_selection or self._evidence_rows is not None:    # which tokens were read: on request
             long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
             if index is not None:
