@@ -43,7 +43,7 @@ def video_ids(engine, n_frames, question=None):
 
 
 # ---- VSB scores -------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk_bytes", [kv_hook.SCORE_CHUNK_BYTES, 1])    # 1: one query head at a time
+@pytest.mark.parametrize("chunk_bytes", [kv_hook.SCORE_CHUNK_BYTES, 1])    # 1: one row at a time
 def test_vsb_scores_equal_the_attention_transformers_returns(tiny_model_path, frames, chunk_bytes, monkeypatch):
     """After a few one-frame clips with nothing dropped, every visual token's score is the attention
     the newest frame's tokens (the observation window: one frame) pay it, mean over heads and rows."""

@@ -30,7 +30,7 @@ from .retrieval import ContextSelector
 from .rope import apply_rope
 
 
-SCORE_CHUNK_BYTES = 16 << 20       # logits made at once when measuring attention received (L2: 50 MB)
+SCORE_CHUNK_BYTES = 8 << 20        # logits made at once when measuring attention received (H100 L2: 50 MB)
 
 
 class MemoryKVHook:
@@ -167,22 +167,23 @@ class MemoryKVHook:
         kv_heads, n_keys, D = keys.shape
         q_heads, r = q.shape[0], q.shape[1]
         groups = q_heads // kv_heads
-        q = (q.reshape(kv_heads, groups, r, D) * D ** -0.5).to(keys.dtype)  # query heads grouped by kv head
+        q = (q.reshape(kv_heads, groups * r, D) * D ** -0.5).to(keys.dtype)  # rows: (head in group, i)
+        blocked = causal_tail(groups, r, keys.device)        # row (head in group, i) may not see new key j > i
+        folded = None if weights is None else weights.to(keys.dtype).repeat(groups)
         # The logits stay in the model's dtype (softmax and the row sum accumulate in float32), and
-        # are made for a few query heads of each group at a time: all at once they are
-        # [kv_heads, groups * r, keys], 137 MB for a frame's 196 rows over 12k keys at 7B shapes,
-        # more than the L2 cache, so the softmax and the sum each went to HBM and back. A chunk of
-        # ~16 MB stays in L2.
-        step = max(1, SCORE_CHUNK_BYTES // (kv_heads * r * n_keys * keys.element_size()))
+        # are made for a block of rows at a time: all at once they are [kv_heads, groups * r, keys],
+        # 137 MB for a frame's 196 rows over 12k keys at 7B shapes, more than the L2 cache, so the
+        # softmax and the sum each went to HBM and back. A block's stay in L2.
+        block = max(1, SCORE_CHUNK_BYTES // (kv_heads * n_keys * keys.element_size()))
         received = torch.zeros(kv_heads, n_keys, dtype=torch.float32, device=keys.device)
-        for g in range(0, groups, step):
-            part = q[:, g:g + step].reshape(kv_heads, -1, D)                   # rows: (head in group, i)
-            logits = torch.matmul(part, keys.transpose(1, 2))
+        for a in range(0, groups * r, block):
+            b = min(a + block, groups * r)
+            logits = torch.matmul(q[:, a:b], keys.transpose(1, 2))
             # row i sees every key before the r rows and their keys <= i: only the last r columns are masked
-            logits[..., -r:].masked_fill_(causal_tail(part.shape[1] // r, r, keys.device), float("-inf"))
+            logits[..., -r:].masked_fill_(blocked[a:b], float("-inf"))
             probs = logits.softmax(dim=-1)
-            if weights is not None:
-                probs.mul_(weights.to(probs.dtype).repeat(part.shape[1] // r)[:, None])
+            if folded is not None:
+                probs.mul_(folded[a:b, None])
             received += probs.sum(dim=1, dtype=torch.float32)
         rows_counted = r if weights is None else weights.sum(dtype=torch.float32)
         return received.sum(dim=0) / (q_heads * rows_counted)
@@ -255,7 +256,7 @@ class MemoryKVHook:
         long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
         if index is not None:
             index = index.to(long_k.device)
-            long_k, long_v = long_k.index_select(1, index), long_v.index_select(1, index)
+            long_k, long_v = long_k[:, index], long_v[:, index]
         if self.record_selection or self._evidence_rows is not None:    # which tokens were read: on request
             long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
             if index is not None:
