@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from livevlm_ros.engine import EngineConfig, LiveVLMEngine, kv_hook
+from livevlm_ros.engine import EngineConfig, LiveVLMEngine
 from livevlm_ros.engine.compression import VisionSinkBucketing
 from livevlm_ros.engine.kv_buffer import Tokens
 from livevlm_ros.engine.retrieval import PageSummary, page_scores
@@ -43,11 +43,9 @@ def video_ids(engine, n_frames, question=None):
 
 
 # ---- VSB scores -------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk_bytes", [kv_hook.SCORE_CHUNK_BYTES, 1])    # 1: one row at a time
-def test_vsb_scores_equal_the_attention_transformers_returns(tiny_model_path, frames, chunk_bytes, monkeypatch):
+def test_vsb_scores_equal_the_attention_transformers_returns(tiny_model_path, frames):
     """After a few one-frame clips with nothing dropped, every visual token's score is the attention
     the newest frame's tokens (the observation window: one frame) pay it, mean over heads and rows."""
-    monkeypatch.setattr(kv_hook, "SCORE_CHUNK_BYTES", chunk_bytes)
     engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, policy="livevlm", budget_tokens=None,
                                         sample_fps=0, frames_per_clip=1, short_term_frames=2))
     video = frames(4)
@@ -229,14 +227,12 @@ def test_windowed_answer_equals_offline_forward_over_the_windows_frames(one_laye
     torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("launch, chunk_bytes", [("eager", kv_hook.SCORE_CHUNK_BYTES), ("eager", 1),
-                                                 ("static", kv_hook.SCORE_CHUNK_BYTES)])
-def test_evidence_is_the_attention_transformers_returns(tiny_model_path, frames, launch, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("launch", ["eager", "static"])
+def test_evidence_is_the_attention_transformers_returns(tiny_model_path, frames, launch):
     """Evidence weight of a frame = the mean attention one of its tokens draws from the question's
     own tokens (mean over heads, question tokens and layers), as a share of the sum over frames.
     Nothing dropped (full), so transformers' eager forward over the whole stream gives it. 'static':
     the question padded to a fixed length, its rows weighted (question_step.py)."""
-    monkeypatch.setattr(kv_hook, "SCORE_CHUNK_BYTES", chunk_bytes)
     engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, policy="full", budget_tokens=None,
                                         short_term_frames=2, sample_fps=0, launch=launch))
     video = frames(4)
