@@ -321,6 +321,22 @@ def check_attention_paths(adapter, results, context=12288):
     diff = None if flash is None else float((flash.float() - ref.float()).abs().max())
     results["attention_check"] = dict(flash_used=flash is not None, max_abs_diff=diff)
     log(f"attention self-check (clip prefill): flash used {flash is not None}, max |flash - folded mask| {diff}")
+    # VSB's scores of that clip: the fused kernels against the matrix written out
+    from livevlm_ros.engine import received
+
+    folded = (q.reshape(kv.kv_heads, groups * n, -1) * kv.head_dim ** -0.5).to(kv.dtype)
+    keys = k[0]
+    written = received._written_out(folded, keys, n, None)
+    fused = received.attention_received(folded, keys, n)
+    row = dict(fused_used=keys.is_cuda and received._triton() is not None,
+               max_rel_diff=float((fused - written).abs().max() / written.abs().max()))
+    if keys.is_cuda:
+        import triton.testing as tt
+        row.update(written_us=tt.do_bench(lambda: received._written_out(folded, keys, n, None)) * 1e3,
+                   fused_us=tt.do_bench(lambda: received.attention_received(folded, keys, n)) * 1e3)
+    results["received_check"] = row
+    log("attention received (VSB scores, one layer): " + json.dumps({a: round(b, 6) if isinstance(b, float) else b
+                                                                     for a, b in row.items()}))
 
 
 def check_ingest_replay(adapter, results, clip: int, frames: int):

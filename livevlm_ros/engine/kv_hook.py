@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import causal_tail
 from .memory import StreamingMemory
+from .received import attention_received
 from .retrieval import ContextSelector
 from .rope import apply_rope
 
@@ -164,17 +164,8 @@ class MemoryKVHook:
         kv_heads, _, D = keys.shape
         q_heads, r = q.shape[0], q.shape[1]
         q = (q.reshape(kv_heads, -1, D) * D ** -0.5).to(keys.dtype)      # query heads grouped by kv head
-        # [kv_heads, rows, keys] is the largest thing VSB touches (7 x 196 rows x 12k keys per kv
-        # head at 7B shapes): it stays in the model's dtype, so every pass over it moves half the
-        # bytes of float32 (softmax and the row sum still accumulate in float32). Made in blocks of
-        # rows small enough for the L2 cache it was slower (H100: 19 against 13 ms a 1-frame clip).
-        logits = torch.matmul(q, keys.transpose(1, 2))
-        # row i sees every key before the r rows and their keys <= i: only the last r columns are masked
-        logits[..., -r:].masked_fill_(causal_tail(q.shape[1] // r, r, keys.device), float("-inf"))
-        probs = logits.softmax(dim=-1)
-        if weights is not None:                                           # rows are (head in group, i)
-            probs.mul_(weights.to(probs.dtype).repeat(q.shape[1] // r)[:, None])
-        received = probs.sum(dim=1, dtype=torch.float32).sum(dim=0)       # [keys]
+        folded = None if weights is None else weights.repeat(q.shape[1] // r)   # rows are (head in group, i)
+        received = attention_received(q, keys, r, folded).sum(dim=0)      # [keys]
         return received / (q_heads * (r if weights is None else weights.sum(dtype=torch.float32)))
 
     def finish_ingest(self):
