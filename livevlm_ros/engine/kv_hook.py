@@ -21,7 +21,6 @@ per answer.
 
 from __future__ import annotations
 
-
 import torch
 
 from .memory import StreamingMemory

@@ -20,6 +20,8 @@ import functools
 
 import torch
 
+from .attention import causal_tail
+
 
 def attention_received(q: torch.Tensor, keys: torch.Tensor, r: int,
                        weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,8 +33,6 @@ def attention_received(q: torch.Tensor, keys: torch.Tensor, r: int,
 
 
 def _written_out(q, keys, r, weights):
-    from .attention import causal_tail
-
     # logits stay in the model's dtype (half the bytes of float32; softmax and the sum accumulate in float32)
     logits = torch.matmul(q, keys.transpose(1, 2))
     logits[..., -r:].masked_fill_(causal_tail(q.shape[1] // r, r, keys.device), float("-inf"))

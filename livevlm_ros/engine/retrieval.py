@@ -1,10 +1,12 @@
 """Which memory an answer reads: Position-agnostic KV Retrieval (PaR) and its alternatives.
 
 A selector makes a `RetrievalPlan` once per answer (host-side counts and whole-model tensors, no
-device sync); the KV hook then asks the plan, layer by layer, which long-term tokens that layer
-reads. Everything picked is placed in time order and given fresh contiguous positions, so the
-model sees a compact context inside its trained length. Every layer takes the same number of
-tokens, so one set of position ids serves all layers.
+device sync, except the per-layer counts of a time window); the KV hook then asks the plan, layer
+by layer, which long-term tokens that layer reads. Everything picked is placed in time order and
+given fresh contiguous positions, so the model sees a compact context inside its trained length.
+Without a time window every layer reads the same number of tokens; with one, each layer's context
+ends right before the question. No sorts: a plan is fixed-shape work that a CUDA graph can replay
+(question_step.py).
 
 PaR: long-term tokens other than sinks are cut, in time order, into pages of `page_tokens`. A page
 is summarised by its pre-RoPE keys (mean, and per-channel min/max): without positions, keys of
