@@ -335,6 +335,21 @@ def test_engine_equals_transformers_on_a_real_layout(checkpoint_196):
     torch.testing.assert_close(answer.first_logits, ref, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("side", [27, 28])          # 27 x 27 patches (LLaVA-OneVision's 384 px), and even
+def test_pooling_equals_transformers_apply_pooling(tiny_model_path, side):
+    """The adapter pools through a channels-last view (a faster kernel); the numbers are those of
+    transformers' own `apply_pooling`."""
+    from livevlm_ros.engine.models.llava_onevision import pool_2x2
+
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, sample_fps=0))
+    model = engine.model.model
+    vision = model.config.vision_config
+    vision.image_size = side * vision.patch_size
+    feats = torch.randn(3, side * side, model.config.text_config.hidden_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(pool_2x2(model, feats), model.model.apply_pooling(feats), atol=1e-6, rtol=1e-6)
+
+
 def test_stored_keys_are_exactly_what_k_proj_made(one_layer_model, frames):
     """Pre-RoPE keys are taken from k_proj, not recovered by un-rotating rounded post-RoPE keys:
     bit-equal to the layer's own projection of its input (one layer: input = the embeddings)."""

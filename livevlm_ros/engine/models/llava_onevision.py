@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .base import DTYPES, ModelLoadError, TransformersLanguageModel, VideoLLMAdapter
 
@@ -81,4 +82,17 @@ def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
         feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
     if cfg.vision_feature_select_strategy == "default":
         feats = feats[:, 1:]
-    return model.model.apply_pooling(model.model.multi_modal_projector(feats))
+    return pool_2x2(model, model.model.multi_modal_projector(feats))
+
+
+def pool_2x2(model, feats: torch.Tensor) -> torch.Tensor:
+    """transformers' `apply_pooling` (the 2x2 bilinear pooling of the projected patches), run on a
+    channels-last view of the patches instead of a channels-first copy: the same bilinear weights,
+    and the fast kernel (an 8-frame clip at 3,584 channels, H100: 0.21 ms instead of 11.35 ms,
+    benchmarks/ingest_parts.py). Tested equal to `apply_pooling`."""
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    frames, _, dim = feats.shape
+    grid = feats.view(frames, side, side, dim).permute(0, 3, 1, 2)      # NCHW shape, channels-last memory
+    grid = F.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+    return grid.permute(0, 2, 3, 1).reshape(frames, -1, dim)
