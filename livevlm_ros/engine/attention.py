@@ -105,32 +105,33 @@ def _flash_bottom_right(q, k, v, scale):
 
 
 def capturing() -> bool:
-    """Is a CUDA graph being recorded on this thread's stream? (A graph must own the tensors it
-    reads: a cached one could be evicted and its memory reused while the graph still reads it.)"""
+    """Is a CUDA graph being recorded on this thread's stream?"""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _cached_outside_graphs(maxsize: int):
+    """functools.lru_cache (thread-safe), bypassed while a CUDA graph records: a graph must own the
+    tensors it reads, and a cached one could be evicted and its memory reused while the graph still
+    reads it."""
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if capturing() else cached(*args)
+        return call
+    return wrap
+
+
+@_cached_outside_graphs(maxsize=4)
 def causal_tail(groups: int, n: int, device) -> torch.Tensor:
     """[groups*n, n] True where folded row (head in group, i) may not see new token j (j > i)."""
-    if capturing():
-        return _causal_tail_cached.__wrapped__(groups, n, device)
-    return _causal_tail_cached(groups, n, device)
-
-
-@functools.lru_cache(maxsize=4)
-def _causal_tail_cached(groups: int, n: int, device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
 
 
+@_cached_outside_graphs(maxsize=2)     # one forward's layers share it
 def _folded_causal_mask(groups: int, n: int, kv_len: int, device) -> torch.Tensor:
     """[groups*n, kv_len] bool: row (j, i) - head j of the group, new token i - sees keys <= kv_len - n + i."""
-    if capturing():
-        return _folded_causal_mask_cached.__wrapped__(groups, n, kv_len, device)
-    return _folded_causal_mask_cached(groups, n, kv_len, device)
-
-
-@functools.lru_cache(maxsize=2)        # one forward's layers share it; lru_cache is thread-safe
-def _folded_causal_mask_cached(groups: int, n: int, kv_len: int, device) -> torch.Tensor:
     limit = kv_len - n + torch.arange(n, device=device)
     mask = torch.arange(kv_len, device=device)[None, :] <= limit[:, None]
     return mask.repeat(groups, 1)

@@ -166,8 +166,8 @@ class LiveVLMEngine:
 
             def clip_forward(pixels):
                 return self._prefill(self.model.encode_frames(pixels), self.compression.needs_scores)
-            out = self.ingest_step.run(pixels, clip_forward) if self.ingest_step else clip_forward(pixels)
-            self._commit(*out, list(times), list(cameras))
+            prefill = self.ingest_step.run(pixels, clip_forward) if self.ingest_step else clip_forward(pixels)
+            self._commit(prefill, list(times), list(cameras))
 
     def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[float]):
         """Prefill precomputed token embeddings [n_frames * tokens_per_frame, hidden] as frames,
@@ -177,12 +177,13 @@ class LiveVLMEngine:
                                    f"got {tuple(embeds.shape)}")
         with _device_errors("ingest embeddings"):
             embeds = embeds.to(self.model.kv.device, self.model.kv.dtype)
-            self._commit(*self._prefill(embeds, self.compression.needs_scores), list(timestamps),
+            self._commit(self._prefill(embeds, self.compression.needs_scores), list(timestamps),
                          [""] * len(timestamps))
 
-    def _commit(self, keys_pre, keys_rot, values, scores, times: list[float], cameras: list[str]):
-        """A prefilled clip into memory: the attention memory drew from it (VSB's scores), then the
-        clip itself (StreamingMemory.commit_clip: eviction and compression)."""
+    def _commit(self, prefill: tuple, times: list[float], cameras: list[str]):
+        """A prefilled clip (what `_prefill` returns) into memory: the attention memory drew from it
+        (VSB's scores), then the clip itself (StreamingMemory.commit_clip: eviction and compression)."""
+        keys_pre, _, values, scores = prefill
         if scores is not None:
             p, start = self.memory.prefix_len, self.memory.prefix_len + self.memory.attendable_len()
             self.memory.add_observations(scores[:, p:start])
