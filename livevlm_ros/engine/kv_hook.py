@@ -26,7 +26,7 @@ import torch
 from .memory import StreamingMemory
 from .received import attention_received
 from .retrieval import ContextSelector
-from .rope import apply_rope
+from .rope import apply_rope, rotate_into
 
 
 class MemoryKVHook:
@@ -130,14 +130,12 @@ class MemoryKVHook:
         if p:
             keys[:, :p], values[:, :p] = mem.prefix_keys[layer], mem.prefix_values[layer]
         start = p
+        cos, sin = self._mem_rope
         for buf in self._parts:
             stop = start + buf.len
-            keys[:, start:stop] = buf.keys[layer, :, :buf.len]
+            rotate_into(keys[:, start:stop], buf.keys[layer], 0, cos[start - p:stop - p], sin[start - p:stop - p])
             values[:, start:stop] = buf.values[layer, :, :buf.len]
             start = stop
-        if start > p:
-            cos, sin = self._mem_rope
-            keys[:, p:start] = apply_rope(keys[:, p:start], cos, sin)
         keys[:, start:], values[:, start:] = k_new[0], v_new[0]
         self.new_keys_rot.append(k_new[0])
         pre = self._keys_pre.pop(layer)[0]                       # [n, kv_heads * D], as k_proj made it
@@ -235,7 +233,6 @@ class MemoryKVHook:
         long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
         if index is not None:
             index = index.to(long_k.device)
-            long_k, long_v = long_k[:, index], long_v[:, index]
         if self.record_selection or self._evidence_rows is not None:    # which tokens were read: on request
             long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
             if index is not None:
@@ -250,15 +247,16 @@ class MemoryKVHook:
         else:
             keys = torch.empty(size, dtype=kv.dtype, device=kv.device)
             values = torch.empty_like(keys)
-        n_long = long_k.shape[1]
+        n_long = len(index) if index is not None else long_k.shape[1]
         keys[:, :p], values[:, :p] = mem.prefix_keys[layer], mem.prefix_values[layer]
-        keys[:, p:p + n_long] = long_k.to(kv.device, non_blocking=True)
-        values[:, p:p + n_long] = long_v.to(kv.device, non_blocking=True)
-        keys[:, p + n_long:p + n_ctx] = mem.short.keys[layer, :, s0:s1]
-        values[:, p + n_long:p + n_ctx] = mem.short.values[layer, :, s0:s1]
+        # gathered and rotated in one pass (rope.rotate_into); the context ends right before the question
         cos, sin = self._ctx_rope
         gap = self.context_tokens - n_ctx
-        keys[:, p:p + n_ctx] = apply_rope(keys[:, p:p + n_ctx], cos[gap:], sin[gap:])
+        at_long, at_short = slice(gap, gap + n_long), slice(gap + n_long, gap + n_ctx)
+        rotate_into(keys[:, p:p + n_long], long_k, 0 if index is None else index, cos[at_long], sin[at_long])
+        values[:, p:p + n_long] = (long_v if index is None else long_v[:, index]).to(kv.device, non_blocking=True)
+        rotate_into(keys[:, p + n_long:p + n_ctx], mem.short.keys[layer], s0, cos[at_short], sin[at_short])
+        values[:, p + n_long:p + n_ctx] = mem.short.values[layer, :, s0:s1]
         self._answer_k[layer], self._answer_v[layer], self._answer_len[layer] = keys, values, p + n_ctx
         if self._evidence_rows is not None:
             self._ctx_frames = torch.cat([long_idx.to(kv.device), mem.short.token_idx[layer, s0:s1]]) \

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import attention
+from ..fused_layers import FusedLayers
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,6 +103,7 @@ class TransformersLanguageModel:
     def _init_language_model(self, lm, lm_head, tokenizer):
         self._lm, self._lm_head, self.tokenizer = lm, lm_head, tokenizer
         self._cache_kwarg = cache_kwarg_name(lm.forward)
+        self._fused_layers = FusedLayers(lm)          # nothing to swap without CUDA and Triton
         attention.register()
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_token_ids = tuple(sorted(t for t in stops if isinstance(t, int) and t >= 0))
@@ -136,8 +138,8 @@ class TransformersLanguageModel:
 
     @torch.inference_mode()
     def run_language_model(self, embeds, positions, kv_hook):
-        # only the language model switches to our attention, only for this call
-        with attention.in_use(self._lm.config):
+        # only the language model switches to our attention and fused layers, only for this call
+        with attention.in_use(self._lm.config), self._fused_layers:
             out = self._lm(inputs_embeds=embeds, position_ids=positions[None], use_cache=True,
                            **{self._cache_kwarg: kv_hook})
         return out.last_hidden_state

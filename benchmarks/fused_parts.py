@@ -1,0 +1,153 @@
+"""The small kernels of an answer at 7B shapes, each alone: the fused Triton kernels (engine/rope.py,
+engine/fused_layers.py) against the torch code they replace, checked for equality and timed; the
+weight products under cuBLAS and cuBLASLt; and the top-k that picks an answer's pages.
+
+    python3 benchmarks/fused_parts.py --out results/fused_parts.json       # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing as tt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from livevlm_ros.engine import fused_layers, rope  # noqa: E402
+
+
+def us(fn) -> float:
+    return tt.do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e3
+
+
+def graph_us(fn, reps: int = 20) -> float:
+    """Per call, `reps` calls replayed from one CUDA graph (what a recorded step pays)."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return us(g.replay) / reps
+
+
+def diff(a, b) -> dict:
+    return dict(equal=bool(torch.equal(a, b)), max_abs=float((a.float() - b.float()).abs().max()),
+                mismatch_share=float((a != b).float().mean()))
+
+
+def rope_tables(n, D, dev, dt, start=0):
+    inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    ang = torch.arange(start, start + n, device=dev).float()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    return emb.cos().to(dt), emb.sin().to(dt)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    out = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gpu=torch.cuda.get_device_name(),
+               torch=torch.__version__)
+    H, Hq, D, hidden, inter = 4, 28, 128, 3584, 18944
+
+    # -- the context's gather + rotate: 12k memory tokens of one layer into the answer buffer
+    tier = torch.randn(H, 12288, D, device=dev, dtype=dt)
+    n = 10240
+    idx = torch.randperm(12288, device=dev)[:n].sort().values
+    cos, sin = rope_tables(n, D, dev, dt)
+    arena = torch.zeros(H, 13312, D, device=dev, dtype=dt)
+    dst = arena[:, 64:64 + n]
+
+    def torch_gather_rotate():
+        dst.copy_(tier[:, idx])
+        dst.copy_(rope.apply_rope(dst, cos, sin))
+    rope.rotate_into(dst, tier, idx, cos, sin)
+    fused = dst.clone()
+    torch_gather_rotate()
+    out["gather_rotate"] = dict(check=diff(fused, dst), torch_us=us(torch_gather_rotate),
+                                fused_us=us(lambda: rope.rotate_into(dst, tier, idx, cos, sin)),
+                                floor_us=2 * dst.numel() * 2 / 3e12 * 1e6)
+    print("gather_rotate", json.dumps(out["gather_rotate"]), flush=True)
+
+    # -- the model's layers at a decode step (1 row), a question (32 rows) and a clip (1,568 rows)
+    from transformers.models.qwen2 import modeling_qwen2 as mq
+    from transformers import Qwen2Config
+    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=Hq, num_key_value_heads=H,
+                      hidden_act="silu")
+    norm = mq.Qwen2RMSNorm(hidden, eps=1e-6).to(dev, dt)
+    norm.weight.data.uniform_(0.5, 1.5)
+    layers = {}
+    for rows in (1, 32, 1568):
+        x = torch.randn(1, rows, hidden, device=dev, dtype=dt) * 4
+        g, u = torch.randn(1, rows, inter, device=dev, dtype=dt) * 3, torch.randn(1, rows, inter, device=dev, dtype=dt)
+        q = torch.randn(1, rows, Hq * D, device=dev, dtype=dt).view(1, rows, Hq, D).transpose(1, 2)
+        k = torch.randn(1, rows, H * D, device=dev, dtype=dt).view(1, rows, H, D).transpose(1, 2)
+        c, s = rope_tables(rows, D, dev, dt, start=12000)
+        c, s = c[None], s[None]
+        fused_rope = fused_layers._rope_with_fallback(mq.apply_rotary_pos_emb)
+        rq, rk = mq.apply_rotary_pos_emb(q, k, c, s)
+        fq, fk = fused_rope(q, k, c, s)
+        layers[rows] = dict(
+            rms_norm=dict(check=diff(fused_layers.rms_norm(x, norm.weight, 1e-6), norm(x)),
+                          torch_us=graph_us(lambda: norm(x)),
+                          fused_us=graph_us(lambda: fused_layers.rms_norm(x, norm.weight, 1e-6))),
+            silu_mul=dict(check=diff(fused_layers.silu_mul(g, u), F.silu(g) * u),
+                          torch_us=graph_us(lambda: F.silu(g) * u), fused_us=graph_us(lambda: fused_layers.silu_mul(g, u))),
+            rope_qk=dict(check=dict(q=diff(fq, rq), k=diff(fk, rk)),
+                         torch_us=graph_us(lambda: mq.apply_rotary_pos_emb(q, k, c, s)),
+                         fused_us=graph_us(lambda: fused_rope(q, k, c, s))))
+        print("rows", rows, json.dumps(layers[rows]), flush=True)
+    out["layers_graph_replayed"] = layers
+
+    # -- weight products: cuBLAS (torch's default for mm without bias) against cuBLASLt
+    shapes = dict(o_proj=(hidden, hidden), gate_up=(inter, hidden), down=(hidden, inter), k_proj=(H * D, hidden))
+    weights = {name: torch.randn(o, i, device=dev, dtype=dt) * 0.02 for name, (o, i) in shapes.items()}
+    gemm = {}
+    x1 = torch.randn(1, hidden, device=dev, dtype=dt)
+    for rows in (1, 32, 196, 1568):
+        for name, w in weights.items():
+            x = torch.randn(rows, w.shape[1], device=dev, dtype=dt)
+            row = {}
+            for lib in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(lib)
+                row[lib + "_us"] = us(lambda: F.linear(x, w))
+            torch.backends.cuda.preferred_blas_library("cublas")
+            row["floor_us"] = max(w.numel() * 2 / 3e12, 2 * rows * w.numel() / 790e12) * 1e6
+            gemm[f"{name}_{rows}"] = row
+            print("gemm", name, rows, json.dumps({k2: round(v, 1) for k2, v in row.items()}), flush=True)
+        if rows == 1:                                   # gate and up as one product of the two weights
+            both = torch.cat([weights["gate_up"], weights["gate_up"]])
+            gemm["gate_and_up_concatenated_1"] = dict(cublas_us=us(lambda: F.linear(x1, both)))
+    out["gemm"] = gemm
+    out["blas_default"] = str(torch.backends.cuda.preferred_blas_library())
+
+    # -- picking an answer's pages: top-k of ~640 page scores
+    picks = {}
+    for pages, k in ((640, 256), (2560, 1024)):
+        scores = torch.rand(pages, device=dev)
+        idx_p = torch.arange(pages, device=dev)
+
+        def by_rank():
+            beats = (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (idx_p[None, :] < idx_p[:, None]))
+            return beats.sum(1) < k
+        picks[pages] = dict(topk_us=graph_us(lambda: scores.topk(k)), sort_us=graph_us(lambda: scores.sort(descending=True)),
+                            rank_us=graph_us(by_rank))
+        print("pages", pages, json.dumps(picks[pages]), flush=True)
+    out["page_pick"] = picks
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Fused kernels for the language model's small layers, on CUDA, while the engine runs the model.
+
+An answer token at 7B shapes is ~1,450 kernels replayed from a CUDA graph, and ~1,200 of them are
+tiny: each RMSNorm is 8 (cast, square, mean, add, rsqrt, multiply, cast, scale), each RoPE 10, each
+SiLU gate 2. Once launches are replayed, every kernel still costs ~2 us of a step whose weights take
+5 ms to read, so their number is what is left to cut (issue 13). Here each becomes one Triton
+kernel:
+  RMSNorm      one program per row: the mean square in float32, rounded to the input dtype, then
+               scaled by the weight (the order transformers' Qwen2/Llama RMSNorm uses);
+  SiLU gate    act(gate) * up in one pass (Qwen2/Llama MLP with hidden_act "silu");
+  RoPE         the query and key rotation of every attention layer (rope.rotate_into).
+The same idea as transformers' `kernels` hub (which swaps layer forwards for hub kernels), without
+the hub: nothing is downloaded, and only layers whose forward is known to compute exactly this are
+swapped. `FusedLayers` swaps them in for the engine's forwards only, like attention.in_use, and
+does nothing without CUDA or Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+from .rope import rotate_into
+
+# transformers classes whose forward is exactly what the kernels compute
+_RMS_NORMS = {"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm"}
+_SILU_MLPS = {"Qwen2MLP", "LlamaMLP", "MistralMLP"}
+
+
+class FusedLayers:
+    """`with FusedLayers(lm):` the decoder's RMSNorms, SiLU MLPs and RoPE run fused kernels."""
+
+    def __init__(self, lm: torch.nn.Module):
+        self._swaps: list[tuple[object, str, object, object]] = []    # (owner, name, fused, original)
+        param = next(lm.parameters(), None)
+        if param is None or not param.is_cuda or _triton() is None:
+            return
+        for m in lm.modules():
+            name = type(m).__name__
+            if name in _RMS_NORMS:
+                self._swaps.append((m, "forward", functools.partial(_rms_norm, m), None))
+            elif name in _SILU_MLPS and getattr(m.config, "hidden_act", None) == "silu":
+                self._swaps.append((m, "forward", functools.partial(_silu_mlp, m), None))
+        # RoPE is a module-level function of the modeling file the attention layers come from
+        modules = {sys.modules[type(layer.self_attn).__module__] for layer in getattr(lm, "layers", [])}
+        for module in modules:
+            original = getattr(module, "apply_rotary_pos_emb", None)
+            if callable(original):
+                self._swaps.append((module, "apply_rotary_pos_emb", _rope_with_fallback(original), original))
+
+    def __bool__(self) -> bool:
+        return bool(self._swaps)
+
+    def __enter__(self):
+        for owner, name, fused, _ in self._swaps:
+            setattr(owner, name, fused)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, _, original in self._swaps:
+            if original is None:
+                delattr(owner, name)            # the instance attribute goes: the class's forward is back
+            else:
+                setattr(owner, name, original)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / sqrt(mean(x^2) + eps)) over the last dim, as transformers' RMSNorm computes it."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    n = rows.shape[1]
+    if rows.shape[0] == 0:
+        return out.view(*x.shape[:-1], n)
+    _triton()[0][(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
+                                   BLOCK=1 << (n - 1).bit_length(), num_warps=8 if n >= 2048 else 4)
+    return out.view(*x.shape[:-1], n)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, each rounded to the inputs' dtype as the two torch kernels round it."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n == 0:
+        return out
+    block = 2048
+    _triton()[1][(-(-n // block),)](gate, up, out, n, BLOCK=block)
+    return out
+
+
+def _rms_norm(module, hidden_states):
+    return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+
+def _silu_mlp(module, x):
+    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+
+def _rope_with_fallback(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        """transformers' apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) for one sequence
+        ([1, heads, n, D], cos/sin [1, n, D]) in one kernel each; anything else goes to `original`."""
+        if (args or set(kwargs) - {"unsqueeze_dim"} or kwargs.get("unsqueeze_dim", 1) != 1 or not q.is_cuda
+                or q.dim() != 4 or q.shape[0] != 1 or cos.dim() != 3 or cos.shape[0] != 1):
+            return original(q, k, cos, sin, *args, **kwargs)
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        rotate_into(q_out[0], q[0], 0, cos[0], sin[0])
+        rotate_into(k_out[0], k[0], 0, cos[0], sin[0])
+        return q_out, k_out
+    return apply_rotary_pos_emb
+
+
+@functools.cache
+def _triton():
+    """(rms_norm kernel, silu_mul kernel), or None where Triton is missing."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def rms_norm_rows(x_ptr, w_ptr, out_ptr, n, sx, so, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        live = cols < n
+        x = tl.load(x_ptr + row * sx + cols, mask=live, other=0.0).to(tl.float32)
+        normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)          # hidden_states.to(input_dtype)
+        w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * so + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def silu_mul_flat(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = i < n
+        g = tl.load(g_ptr + i, mask=live, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + i, mask=live, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + i, (act * u).to(out_ptr.dtype.element_ty), mask=live)
+
+    return rms_norm_rows, silu_mul_flat
+
