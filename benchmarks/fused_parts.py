@@ -19,7 +19,7 @@ import triton.testing as tt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livevlm_ros.engine import fused_layers, rope  # noqa: E402
+from livevlm_ros.engine import attention, decode_attention, fused_layers, page_kernels, rope  # noqa: E402
 
 
 def us(fn) -> float:
@@ -79,6 +79,44 @@ def main():
                                 fused_us=us(lambda: rope.rotate_into(dst, tier, idx, cos, sin)),
                                 floor_us=2 * dst.numel() * 2 / 3e12 * 1e6)
     print("gather_rotate", json.dumps(out["gather_rotate"]), flush=True)
+
+    # -- page retrieval over a full tier (28 layers): summaries from the tier, and the top 40% of pages
+    L, P, pages = 28, 16, 640
+    tier_all = torch.randn(L, H, 12288, D, device=dev, dtype=dt)
+    order = torch.stack([torch.randperm(12288, device=dev) for _ in range(L)])
+
+    def torch_summary():
+        g = tier_all.gather(2, order[:, None, :pages * P, None].expand(L, H, pages * P, D)).view(L, H, pages, P, D)
+        return g.sum(3, dtype=torch.float32) / P, g.amin(3), g.amax(3)
+    ref, got = torch_summary(), page_kernels.summarize(tier_all, order, pages, P)
+    scores = torch.rand(pages, device=dev)
+    top_ref = torch.zeros(pages, dtype=torch.bool, device=dev).index_fill_(0, scores.topk(256).indices, True)
+    out["pages"] = dict(
+        summary_check=dict(mean_max_abs=float((got[0] - ref[0]).abs().max()), low=diff(got[1], ref[1]),
+                           high=diff(got[2], ref[2])),
+        summary_torch_us=us(torch_summary), summary_fused_us=us(lambda: page_kernels.summarize(tier_all, order, pages, P)),
+        summary_floor_us=tier_all[:, :, :pages * P].numel() * 2 / 3e12 * 1e6,
+        top_check=diff(page_kernels.top_pages(scores, 256), top_ref),
+        top_torch_us=graph_us(lambda: torch.zeros(pages, dtype=torch.bool, device=dev).index_fill_(
+            0, scores.topk(256).indices, True)),
+        top_fused_us=graph_us(lambda: page_kernels.top_pages(scores, 256)))
+    print("pages", json.dumps(out["pages"]), flush=True)
+    del tier_all, order
+
+    # -- one answer token's attention over a 5,184-token context in a 6,144-slot buffer
+    ak, av = torch.randn(1, H, 6144, D, device=dev, dtype=dt), torch.randn(1, H, 6144, D, device=dev, dtype=dt)
+    valid = torch.arange(6144, device=dev) <= 5184
+    qd = torch.randn(1, 1, Hq * D, device=dev, dtype=dt).view(1, 1, Hq, D).transpose(1, 2)
+
+    def torch_decode():
+        o = attention._small_block_attention(qd.reshape(1, H, Hq // H, D), ak, av, 1, valid, D ** -0.5)
+        return o.reshape(1, Hq, 1, D).transpose(1, 2)
+    out["decode_attention"] = dict(
+        check=dict(max_abs=float((decode_attention.decode_attention(qd, ak, av, valid, D ** -0.5).float()
+                                  - torch_decode().float()).abs().max())),
+        torch_us=graph_us(torch_decode), fused_us=graph_us(lambda: decode_attention.decode_attention(qd, ak, av, valid, D ** -0.5)),
+        floor_us=2 * H * 5185 * D * 2 / 3e12 * 1e6)
+    print("decode_attention", json.dumps(out["decode_attention"]), flush=True)
 
     # -- the model's layers at a decode step (1 row), a question (32 rows) and a clip (1,568 rows)
     from transformers.models.qwen2 import modeling_qwen2 as mq

@@ -13,6 +13,9 @@ mask; it is built once per forward and shared by all layers.
 
 A key tensor may carry `livevlm_valid` (bool [kv_len]): the captured decode step (decode_step.py)
 hands over a buffer of fixed size, of which only these slots hold context.
+
+On CUDA one new token (an answer being decoded) takes decode_attention.py's kernel; a few rows (a
+question) take two matrix products; many rows (a clip) take the flash kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from .decode_attention import decode_attention
 
 NAME = "livevlm_stream"
 
@@ -147,6 +152,8 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     if valid is not None and n > 1:
         raise ValueError("a fixed-size key buffer takes one new token at a time")
     scale = d ** -0.5 if scaling is None else scaling
+    if n == 1 and (out := decode_attention(query, key, value, valid, scale)) is not None:
+        return out, None
     if groups * n <= SMALL_BLOCK_ROWS:
         out = _small_block_attention(folded, key, value, n, valid, scale)
     elif (out := _flash_bottom_right(query, key, value, scale)) is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .memory import StreamingMemory
+from .page_kernels import summarize, top_pages
 
 
 @dataclass
@@ -201,7 +202,7 @@ class _PagePlan(RetrievalPlan):
         read = torch.zeros(order.shape[0], dtype=torch.bool, device=device)
         if k:
             scores = page_scores(question_q, self.summary.layer(layer), self.scoring, row_weights)[:full]
-            pages = torch.zeros(full, dtype=torch.bool, device=device).index_fill_(0, scores.topk(k).indices, True)
+            pages = top_pages(scores, k)
             read.index_put_((order[:full * P],), pages[:, None].expand(full, P).reshape(-1))
         # index_fill_, not read[i] = True: that copies a host scalar, which a CUDA graph cannot record
         read.index_fill_(0, order[full * P:n_free], True)                      # the tail
@@ -254,11 +255,7 @@ class TopKPages(ContextSelector):
         plan = _PagePlan(n_long, s0, s1, k[most] + has_tail, full[most] + has_tail, uses_question=True)
         plan.page_tokens, plan.ratio, plan.scoring, plan.n_free = P, self.ratio, self.scoring, n_free
         plan.order, plan.sinks = order, _sinks(memory, order, window)
-        long = memory.long.view()
-        _, H, _, D = long.keys.shape
-        pages = max(full)
-        index = order[:, None, :pages * P, None].expand(L, H, pages * P, D)
-        plan.summary = PageSummary.of(long.keys.gather(2, index).view(L, H, pages, P, D))
+        plan.summary = PageSummary(*summarize(memory.long.keys, order, max(full), P))
         return plan
 
     def _plan_offloaded(self, memory, window, s0, s1):
