@@ -117,6 +117,12 @@ def main():
         torch_us=graph_us(torch_decode), fused_us=graph_us(lambda: decode_attention.decode_attention(qd, ak, av, valid, D ** -0.5)),
         floor_us=2 * H * 5185 * D * 2 / 3e12 * 1e6)
     print("decode_attention", json.dumps(out["decode_attention"]), flush=True)
+    sweep = {}
+    for kps in (64, 128, 256, 512):
+        decode_attention._KEYS_PER_SPLIT = kps
+        sweep[kps] = graph_us(lambda: decode_attention.decode_attention(qd, ak, av, valid, D ** -0.5))
+    out["decode_attention"]["keys_per_split_us"] = sweep
+    print("decode_attention keys per split", json.dumps(sweep), flush=True)
 
     # -- the model's layers at a decode step (1 row), a question (32 rows) and a clip (1,568 rows)
     from transformers.models.qwen2 import modeling_qwen2 as mq

@@ -34,13 +34,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
         q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
         HAS_VALID=valid is not None, G=hq // hkv, GP=_GROUP_ROWS, D=D, BN=_BN, KPS=_KEYS_PER_SPLIT)
     out = torch.empty(1, 1, hq, D, dtype=q.dtype, device=q.device)
-    merge[(hkv,)](m, s_sum, acc, out, splits, G=hq // hkv, GP=_GROUP_ROWS, D=D,
-                  SP=max(16, 1 << (splits - 1).bit_length()))
+    merge[(hkv, hq // hkv)](m, s_sum, acc, out, splits, G=hq // hkv, GP=_GROUP_ROWS, D=D,
+                            SP=max(16, 1 << (splits - 1).bit_length()))
     return out
 
 
 # tl.dot wants at least 16 rows: the query heads of a kv head (7 at 7B shapes) are padded to 16
-_GROUP_ROWS, _BN, _KEYS_PER_SPLIT = 16, 64, 256
+_GROUP_ROWS, _BN, _KEYS_PER_SPLIT = 16, 64, 128
 
 
 @functools.cache
@@ -52,7 +52,7 @@ def _triton():
     except ImportError:
         return None
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_keys"])
     def partial(q_ptr, k_ptr, v_ptr, valid_ptr, m_ptr, l_ptr, acc_ptr, n_keys, scale,
                 sq_h, sk_h, sk_n, sv_h, sv_n, HAS_VALID: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                 D: tl.constexpr, BN: tl.constexpr, KPS: tl.constexpr):
@@ -86,19 +86,19 @@ def _triton():
         tl.store(l_ptr + at, s_sum)
         tl.store(acc_ptr + at[:, None] * D + d[None, :], acc)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits"])
     def merge(m_ptr, l_ptr, acc_ptr, out_ptr, splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
               SP: tl.constexpr):
-        h = tl.program_id(0)
+        """One program per (kv head, query head of its group)."""
+        h, g = tl.program_id(0), tl.program_id(1)
         sp = tl.arange(0, SP)
         d = tl.arange(0, D)
-        for g in range(G):
-            at = (h * splits + sp) * GP + g
-            m = tl.load(m_ptr + at, mask=sp < splits, other=float("-inf"))
-            top = tl.max(m, axis=0)
-            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
-            total = tl.sum(tl.load(l_ptr + at, mask=sp < splits, other=0.0) * w, axis=0)
-            acc = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=(sp < splits)[:, None], other=0.0)
-            tl.store(out_ptr + (h * G + g) * D + d, (tl.sum(acc * w[:, None], axis=0) / total).to(out_ptr.dtype.element_ty))
+        at = (h * splits + sp) * GP + g
+        m = tl.load(m_ptr + at, mask=sp < splits, other=float("-inf"))
+        top = tl.max(m, axis=0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+        total = tl.sum(tl.load(l_ptr + at, mask=sp < splits, other=0.0) * w, axis=0)
+        acc = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=(sp < splits)[:, None], other=0.0)
+        tl.store(out_ptr + (h * G + g) * D + d, (tl.sum(acc * w[:, None], axis=0) / total).to(out_ptr.dtype.element_ty))
 
     return partial, merge

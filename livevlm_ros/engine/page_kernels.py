@@ -67,7 +67,7 @@ def _triton():
     except ImportError:
         return None
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["pages"])
     def summarize_pages(k_ptr, order_ptr, mean_ptr, low_ptr, high_ptr, pages, H, sk_l, sk_h, sk_n, so_l,
                         P: tl.constexpr, D: tl.constexpr, PB: tl.constexpr):
         """One program per (layer and head, block of PB pages)."""
@@ -85,7 +85,7 @@ def _triton():
         tl.store(low_ptr + out, tl.min(x, axis=1), mask=live[:, None])
         tl.store(high_ptr + out, tl.max(x, axis=1), mask=live[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "k"])
     def top_by_rank(s_ptr, out_ptr, n, k, BI: tl.constexpr, BJ: tl.constexpr):
         """out[i] = (scores beating i) < k; j beats i if higher, or equal and earlier."""
         i = tl.program_id(0) * BI + tl.arange(0, BI)

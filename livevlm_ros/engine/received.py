@@ -51,7 +51,7 @@ def _triton():
     except ImportError:
         return None
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "n_keys", "r"])
     def row_lse_parts(q_ptr, k_ptr, m_ptr, l_ptr, rows, n_keys, r, keys_per_split,
                       sqh, sqr, skh, skn, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
         """Per (kv head, block of rows, split of the keys): each row's running max and sum of exp."""
@@ -78,7 +78,7 @@ def _triton():
         tl.store(m_ptr + out, m, mask=row < rows)
         tl.store(l_ptr + out, s_sum, mask=row < rows)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "n_keys", "r"])
     def column_sums(q_ptr, k_ptr, lse_ptr, w_ptr, out_ptr, rows, n_keys, r,
                     sqh, sqr, skh, skn, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
         """Per (kv head, block of keys): the weighted sum over all rows of exp(logit - row lse)."""

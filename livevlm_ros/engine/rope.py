@@ -61,7 +61,7 @@ def _triton():
     except ImportError:
         return None
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "first"])
     def rotate_rows(src_ptr, idx_ptr, cos_ptr, sin_ptr, out_ptr, n, first,
                     s_h, s_n, c_n, o_h, o_n, HAS_INDEX: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr):
         """One program per (head, block of BN rows): both halves of each row rotated."""
