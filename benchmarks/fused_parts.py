@@ -105,24 +105,47 @@ def main():
 
     # -- one answer token's attention over a 5,184-token context in a 6,144-slot buffer
     ak, av = torch.randn(1, H, 6144, D, device=dev, dtype=dt), torch.randn(1, H, 6144, D, device=dev, dtype=dt)
-    valid = torch.arange(6144, device=dev) <= 5184
+    last = torch.tensor([5184], device=dev)
     qd = torch.randn(1, 1, Hq * D, device=dev, dtype=dt).view(1, 1, Hq, D).transpose(1, 2)
 
     def torch_decode():
-        o = attention._small_block_attention(qd.reshape(1, H, Hq // H, D), ak, av, 1, valid, D ** -0.5)
+        o = attention._small_block_attention(qd.reshape(1, H, Hq // H, D), ak, av, 1, last, D ** -0.5)
         return o.reshape(1, Hq, 1, D).transpose(1, 2)
     out["decode_attention"] = dict(
-        check=dict(max_abs=float((decode_attention.decode_attention(qd, ak, av, valid, D ** -0.5).float()
+        check=dict(max_abs=float((decode_attention.decode_attention(qd, ak, av, last, D ** -0.5).float()
                                   - torch_decode().float()).abs().max())),
-        torch_us=graph_us(torch_decode), fused_us=graph_us(lambda: decode_attention.decode_attention(qd, ak, av, valid, D ** -0.5)),
+        torch_us=graph_us(torch_decode), fused_us=graph_us(lambda: decode_attention.decode_attention(qd, ak, av, last, D ** -0.5)),
         floor_us=2 * H * 5185 * D * 2 / 3e12 * 1e6)
     print("decode_attention", json.dumps(out["decode_attention"]), flush=True)
     sweep = {}
     for kps in (64, 128, 256, 512):
         decode_attention._KEYS_PER_SPLIT = kps
-        sweep[kps] = graph_us(lambda: decode_attention.decode_attention(qd, ak, av, valid, D ** -0.5))
+        sweep[kps] = graph_us(lambda: decode_attention.decode_attention(qd, ak, av, last, D ** -0.5))
     out["decode_attention"]["keys_per_split_us"] = sweep
     print("decode_attention keys per split", json.dumps(sweep), flush=True)
+
+    # -- a clip's prefill attention (8 frames, 1,568 rows after 12,288 memory tokens): the flash kernel
+    # the engine uses (attention._flash_bottom_right) against cuDNN's Hopper kernel, a lead for ingest
+    nq, nk = 1568, 12288 + 1568
+    cq = torch.randn(1, Hq, nq, D, device=dev, dtype=dt)
+    ck, cv = torch.randn(1, H, nk, D, device=dev, dtype=dt), torch.randn(1, H, nk, D, device=dev, dtype=dt)
+    clip = dict(flops_floor_us=4 * nq * nk * D * Hq / 2 / 790e12 * 1e6,      # causal tail ignored: ~all keys seen
+                flash_us=us(lambda: attention._flash_bottom_right(cq, ck, cv, D ** -0.5)))
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+        ek, ev = ck.repeat_interleave(Hq // H, dim=1), cv.repeat_interleave(Hq // H, dim=1)
+        ref_clip = attention._flash_bottom_right(cq, ck, cv, D ** -0.5)
+
+        def cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(cq, ek, ev, attn_mask=causal_lower_right(nq, nk))
+        clip["cudnn_max_abs"] = float((cudnn().float() - ref_clip.float()).abs().max())
+        clip["cudnn_us"] = us(cudnn)
+    except Exception as err:                      # noqa: BLE001 - a lead, recorded either way
+        clip["cudnn_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    out["clip_attention"] = clip
+    print("clip_attention", json.dumps(clip), flush=True)
 
     # -- the model's layers at a decode step (1 row), a question (32 rows) and a clip (1,568 rows)
     from transformers.models.qwen2 import modeling_qwen2 as mq

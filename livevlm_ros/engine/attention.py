@@ -11,8 +11,8 @@ into one block of g*n query rows, so each kv head is read once and never repeate
 (repeating a 700k-token context 7x would cost 10 GB at 7B shapes). The folded rows need an explicit
 mask; it is built once per forward and shared by all layers.
 
-A key tensor may carry `livevlm_valid` (bool [kv_len]): the captured decode step (decode_step.py)
-hands over a buffer of fixed size, of which only these slots hold context.
+A key tensor may carry `livevlm_last` (long [1], on the device): the captured decode step
+(decode_step.py) hands over a buffer of fixed size, of which only the slots up to it hold context.
 
 On CUDA one new token (an answer being decoded) takes decode_attention.py's kernel; a few rows (a
 question) take two matrix products; many rows (a clip) take the flash kernel.
@@ -57,15 +57,15 @@ def _bmm_float32(a, b):
     return torch.bmm(a.float(), b.float())
 
 
-def _small_block_attention(q, k, v, n: int, valid, scale):
+def _small_block_attention(q, k, v, n: int, last, scale):
     """softmax(q k^T * scale) v for a few folded query rows (groups x n new tokens) whose own keys
-    are the last n; logits and softmax in float32. `valid` [kv] (one new token only): the slots of a
-    fixed-size buffer that hold context."""
+    are the last n; logits and softmax in float32. `last` [1] (one new token only): the last slot of
+    a fixed-size buffer that holds context."""
     b, h, rows, d = q.shape
     q3, kt = (q * scale).reshape(b * h, rows, d), k.reshape(b * h, -1, d).transpose(1, 2)
     logits = _bmm_float32(q3, kt).view(b, h, rows, -1)
-    if valid is not None:
-        logits.masked_fill_(~valid, float("-inf"))
+    if last is not None:
+        logits.masked_fill_(torch.arange(logits.shape[-1], device=last.device) > last, float("-inf"))
     if n > 1:          # new token i sees the context and new tokens <= i: only the last n columns are masked
         logits[..., -n:].masked_fill_(causal_tail(rows // n, n, q.device), float("-inf"))
     probs = logits.softmax(dim=-1).to(v.dtype)
@@ -148,14 +148,14 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     hkv = key.shape[1]
     groups = hq // hkv
     folded = query.reshape(b, hkv, groups * n, d)          # heads of a group are adjacent in Hq
-    valid = getattr(key, "livevlm_valid", None)     # a fixed-size buffer (decode_step.py): its used slots
-    if valid is not None and n > 1:
+    last = getattr(key, "livevlm_last", None)       # a fixed-size buffer (decode_step.py): its last used slot
+    if last is not None and n > 1:
         raise ValueError("a fixed-size key buffer takes one new token at a time")
     scale = d ** -0.5 if scaling is None else scaling
-    if n == 1 and (out := decode_attention(query, key, value, valid, scale)) is not None:
+    if n == 1 and (out := decode_attention(query, key, value, last, scale)) is not None:
         return out, None
     if groups * n <= SMALL_BLOCK_ROWS:
-        out = _small_block_attention(folded, key, value, n, valid, scale)
+        out = _small_block_attention(folded, key, value, n, last, scale)
     elif (out := _flash_bottom_right(query, key, value, scale)) is not None:
         return out.transpose(1, 2).contiguous(), None
     else:

@@ -69,7 +69,6 @@ class MemoryKVHook:
         # zeros, not empty: masked slots still enter the product (0 x -inf is NaN, garbage may be NaN)
         self._arena_k = torch.zeros(kv.layers, kv.kv_heads, capacity, kv.head_dim, dtype=kv.dtype, device=kv.device)
         self._arena_v = torch.zeros_like(self._arena_k)
-        self._slots = torch.arange(capacity, device=kv.device)
         self.lengths = torch.zeros(kv.layers, dtype=torch.long, device=kv.device)
         self.arena_generation += 1
 
@@ -85,7 +84,7 @@ class MemoryKVHook:
         keys.index_copy_(1, at, k_new[0])
         values.index_copy_(1, at, v_new[0])
         keys, values = keys[None], values[None]
-        keys.livevlm_valid = self._slots <= at                  # attention.py masks the slots beyond
+        keys.livevlm_last = at                                  # attention.py masks the slots beyond
         return keys, values
 
     def close(self):
