@@ -13,6 +13,8 @@ mask; it is built once per forward and shared by all layers.
 
 A key tensor may carry `livevlm_last` (long [1], on the device): the captured decode step
 (decode_step.py) hands over a buffer of fixed size, of which only the slots up to it hold context.
+It may carry `livevlm_on_probs`: a forward that writes out its softmax probabilities (a question)
+hands them to it, so the KV hook measures evidence without computing the attention a second time.
 
 On CUDA one new token (an answer being decoded) takes decode_attention.py's kernel; a few rows (a
 question) take two matrix products; many rows (a clip) take the flash kernel.
@@ -57,10 +59,17 @@ def _bmm_float32(a, b):
     return torch.bmm(a.float(), b.float())
 
 
-def _small_block_attention(q, k, v, n: int, last, scale):
+def hands_probabilities(groups: int, n: int) -> bool:
+    """Does a forward of n new tokens compute its softmax probabilities (and hand them to a key
+    tensor's `livevlm_on_probs`)? Only the small-block path writes them out."""
+    return groups * n <= SMALL_BLOCK_ROWS
+
+
+def _small_block_attention(q, k, v, n: int, last, scale, on_probs=None):
     """softmax(q k^T * scale) v for a few folded query rows (groups x n new tokens) whose own keys
     are the last n; logits and softmax in float32. `last` [1] (one new token only): the last slot of
-    a fixed-size buffer that holds context."""
+    a fixed-size buffer that holds context. `on_probs`: called with the float32 probabilities
+    [b, kv_heads, groups * n, kv] (the KV hook takes an answer's evidence from them)."""
     b, h, rows, d = q.shape
     q3, kt = (q * scale).reshape(b * h, rows, d), k.reshape(b * h, -1, d).transpose(1, 2)
     logits = _bmm_float32(q3, kt).view(b, h, rows, -1)
@@ -68,8 +77,10 @@ def _small_block_attention(q, k, v, n: int, last, scale):
         logits.masked_fill_(torch.arange(logits.shape[-1], device=last.device) > last, float("-inf"))
     if n > 1:          # new token i sees the context and new tokens <= i: only the last n columns are masked
         logits[..., -n:].masked_fill_(causal_tail(rows // n, n, q.device), float("-inf"))
-    probs = logits.softmax(dim=-1).to(v.dtype)
-    return _probs_times_values(probs, v)
+    probs = logits.softmax(dim=-1)
+    if on_probs is not None:
+        on_probs(probs)
+    return _probs_times_values(probs.to(v.dtype), v)
 
 
 def _probs_times_values(probs, v, chunk: int = 512, split_from: int = LONG_CONTEXT):
@@ -154,8 +165,8 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     scale = d ** -0.5 if scaling is None else scaling
     if n == 1 and (out := decode_attention(query, key, value, last, scale)) is not None:
         return out, None
-    if groups * n <= SMALL_BLOCK_ROWS:
-        out = _small_block_attention(folded, key, value, n, last, scale)
+    if hands_probabilities(groups, n):
+        out = _small_block_attention(folded, key, value, n, last, scale, getattr(key, "livevlm_on_probs", None))
     elif (out := _flash_bottom_right(query, key, value, scale)) is not None:
         return out.transpose(1, 2).contiguous(), None
     else:

@@ -21,8 +21,11 @@ per answer.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .attention import hands_probabilities
 from .memory import StreamingMemory
 from .received import attention_received
 from .retrieval import ContextSelector
@@ -218,9 +221,15 @@ class MemoryKVHook:
         self._answer_k[layer][:, start:stop] = k_new[0]
         self._answer_v[layer][:, start:stop] = v_new[0]
         self._answer_len[layer] = stop
+        keys = self._answer_k[layer][None, :, :stop]
         if first and self._evidence_rows is not None:
-            self._add_evidence(layer, start)
-        return self._answer_k[layer][None, :, :stop], self._answer_v[layer][None, :, :stop]
+            kv = self.memory.kv
+            if hands_probabilities(kv.q_heads // kv.kv_heads, k_new.shape[2]):
+                # the attention's own probabilities (attention.py calls this with them)
+                keys.livevlm_on_probs = functools.partial(self._evidence_from_probs, start, k_new.shape[2])
+            else:
+                self._add_evidence(layer, start)
+        return keys, self._answer_v[layer][None, :, :stop]
 
     def _build_answer_context(self, layer: int, n_question: int):
         """prefix + the long-term tokens this layer reads + short-term memory, re-rotated to
@@ -264,13 +273,29 @@ class MemoryKVHook:
                                            torch.ones(s1 - s0, dtype=torch.bool, device=kv.device)]).float()
 
     def _add_evidence(self, layer: int, context_end: int):
-        """Attention the evidence rows pay to this layer's memory tokens, added up per frame.
-        Vision sinks are left out: they are kept because they draw attention from every query
-        (attention sinks), so what they draw says nothing about what the question is about."""
+        """Attention the evidence rows pay to this layer's memory tokens, computed here (a forward
+        whose attention writes no probabilities out: many new tokens)."""
         rows, (cos, sin) = self._evidence_rows, self._evidence_rope
         keys = self._answer_k[layer][:, :context_end + rows.stop]
         received = self._attention_received(layer, rows, cos, sin, keys, self._row_weights)
-        received = received[self.memory.prefix_len:context_end]
+        self._add_per_frame(received[self.memory.prefix_len:context_end])
+
+    def _evidence_from_probs(self, context_end: int, n_new: int, probs: torch.Tensor):
+        """The same from the attention's own probabilities [1, kv_heads, groups * n_new, keys] (rows
+        are (head in group, new token)): their mean over the query heads and the evidence rows."""
+        kv, rows = self.memory.kv, self._evidence_rows
+        picked = probs[0].view(kv.kv_heads, -1, n_new, probs.shape[-1])[:, :, rows, self.memory.prefix_len:context_end]
+        if self._row_weights is None:
+            received = picked.sum(dim=(0, 1, 2)) / (kv.q_heads * picked.shape[2])
+        else:
+            w = self._row_weights.to(picked.dtype)
+            received = torch.einsum("hgrk,r->k", picked, w) / (kv.q_heads * w.sum())
+        self._add_per_frame(received)
+
+    def _add_per_frame(self, received: torch.Tensor):
+        """Attention drawn by this layer's memory tokens, added up per frame. Vision sinks are left
+        out: they are kept because they draw attention from every query (attention sinks), so what
+        they draw says nothing about what the question is about."""
         self.evidence[0].index_add_(0, self._ctx_frames, received * self._ctx_content)
         self.evidence[1].index_add_(0, self._ctx_frames, self._ctx_content)
 
