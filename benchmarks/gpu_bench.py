@@ -192,9 +192,9 @@ def bench_decode_paths(adapter, results, frames, budget, tokens=32):
         rows[mode] = dict(ttft_ms=ttft * 1e3, ttft_evidence_ms=ttft_evidence * 1e3, answer_ms=total * 1e3, decode_tps=tps,
                           decode_ms_per_token=(total - ttft) / (tokens - 1) * 1e3, gpu_allocated=alloc,
                           captures=engine.decode_step.captures if engine.decode_step else 0,
-                          question_captures=engine.question_step.captures if engine.question_step else 0,
-                          question_replays=engine.question_step.replays if engine.question_step else 0,
-                          question_capture_error=engine.question_step.capture_error if engine.question_step else None)
+                          question_captures=engine.question_step.recorded.captures if engine.question_step else 0,
+                          question_replays=engine.question_step.recorded.replays if engine.question_step else 0,
+                          question_capture_error=engine.question_step.recorded.capture_error if engine.question_step else None)
     for mode in modes:
         engine.reconfigure(launch=mode)
         stops, engine.model.stop_token_ids = engine.model.stop_token_ids, ()
@@ -262,7 +262,7 @@ def warm_up_ingest(engine, frames) -> int:
     clip, T = engine.config.frames_per_clip, engine.model.tokens_per_frame
     i = 0
     while i < engine.config.budget_tokens // T + 2 * clip or (
-            engine.ingest_step is not None and engine.ingest_step.capture and engine.ingest_step.captures == 0
+            engine.ingest_step is not None and engine.ingest_step.recorded.capture and engine.ingest_step.recorded.captures == 0
             and i < engine.config.budget_tokens // T + 40 * clip):
         engine.ingest(frames[i % len(frames)], float(i))
         i += 1
@@ -289,7 +289,7 @@ def bench_ingest(adapter, results, n_frames, clip_sizes):
         dt = (time.perf_counter() - t0) / n
         ctx = engine.memory.total_tokens()
         fl = flops_per_frame(adapter, ctx)
-        step = engine.ingest_step
+        step = engine.ingest_step and engine.ingest_step.recorded
         out[f"clip{clip}"] = dict(ms_per_frame=dt * 1e3, fps=1 / dt, memory_tokens=ctx, flops_per_frame=fl,
                                   achieved_tflops=fl["total"] / dt / 1e12, peak_bytes=gpu_mem()[1],
                                   allocated_bytes=gpu_mem()[0], launch=engine.config.launch,
@@ -357,7 +357,7 @@ def check_ingest_replay(adapter, results, clip: int, frames: int):
     same = all(torch.equal(getattr(x.view(), f), getattr(y.view(), f))
                for x, y in ((a.long, b.long), (a.short, b.short)) for f in ("keys", "values", "token_idx", "sink"))
     answers = {m: e.ask(QUESTION, max_new_tokens=16).token_ids for m, e in engines.items()}
-    step = engines[replayed].ingest_step or engines["static"].ingest_step
+    step = (engines[replayed].ingest_step or engines["static"].ingest_step).recorded
     same_answer = answers["static"] == answers[replayed]
     results.setdefault("ingest", {})[f"replay_check_clip{clip}"] = dict(
         frames=frames, launch=replayed, same_memory=same, same_answer=same_answer,
@@ -515,7 +515,7 @@ def bench_response(adapter, results, lengths, budget):
                 row = dict(policy=policy, frames=frames, ttft_ms=ttft * 1e3, answer_ms=total * 1e3, decode_tps=tps,
                            context_tokens=a.context_tokens, device_kv_bytes=s["device_bytes"],
                            offload_kv_bytes=s["offload_bytes"], gpu_allocated=alloc, gpu_peak=peak,
-                           question_replays=engine.question_step.replays if engine.question_step else 0)
+                           question_replays=engine.question_step.recorded.replays if engine.question_step else 0)
             except torch.OutOfMemoryError as err:
                 row = dict(policy=policy, frames=frames, oom=str(err).splitlines()[0][:120])
             except Exception as err:          # noqa: BLE001 - EngineResourceError wraps OOM

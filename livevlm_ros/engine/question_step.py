@@ -24,12 +24,11 @@ the GPU benchmark checks the replay gives the tokens of that eager step.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .graphs import describe_error, memory_layout, record
+from .graphs import StepGraphs, memory_layout
 
 BUCKET = 32           # question lengths are rounded up to this: few graphs, little padding
 
@@ -53,19 +52,15 @@ class _Recorded:
 
 class QuestionStep:
     def __init__(self, model, hook, capture: bool):
-        self.model, self.hook, self.capture = model, hook, capture
-        self.graphs: dict[tuple, _Recorded] = {}     # question key -> graph, for the memory of _memory_key
-        self._starts: dict[tuple, int] = {}          # question key -> start, of questions run eagerly
-        self._memory_key: tuple | None = None
-        self._pool = None                      # one memory pool for all these graphs (never run together)
-        self.captures = self.replays = 0       # for benchmarks
-        self.capture_error: str | None = None  # why recording failed (then questions run kernel by kernel)
+        self.model, self.hook = model, hook
+        # question key -> _Recorded; seen: question key -> start, of questions run kernel by kernel
+        self.recorded = StepGraphs("question prefill", capture)
 
     def run(self, selector, embeds: torch.Tensor, rows: slice, max_new_tokens: int, evidence: bool):
         """The question's first forward. embeds [n, hidden]; rows: the question's own token rows.
         Returns (position of the first row, logits that choose the first answer token); the hook is
         left in answer mode with the padding forgotten, ready to decode."""
-        hook, n = self.hook, embeds.shape[0]
+        hook, rec, n = self.hook, self.recorded, embeds.shape[0]
         bucket = -(-n // BUCKET) * BUCKET
         weights = torch.zeros(bucket - rows.start, device=embeds.device)
         weights[:rows.stop - rows.start] = 1
@@ -73,51 +68,46 @@ class QuestionStep:
                          torch.tensor([n - 1], device=embeds.device), weights)
         rows = slice(rows.start, bucket)
         key = (bucket, rows.start, evidence, type(selector).__name__, tuple(sorted(vars(selector).items())))
-        if self._memory_changed():
-            self.graphs.clear()
-            self._starts.clear()
-        recorded = self.graphs.get(key)
-        if recorded is None and self._memory_key is not None and key in self._starts:
+        layout = self._layout()
+        rec.at_layout(layout)
+        recorded = rec.graphs.get(key)
+        if recorded is None and layout is not None and key in rec.seen:
             # the second question of this shape on this memory layout: record it
             generation = hook.arena_generation
-            hook.reserve_arena(self._starts[key] + bucket + max_new_tokens)
+            hook.reserve_arena(rec.seen[key] + bucket + max_new_tokens)
             if hook.arena_generation != generation:
-                self.graphs.clear()            # recorded on the old arena
-            try:
-                recorded = self._record(key, selector, inputs, rows, max_new_tokens, evidence)
-            except RuntimeError as err:       # an operation a graph cannot record: answer anyway
-                self.hook.reset()
-                self.capture, self.capture_error = False, describe_error(err)
-                warnings.warn(f"question prefill is not captured in a CUDA graph: {self.capture_error}")
+                rec.graphs.clear()             # recorded on the old arena
+            made = rec.record(lambda: self._forward_for_graph(selector, inputs, rows, max_new_tokens, evidence),
+                              hook.reset)
+            if made is not None:
+                graph, (start, state) = made
+                recorded = rec.graphs[key] = _Recorded(graph, inputs, start, state)
         if recorded is not None and hook.arena_capacity >= recorded.start + bucket + max_new_tokens:
             for static, new in zip((recorded.inputs.embeds, recorded.inputs.last, recorded.inputs.row_weights),
                                    (inputs.embeds, inputs.last, inputs.row_weights)):
                 static.copy_(new)
-            recorded.graph.replay()
-            self.replays += 1
+            rec.replay(recorded.graph)
             hook.restore_answer_state(recorded.hook_state)
             start, logits = recorded.start, recorded.inputs.logits
         else:
             generation = hook.arena_generation
             start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
             if hook.arena_generation != generation:
-                self.graphs.clear()            # the arena grew: every graph must be recorded again
-            self._starts[key] = start
+                rec.graphs.clear()             # the arena grew: every graph must be recorded again
+            rec.seen[key] = start
             logits = inputs.logits
         hook.forget_padding(bucket - n)
         return start, logits
 
-    def _memory_changed(self) -> bool:
-        """Has memory's layout (what a graph reads: its tensors, their lengths) changed since the
-        last question? `_memory_key` is None where nothing may be recorded."""
+    def _layout(self) -> tuple | None:
+        """What a graph reads of memory (its tensors, their lengths), or None where nothing may be
+        recorded."""
         mem = self.hook.memory
-        key = None
         # (recording which tokens each layer read copies them to the host: not in a graph)
-        if self.capture and mem.long.device.type == "cuda" and not self.hook.record_selection:
+        if self.recorded.capture and mem.long.device.type == "cuda" and not self.hook.record_selection:
             # + the frame count in the steps the hook sizes evidence in
-            key = (memory_layout(mem), -(-(mem.frames_ingested + 1) // 4096))
-        changed, self._memory_key = key != self._memory_key, key
-        return changed
+            return memory_layout(mem), -(-(mem.frames_ingested + 1) // 4096)
+        return None
 
     @torch.inference_mode()
     def _forward(self, selector, inputs: _Inputs, rows: slice, max_new_tokens: int, evidence: bool) -> int:
@@ -130,13 +120,7 @@ class QuestionStep:
         inputs.logits = self.model.logits(hidden[0].index_select(0, inputs.last))[0]
         return start
 
-    def _record(self, key, selector, inputs: _Inputs, rows, max_new_tokens, evidence) -> _Recorded:
-        def forward():
-            start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
-            return start, self.hook.answer_state()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph, (start, state) = record(forward, self._pool, self.hook.reset)
-        recorded = self.graphs[key] = _Recorded(graph, inputs, start, state)
-        self.captures += 1
-        return recorded
+    def _forward_for_graph(self, selector, inputs: _Inputs, rows, max_new_tokens, evidence):
+        """The forward a graph records: it also returns what the hook knows after it."""
+        start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
+        return start, self.hook.answer_state()
