@@ -19,7 +19,7 @@ import triton.testing as tt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livevlm_ros.engine import attention, decode_attention, fused_layers, page_kernels, rope  # noqa: E402
+from livevlm_ros.engine import attention, decode_attention, fused_layers, page_kernels, received, rope  # noqa: E402
 
 
 def us(fn) -> float:
@@ -144,6 +144,18 @@ def main():
         clip["cudnn_us"] = us(cudnn)
     except Exception as err:                      # noqa: BLE001 - a lead, recorded either way
         clip["cudnn_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    # VSB's scores of the clip's last frame (196 rows) from the flash kernel's row log-sum-exp
+    r = 196
+    flash_out, flash_lse = attention._flash_bottom_right(cq, ck, cv, D ** -0.5, with_lse=True)
+    q_last = cq[0, :, nq - r:].reshape(H, -1, D)
+    keys3 = ck[0]
+    written = received._written_out((q_last * D ** -0.5).to(dt), keys3, r, None)
+    from_lse = received.attention_received_from_lse(q_last, keys3, r, flash_lse[0, :, nq - r:nq].reshape(H, -1), D ** -0.5)
+    clip["scores_from_lse"] = dict(
+        lse_shape=list(flash_lse.shape), max_rel_diff=float((from_lse - written).abs().max() / written.abs().max()),
+        two_kernels_us=us(lambda: received.attention_received((q_last * D ** -0.5).to(dt), keys3, r)),
+        from_lse_us=us(lambda: received.attention_received_from_lse(
+            q_last, keys3, r, flash_lse[0, :, nq - r:nq].reshape(H, -1), D ** -0.5)))
     out["clip_attention"] = clip
     print("clip_attention", json.dumps(clip), flush=True)
 

@@ -15,6 +15,8 @@ A key tensor may carry `livevlm_last` (long [1], on the device): the captured de
 (decode_step.py) hands over a buffer of fixed size, of which only the slots up to it hold context.
 It may carry `livevlm_on_probs`: a forward that writes out its softmax probabilities (a question)
 hands them to it, so the KV hook measures evidence without computing the attention a second time.
+And `livevlm_on_lse(query, lse, scale)`, called once per forward: lse is each row's log-sum-exp
+where the flash kernel returned it (a clip's prefill: VSB's scores skip half their work), else None.
 
 On CUDA one new token (an answer being decoded) takes decode_attention.py's kernel; a few rows (a
 question) take two matrix products; many rows (a clip) take the flash kernel.
@@ -104,17 +106,19 @@ def _probs_times_values(probs, v, chunk: int = 512, split_from: int = LONG_CONTE
     return out.view(b, h, rows, d).to(v.dtype)
 
 
-def _flash_bottom_right(q, k, v, scale):
+def _flash_bottom_right(q, k, v, scale, with_lse: bool = False):
     """Many new tokens after a context on CUDA (a clip's prefill): the flash kernel, whose causal
     mask is aligned bottom-right when there are fewer queries than keys (flash-attention 2), with
     grouped kv heads read in place. No mask is built or read: the folded mask is n*groups x keys
     bools (154 MB for an 8-frame clip at 7B shapes), and a graph rebuilt it for every layer.
-    None where the kernel is missing or refuses these inputs."""
+    None where the kernel is missing or refuses these inputs. `with_lse`: (output, each row's
+    log-sum-exp of scale * logits, [b, Hq, n] float32)."""
     global _flash_gqa
     if not (_flash_gqa and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         return None
     try:
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+        return (out[0], out[1]) if with_lse else out[0]
     except (RuntimeError, NotImplementedError):
         _flash_gqa = False
         return None
@@ -165,13 +169,18 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     scale = d ** -0.5 if scaling is None else scaling
     if n == 1 and (out := decode_attention(query, key, value, last, scale)) is not None:
         return out, None
+    on_lse = getattr(key, "livevlm_on_lse", None)
     if hands_probabilities(groups, n):
         out = _small_block_attention(folded, key, value, n, last, scale, getattr(key, "livevlm_on_probs", None))
-    elif (out := _flash_bottom_right(query, key, value, scale)) is not None:
-        return out.transpose(1, 2).contiguous(), None
+    elif (flash := _flash_bottom_right(query, key, value, scale, with_lse=True)) is not None:
+        if on_lse is not None:
+            on_lse(query, flash[1], scale)
+        return flash[0].transpose(1, 2).contiguous(), None
     else:
         mask = None if n == 1 else _folded_causal_mask(groups, n, key.shape[2], query.device)
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    if on_lse is not None:
+        on_lse(query, None, scale)
     return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), None
 
 

@@ -27,7 +27,7 @@ import torch
 
 from .attention import hands_probabilities
 from .memory import StreamingMemory
-from .received import attention_received
+from .received import attention_received, attention_received_from_lse, fused_available
 from .retrieval import ContextSelector
 from .rope import apply_rope, rotate_into
 
@@ -143,9 +143,22 @@ class MemoryKVHook:
         pre = self._keys_pre.pop(layer)[0]                       # [n, kv_heads * D], as k_proj made it
         self.new_keys_pre.append(pre.view(n, -1, keys.shape[2]).transpose(0, 1))
         self.new_values.append(v_new[0])
-        if self._window is not None:
+        keys_out = keys[None]
+        if self._window is not None:     # VSB's scores, once the attention has run (attention.py calls this)
+            keys_out.livevlm_on_lse = functools.partial(self._scores_after_attention, layer, keys)
+        return keys_out, values[None]
+
+    def _scores_after_attention(self, layer: int, keys: torch.Tensor, query: torch.Tensor,
+                                lse: torch.Tensor | None, scale: float):
+        """VSB's scores of this layer: from the rows' log-sum-exp the flash kernel returned with the
+        attention (query [1, q_heads, n, D] after RoPE), or computed in full where it returned none."""
+        if lse is None or not fused_available(keys):
             self.scores.append(self._observation_scores(layer, keys))
-        return keys[None], values[None]
+            return
+        kv, r, n = self.memory.kv, self._window, query.shape[2]
+        q = query[0, :, n - r:].reshape(kv.kv_heads, -1, query.shape[-1])    # query heads grouped by kv head
+        received = attention_received_from_lse(q, keys, r, lse[0, :, n - r:n].reshape(kv.kv_heads, -1), scale)
+        self.scores.append(received.sum(dim=0) / (kv.q_heads * r))
 
     def _observation_scores(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """Mean softmax attention that the last r new tokens pay to every key, [n_keys]."""

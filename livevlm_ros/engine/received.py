@@ -7,7 +7,9 @@ in bf16, written and read three times a layer - 13 ms of a 48 ms one-frame clip 
 
 On CUDA two Triton kernels compute the same sums without writing the matrix: the first finds each
 row's log-sum-exp (split over key blocks, merged after), the second, one program per block of keys,
-adds exp(logit - lse) over the rows. Elsewhere (CPUs, or no Triton) the matrix is written out.
+adds exp(logit - lse) over the rows. Where the forward's flash kernel already returned the rows'
+log-sum-exp (a clip's prefill), only the second runs (`attention_received_from_lse`). Elsewhere
+(CPUs, or no Triton) the matrix is written out.
 
 Layout: q [kv_heads, groups * r, D] holds the query heads of a kv head as adjacent blocks of the r
 rows (row = head in group * r + i), already scaled; keys [kv_heads, n_keys, D], whose last r are the
@@ -23,11 +25,15 @@ import torch
 from .attention import causal_tail
 
 
+def fused_available(t: torch.Tensor) -> bool:
+    return t.is_cuda and _triton() is not None
+
+
 def attention_received(q: torch.Tensor, keys: torch.Tensor, r: int,
                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """-> [kv_heads, n_keys] float32: the sum over rows of softmax attention (rows weighted by
     `weights` [groups * r], if given)."""
-    if keys.is_cuda and _triton() is not None:
+    if fused_available(keys):
         return _fused(q, keys, r, weights)
     return _written_out(q, keys, r, weights)
 
@@ -79,8 +85,8 @@ def _triton():
         tl.store(l_ptr + out, s_sum, mask=row < rows)
 
     @triton.jit(do_not_specialize=["rows", "n_keys", "r"])
-    def column_sums(q_ptr, k_ptr, lse_ptr, w_ptr, out_ptr, rows, n_keys, r,
-                    sqh, sqr, skh, skn, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+    def column_sums(q_ptr, k_ptr, lse_ptr, w_ptr, out_ptr, rows, n_keys, r, scale,
+                    sqh, sqr, slh, skh, skn, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
         """Per (kv head, block of keys): the weighted sum over all rows of exp(logit - row lse)."""
         h, nb = tl.program_id(0), tl.program_id(1)
         n = nb * BN + tl.arange(0, BN)
@@ -90,9 +96,9 @@ def _triton():
         for r0 in range(0, rows, BR):
             row = r0 + tl.arange(0, BR)
             q = tl.load(q_ptr + h * sqh + row[:, None] * sqr + d[None, :], mask=row[:, None] < rows, other=0.0)
-            lse = tl.load(lse_ptr + h * rows + row, mask=row < rows, other=float("inf"))
+            lse = tl.load(lse_ptr + h * slh + row, mask=row < rows, other=float("inf"))
             w = tl.load(w_ptr + row, mask=row < rows, other=0.0)
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k)) * scale
             seen = (n[None, :] < n_keys) & ((n[None, :] - (n_keys - r)) <= (row % r)[:, None])
             p = tl.where(seen, tl.exp(s - lse[:, None]), 0.0) * w[:, None]
             acc += tl.sum(p, axis=0)
@@ -120,9 +126,29 @@ def _fused(q, keys, r, weights):
     # merge the splits: lse = log(sum over splits of s_sum * exp(m)), without overflow
     top = m.amax(dim=2, keepdim=True)
     lse = (top + torch.log((s_sum * torch.exp(m - top)).sum(dim=2, keepdim=True))).squeeze(2).contiguous()
+    return _column_sums(q, keys, r, lse, weights, 1.0)
+
+
+def _column_sums(q, keys, r, lse, weights, scale):
+    kv_heads, rows, D = q.shape
+    n_keys = keys.shape[1]
     w = torch.ones(rows, dtype=torch.float32, device=q.device) if weights is None else weights.float().contiguous()
     out = torch.empty(kv_heads, n_keys, dtype=torch.float32, device=q.device)
-    column_sums[(kv_heads, -(-n_keys // _BN))](
-        q, keys, lse, w, out, rows, n_keys, r, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-        D=D, BR=_BR, BN=_BN)
+    _triton()[1][(kv_heads, -(-n_keys // _BN))](
+        q, keys, lse, w, out, rows, n_keys, r, scale, q.stride(0), q.stride(1), lse.stride(0), keys.stride(0),
+        keys.stride(1), D=D, BR=_BR, BN=_BN)
     return out
+
+
+def attention_received_from_lse(q: torch.Tensor, keys: torch.Tensor, r: int, lse: torch.Tensor,
+                                scale: float) -> torch.Tensor:
+    """The same sums, given each row's log-sum-exp of scale * logits (as the flash kernel returns
+    it for the forward that just ran): only the second kernel runs. q [kv_heads, groups * r, D] not
+    scaled, lse [kv_heads, groups * r] float32; CUDA with Triton only."""
+    if keys.stride(2) != 1:
+        keys = keys.contiguous()
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if lse.stride(1) != 1:
+        lse = lse.contiguous()
+    return _column_sums(q, keys, r, lse, None, scale)
