@@ -1,0 +1,137 @@
+"""The engine's Triton kernels run on the CPU by Triton's interpreter, against the torch code they
+replace: a check for machines without a GPU (the GPU runs the same checks in fused_parts.py and
+gpu_bench.py). Prints one line per check and exits 1 if one fails.
+
+    TRITON_INTERPRET=1 python benchmarks/kernels_interpreted.py
+
+Needs triton (3.6 here) and numpy < 2.4 (numpy 2.4 breaks the interpreter). The interpreter rounds
+bfloat16 differently from a GPU, so half precision is checked in float16 (where it is exact) and
+everything in float32.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from livevlm_ros.engine import decode_attention, fused_layers, page_kernels, received, rope  # noqa: E402
+from livevlm_ros.engine.attention import causal_tail  # noqa: E402
+
+failed = []
+
+
+def check(name: str, error: float, limit: float):
+    ok = error <= limit
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {error:.3g} (limit {limit:g})")
+    if not ok:
+        failed.append(name)
+
+
+def rope_tables(n, D, dtype):
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.arange(n).float()[:, None] * inv[None]
+    emb = torch.cat([emb, emb], -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def main():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("set TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        name = str(dt).split(".")[1]
+        H, N, D, n = 4, 300, 128, 77
+        src = torch.randn(H, N, D).to(dt)
+        cos, sin = rope_tables(n, D, dt)
+        idx = torch.randperm(N)[:n]
+        out = torch.zeros(H, 500, D, dtype=dt)[:, 100:100 + n]
+        # the kernel computes in float32 and rounds once: its reference is torch in float32, rounded
+        rotated = lambda x: rope.apply_rope(x.float(), cos.float(), sin.float()).to(dt)  # noqa: E731
+        rope._rotate_rows(out, src, idx, cos, sin)
+        check(f"rope.rotate_into, gathered rows, {name}", (out.float() - rotated(src[:, idx]).float()).abs().max().item(), tol)
+        q = torch.randn(1, n, H * D).to(dt).view(1, n, H, D).transpose(1, 2)     # a projection's layout
+        out = torch.empty_like(q)
+        rope._rotate_rows(out[0], q[0], 0, cos, sin)
+        check(f"rope.rotate_into, strided queries, {name}", (out.float() - rotated(q).float()).abs().max().item(), tol)
+
+        x, w = torch.randn(3, 5, 1000).to(dt) * 3, (torch.rand(1000) + 0.5).to(dt)
+        xf = x.float()
+        ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dt)
+        check(f"fused_layers.rms_norm, {name}", (fused_layers.rms_norm(x, w, 1e-6).float() - ref.float()).abs().max().item(), 4 * tol)
+        both = torch.randn(7, 2 * 600).to(dt)
+        g, u = both[:, :600], both[:, 600:]
+        ref = torch.nn.functional.silu(g) * u
+        check(f"fused_layers.silu_mul, halves of one product, {name}",
+              (fused_layers.silu_mul(g, u).float() - ref.float()).abs().max().item(), tol)
+
+        L, P, pages = 3, 16, 23
+        keys = torch.randn(L, H, 500, D).to(dt)
+        order = torch.stack([torch.randperm(400) for _ in range(L)])
+        grouped = keys.gather(2, order[:, None, :pages * P, None].expand(L, H, pages * P, D)).view(L, H, pages, P, D)
+        mean, low, high = _summarize(keys, order, pages, P)
+        check(f"page_kernels.summarize mean, {name}", (mean - grouped.float().mean(3)).abs().max().item(), tol)
+        check(f"page_kernels.summarize min/max, {name}",
+              max((low - grouped.amin(3)).abs().max().item(), (high - grouped.amax(3)).abs().max().item()), 0.0)
+
+        Hq, Hkv, cap = 28, 4, 700
+        q = torch.randn(1, 1, Hq * D).to(dt).view(1, 1, Hq, D).transpose(1, 2)
+        k, v = torch.randn(1, Hkv, cap, D).to(dt), torch.randn(1, Hkv, cap, D).to(dt)
+        last = torch.tensor([500])
+        got = _decode(q, k, v, last, D ** -0.5)
+        logits = q.float().reshape(Hkv, Hq // Hkv, D) @ k[0, :, :501].float().transpose(1, 2) * D ** -0.5
+        ref = (logits.softmax(-1) @ v[0, :, :501].float()).reshape(1, 1, Hq, D)
+        check(f"decode_attention, 501 of 700 slots, {name}", (got.float() - ref).abs().max().item(), 5 * tol)
+
+    scores = torch.rand(640)
+    scores[1] = scores[300]                                          # a tie
+    out = torch.empty(640, dtype=torch.bool)
+    page_kernels._triton()[1][(5,)](scores, out, 640, 256, BI=128, BJ=128)
+    ref = torch.zeros(640, dtype=torch.bool).index_fill_(0, scores.topk(256).indices, True)
+    check("page_kernels.top_pages equals top-k", float((out != ref).sum()), 0)
+
+    g, r, D, N, scale = 3, 20, 64, 300, 0.37
+    q, k = torch.randn(2, g * r, D), torch.randn(2, N, D)
+    logits = (q @ k.transpose(1, 2)) * scale
+    logits[..., -r:].masked_fill_(causal_tail(g, r, "cpu"), float("-inf"))
+    ref = logits.softmax(-1).sum(1)
+    got = received._fused(q * scale, k, r, None)
+    check("received, both kernels", ((got - ref).abs().max() / ref.abs().max()).item(), 1e-5)
+    got = received._column_sums(q, k, r, torch.logsumexp(logits, -1), None, scale)
+    check("received, from a given log-sum-exp", ((got - ref).abs().max() / ref.abs().max()).item(), 1e-5)
+    sys.exit(1 if failed else 0)
+
+
+def _summarize(keys, order, pages, P):
+    """page_kernels.summarize's kernel call without its CUDA check."""
+    L, H, _, D = keys.shape
+    mean = torch.empty(L, H, pages, D)
+    low, high = torch.empty(L, H, pages, D, dtype=keys.dtype), torch.empty(L, H, pages, D, dtype=keys.dtype)
+    page_kernels._triton()[0][(L * H, -(-pages // page_kernels._PAGES_PER_PROGRAM))](
+        keys, order, mean, low, high, pages, H, keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0),
+        P=P, D=D, PB=page_kernels._PAGES_PER_PROGRAM)
+    return mean, low, high
+
+
+def _decode(q, k, v, last, scale):
+    """decode_attention's kernel calls without its CUDA check."""
+    hq, D = q.shape[1], q.shape[3]
+    hkv, n_keys = k.shape[1], k.shape[2]
+    partial, merge = decode_attention._triton()
+    G, GP, kps = hq // hkv, decode_attention._GROUP_ROWS, decode_attention._KEYS_PER_SPLIT
+    splits = -(-n_keys // kps)
+    m, s_sum = torch.empty(hkv, splits, GP), torch.empty(hkv, splits, GP)
+    acc = torch.empty(hkv, splits, GP, D)
+    partial[(hkv, splits)](q, k, v, last, m, s_sum, acc, n_keys, scale, q.stride(1), k.stride(1), k.stride(2),
+                           v.stride(1), v.stride(2), HAS_LAST=True, G=G, GP=GP, D=D, BN=decode_attention._BN, KPS=kps)
+    out = torch.empty(1, 1, hq, D, dtype=q.dtype)
+    merge[(hkv, G)](m, s_sum, acc, out, splits, G=G, GP=GP, D=D, SP=max(16, 1 << (splits - 1).bit_length()))
+    return out
+
+
+if __name__ == "__main__":
+    main()
