@@ -9,7 +9,8 @@ addresses and shapes, so everything the step touches is fixed here:
             (MemoryKVHook.reserve_arena); it grows, rarely, when an answer needs more (memory is
             bounded, so it stops growing), and the graph is then captured again;
   lengths   a device tensor of per-layer context lengths: the step writes the new token's KV at
-            `lengths[layer]`, attends to the slots below it (a mask, not a slice), then adds one;
+            `lengths[layer]`, attends to the slots up to it (the attention reads where the
+            context ends from the device: no slice), then adds one;
   inputs    the token id and its position are device tensors the step reads and advances itself;
             the step also writes its greedy choice back as the next input, so the host only reads
             one integer per token.
