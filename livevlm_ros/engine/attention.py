@@ -167,11 +167,12 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
     if last is not None and n > 1:
         raise ValueError("a fixed-size key buffer takes one new token at a time")
     scale = d ** -0.5 if scaling is None else scaling
-    if n == 1 and (out := decode_attention(query, key, value, last, scale)) is not None:
+    on_probs, on_lse = getattr(key, "livevlm_on_probs", None), getattr(key, "livevlm_on_lse", None)
+    if (n == 1 and on_probs is None and on_lse is None
+            and (out := decode_attention(query, key, value, last, scale)) is not None):
         return out, None
-    on_lse = getattr(key, "livevlm_on_lse", None)
     if hands_probabilities(groups, n):
-        out = _small_block_attention(folded, key, value, n, last, scale, getattr(key, "livevlm_on_probs", None))
+        out = _small_block_attention(folded, key, value, n, last, scale, on_probs)
     elif (flash := _flash_bottom_right(query, key, value, scale, with_lse=True)) is not None:
         if on_lse is not None:
             on_lse(query, flash[1], scale)

@@ -23,7 +23,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: to
     b, hq, n, D = q.shape
     hkv, n_keys = k.shape[1], k.shape[2]
     if not (q.is_cuda and b == 1 and n == 1 and _triton() is not None and D & (D - 1) == 0
-            and hq % hkv == 0 and hq // hkv <= _GROUP_ROWS and k.stride(-1) == v.stride(-1) == 1 and n_keys):
+            and hq % hkv == 0 and hq // hkv <= _GROUP_ROWS and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and n_keys):
         return None
     partial, merge = _triton()
     splits = -(-n_keys // _KEYS_PER_SPLIT)

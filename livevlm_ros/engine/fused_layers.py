@@ -53,9 +53,6 @@ class FusedLayers:
             if callable(original):
                 self._swaps.append((module, "apply_rotary_pos_emb", _rope_with_fallback(original), original))
 
-    def __bool__(self) -> bool:
-        return bool(self._swaps)
-
     def __enter__(self):
         for owner, name, fused, _ in self._swaps:
             setattr(owner, name, fused)

@@ -5,15 +5,17 @@ the new tokens' post-RoPE keys and attend to whatever comes back. That is where 
   ingest  - hands back memory (pre-RoPE keys rotated to fresh positions) + the new clip, keeps the
             clip's pre-RoPE keys exactly as each layer's key projection made them, and, for VSB,
             measures the vision-to-vision attention the clip's last `observation_window` tokens pay
-            to every token (pre-RoPE queries and keys come from forward hooks on each layer's
-            q_proj / k_proj, because update() sees only rotated keys and no queries);
+            to every token, once the layer's attention has run: from the row log-sum-exp of its
+            flash kernel where it has one (attention.py hands it over), else in full from the
+            queries a forward hook on each q_proj captured (update() sees no queries);
   answer  - on the first call per layer, asks the retrieval plan which long-term tokens this layer
             reads (PaR scores pages with the question's pre-RoPE queries; a time window narrows the
             candidates), assembles the context in a buffer with room for the answer, optionally
-            measures the attention the question pays each frame (evidence), then appends in place
-            while the answer is decoded;
+            measures the attention the question pays each frame (evidence: from the attention's
+            own probabilities, which attention.py hands over), then appends in place while the
+            answer is decoded;
   decode  - the fixed-shape step of decode_step.py: writes at per-layer lengths kept on the device
-            and hands back the whole answer buffer with the slots in use marked.
+            and hands back the whole answer buffer with its last slot in use marked.
 Nothing is written back into memory. Nothing here waits for the device (no .item(), no nonzero()),
 so the host can run ahead; the one exception is a time window, whose per-layer counts are read once
 per answer.
