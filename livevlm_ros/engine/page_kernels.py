@@ -2,7 +2,8 @@
 kernel each on CUDA, with the torch code they replace as the fallback elsewhere.
 
 summarize  Page summaries straight from the tier: each page's tokens are found through `order`
-           (time order) and reduced to the mean key and the per-channel min and max in one read.
+           (time order) and reduced to the mean key and the per-channel min and max in one read
+           (CUDA only: retrieval.PageSummary.in_time_order falls back to torch).
            With torch the tier was gathered into time order first (290 MB written and read again
            at 7B shapes, 0.6 ms an answer) and reduced three times.
 top_pages  The k best-scored pages as a mask, each page ranked by how many beat it (ties: the
@@ -20,13 +21,12 @@ import torch
 def summarize(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int):
     """keys [L, H, N, D] (a tier, pre-RoPE), order [L, >= pages * page_tokens] positions into N in
     time order -> (mean float32, low, high), each [L, H, pages, D]: page p of layer l holds the
-    tokens order[l, p * page_tokens:(p + 1) * page_tokens]."""
+    tokens order[l, p * page_tokens:(p + 1) * page_tokens]. None where the kernel does not apply
+    (retrieval.PageSummary.in_time_order then gathers and reduces with torch)."""
     L, H, _, D = keys.shape
     P = page_tokens
     if not _fits(keys, P):
-        index = order[:, None, :pages * P, None].expand(L, H, pages * P, D)
-        grouped = keys.gather(2, index).view(L, H, pages, P, D)
-        return grouped.sum(3, dtype=torch.float32) / P, grouped.amin(3), grouped.amax(3)
+        return None
     mean = torch.empty(L, H, pages, D, dtype=torch.float32, device=keys.device)
     low, high = torch.empty(L, H, pages, D, dtype=keys.dtype, device=keys.device), \
         torch.empty(L, H, pages, D, dtype=keys.dtype, device=keys.device)

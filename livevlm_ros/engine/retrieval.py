@@ -42,6 +42,17 @@ class PageSummary:
         """keys [L, H, pages, page_tokens, D] pre-RoPE."""
         return PageSummary(keys.sum(3, dtype=torch.float32) / keys.shape[3], keys.amin(3), keys.amax(3))
 
+    @staticmethod
+    def in_time_order(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int) -> "PageSummary":
+        """keys [L, H, N, D] pre-RoPE, page p of layer l = keys at order[l, p * page_tokens:(p + 1) *
+        page_tokens]: one kernel on CUDA (page_kernels.py), else gathered into time order first."""
+        fused = summarize(keys, order, pages, page_tokens)
+        if fused is not None:
+            return PageSummary(*fused)
+        L, H, _, D = keys.shape
+        index = order[:, None, :pages * page_tokens, None].expand(L, H, pages * page_tokens, D)
+        return PageSummary.of(keys.gather(2, index).view(L, H, pages, page_tokens, D))
+
     def layer(self, i: int) -> "PageSummary":
         return PageSummary(self.mean[i], self.low[i], self.high[i])
 
@@ -255,7 +266,7 @@ class TopKPages(ContextSelector):
         plan = _PagePlan(n_long, s0, s1, k[most] + has_tail, full[most] + has_tail, uses_question=True)
         plan.page_tokens, plan.ratio, plan.scoring, plan.n_free = P, self.ratio, self.scoring, n_free
         plan.order, plan.sinks = order, _sinks(memory, order, window)
-        plan.summary = PageSummary(*summarize(memory.long.keys, order, max(full), P))
+        plan.summary = PageSummary.in_time_order(memory.long.keys, order, max(full), P)
         return plan
 
     def _plan_offloaded(self, memory, window, s0, s1):
