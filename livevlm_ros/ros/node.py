@@ -75,6 +75,9 @@ NODE_PARAMETERS = [
     ("camera_sync_slop_s", 0.1, "Several cameras: a camera's frame joins a sample if stamped within this of it "
      "(set it to at least the slowest camera's frame period); otherwise that camera misses the sample.",
      _float(0.0, 10.0)),
+    ("camera_sync_wait_s", 0.5, "Several cameras: longest a sample waits (wall time) for the other cameras' frames "
+     "of its instant before it goes to the engine without them. A camera that already sent a later frame, or "
+     "none for stale_camera_s, is not waited for.", _float(0.0, 10.0)),
     ("sample_fps", _ENGINE_DEFAULTS.sample_fps, "Frames per second of camera time taken into memory.", _float(0.01, 1000)),
     ("frame_queue_size", 4, "Sampled frames waiting for the engine; when full the oldest is dropped.", _int(1, 1000)),
     ("max_pending_queries", 4, "Questions waiting for the engine; more are refused with a 'busy' error.", _int(1, 1000)),
@@ -357,6 +360,8 @@ class LiveVLMCore:
     def _on_image(self, topic: str, msg):
         stamp = _seconds(msg.header.stamp)
         with self._lock:
+            if not self.count.frames_received:       # cameras are timed from the stream's first frame:
+                self._camera_wall = dict.fromkeys(self._camera_wall, time.monotonic())  # not from node start
             self.count.frames_received += 1
             self._camera_wall[topic] = time.monotonic()
             last = self._last_sampled_stamp
@@ -373,8 +378,10 @@ class LiveVLMCore:
                 last = self._last_sampled_stamp
             # (after the time-jump rules: a jump clears what the cameras sent before it)
             self._recent[topic].append((stamp, msg))
+            for queued_stamp, sample, _ in self._frames:    # another camera's frame of a queued instant
+                self._offer(topic, stamp, msg, queued_stamp, sample)
             if self._frames:
-                self._offer(topic, stamp, msg, *self._frames[-1])
+                self._lock.notify()                          # it may complete the sample the worker waits on
             self._newest_stamp = stamp if self._newest_stamp is None else max(self._newest_stamp, stamp)
             if last is not None and stamp - last < 1.0 / self._p["sample_fps"] - 1e-6:
                 return                                       # not due yet (or slightly out of order)
@@ -383,7 +390,7 @@ class LiveVLMCore:
             if len(self._frames) >= self._p["frame_queue_size"]:
                 self._frames.popleft()
                 self.count.frames_dropped += 1
-            self._frames.append((stamp, self._sample(stamp)))
+            self._frames.append((stamp, self._sample(stamp), time.monotonic()))
             self._lock.notify()
 
     def _sample(self, stamp: float) -> dict:
@@ -396,9 +403,9 @@ class LiveVLMCore:
         return sample
 
     def _offer(self, topic: str, frame_stamp: float, msg, stamp: float, sample: dict):
-        """A camera's frame joins a sample still waiting in the queue if it is nearer the sample's
-        stamp than the one it has: another camera's frame of the same instant usually arrives
-        just after the frame that made the sample. Called with the lock held."""
+        """A camera's frame joins a sample still in the queue if it is nearer the sample's stamp than
+        the one it has: another camera's frame of the same instant usually arrives just after the
+        frame that made the sample. Called with the lock held."""
         off = abs(frame_stamp - stamp)
         if off <= self._p["camera_sync_slop_s"] and (topic not in sample or off < abs(sample[topic][0] - stamp)):
             sample[topic] = (frame_stamp, msg)
@@ -606,7 +613,7 @@ class LiveVLMCore:
                     kind, job = self._next_job()
                     if kind not in (None, "wait") or self._engine_changes or self._reset_due:
                         break
-                    self._lock.wait(timeout=job)          # "wait": a question's fresh-frame wait ends then
+                    self._lock.wait(timeout=job)          # "wait": a fresh-frame or camera-sync wait ends then
                 changes, self._engine_changes = self._engine_changes, {}
                 reset, self._reset_due = self._reset_due, False
                 if kind == "wait":
@@ -625,7 +632,8 @@ class LiveVLMCore:
 
     def _next_job(self) -> tuple[str | None, object]:
         """What the worker does next: (kind, job); ("wait", seconds) while the first question waits
-        for a newer frame; (None, None) when idle. Called with the lock held.
+        for a newer frame or the oldest sample for its other cameras; (None, None) when idle. Called
+        with the lock held.
         Order: memory services, questions (after the frames sampled before them: fresh answers),
         narration, frames."""
         if self._control:
@@ -633,19 +641,36 @@ class LiveVLMCore:
         if self._queries:
             first = self._queries[0]
             if self._frames and self._frames[0][0] <= first.fresh_after:
-                return "frame", self._frames.popleft()
+                return self._take_frame()
             wait = self._fresh_wait_left(first)
             if wait <= 0:
                 return "query", self._queries.popleft()
             if self._frames:
-                return "frame", self._frames.popleft()
+                return self._take_frame(wait_limit=wait)
             return "wait", wait
         if self._narration_due:
             self._narration_due = False
             return "narration", None
         if self._frames:
-            return "frame", self._frames.popleft()
+            return self._take_frame()
         return None, None
+
+    def _take_frame(self, wait_limit: float = float("inf")) -> tuple[str, object]:
+        """("frame", the oldest sample) if it may go to the engine now, else ("wait", seconds).
+        A sample waits for the cameras not yet in it, at most camera_sync_wait_s of wall time from
+        when it was made: an idle worker would otherwise take it the moment its first camera's
+        frame came, before the others' frames of the same instant. It does not wait for a camera
+        whose newest frame is already past it (that camera skipped the instant) or that is silent
+        (stale_camera_s). Called with the lock held."""
+        stamp, sample, made = self._frames[0]
+        now, slop = time.monotonic(), self._p["camera_sync_slop_s"]
+
+        def may_still_come(topic, recent) -> bool:
+            return (topic not in sample and not (recent and recent[-1][0] > stamp + slop)
+                    and now - self._camera_wall[topic] < self._p["stale_camera_s"])
+        waits = any(may_still_come(topic, recent) for topic, recent in self._recent.items())
+        wait = self._p["camera_sync_wait_s"] - (now - made) if waits else 0.0
+        return ("frame", self._frames.popleft()) if wait <= 0 else ("wait", min(wait, wait_limit))
 
     def _fresh_wait_left(self, job: _QueryJob) -> float:
         """Seconds a question still waits for a frame stamped at or after its not_before."""
@@ -674,7 +699,7 @@ class LiveVLMCore:
 
     def _ingest(self, sample):
         """One sample: every camera's frame in it goes into memory as its own frame, marked by camera."""
-        stamp, frames = sample
+        stamp, frames, _ = sample
         for topic in self._p["camera_topics"]:
             if topic not in frames:
                 self.count.camera_misses[topic] = self.count.camera_misses.get(topic, 0) + 1
