@@ -19,7 +19,7 @@ import triton.testing as tt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livevlm_ros.engine import attention, decode_attention, fused_layers, page_kernels, received, rope  # noqa: E402
+from livevlm_ros.engine import attention, clip_attention, decode_attention, fused_layers, page_kernels, received, rope  # noqa: E402
 
 
 def us(fn) -> float:
@@ -51,15 +51,52 @@ def rope_tables(n, D, dev, dt, start=0):
     return emb.cos().to(dt), emb.sin().to(dt)
 
 
+def clip_attention_sweep(H, Hq, D, dev, dt) -> dict:
+    """A clip's prefill attention after 12,288 memory tokens (1 and 8 frames: 196 and 1,568 rows):
+    torch's flash kernel (with the transpose to the layout o_proj reads) against clip_attention's
+    Triton kernel, for a sweep of its block sizes, warps and stages."""
+    clip = {}
+    for nq in (196, 1568):
+        nk = 12288 + nq
+        cq = torch.randn(1, nq, Hq * D, device=dev, dtype=dt).view(1, nq, Hq, D).transpose(1, 2)
+        ck, cv = torch.randn(1, H, nk, D, device=dev, dtype=dt), torch.randn(1, H, nk, D, device=dev, dtype=dt)
+        ref_out, ref_lse = attention._flash_bottom_right(cq, ck, cv, D ** -0.5, with_lse=True)
+        row = dict(flops_floor_us=4 * nq * (nk - nq / 2) * D * Hq / 790e12 * 1e6,   # each row sees memory + its tail
+                   flash_us=us(lambda: attention._flash_bottom_right(cq, ck, cv, D ** -0.5)),
+                   flash_and_transpose_us=us(lambda: attention._flash_bottom_right(cq, ck, cv, D ** -0.5)
+                                             .transpose(1, 2).contiguous()))
+        got_out, got_lse = clip_attention.clip_attention(cq, ck, cv, D ** -0.5)
+        row["check"] = dict(out_max_abs=float((got_out.float() - ref_out.transpose(1, 2).float()).abs().max()),
+                            lse_max_abs=float((got_lse - ref_lse).abs().max()))
+        sweep = {}
+        for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2),
+                                      (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)):
+            try:
+                sweep[f"{bm}x{bn}_w{warps}_s{stages}"] = us(lambda: clip_attention.launch(
+                    cq, ck, cv, D ** -0.5, block_m=bm, block_n=bn, warps=warps, stages=stages))
+            except Exception as err:              # noqa: BLE001 - out of shared memory, say
+                sweep[f"{bm}x{bn}_w{warps}_s{stages}"] = f"{type(err).__name__}: {str(err)[:120]}"
+        row["triton_us"] = sweep
+        row["triton_default_us"] = us(lambda: clip_attention.clip_attention(cq, ck, cv, D ** -0.5))
+        clip[f"rows_{nq}"] = row
+        print("clip_attention", nq, json.dumps(row), flush=True)
+    return clip
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", choices=["clip_attention"], help="only this part")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     out = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gpu=torch.cuda.get_device_name(),
                torch=torch.__version__)
     H, Hq, D, hidden, inter = 4, 28, 128, 3584, 18944
+    if args.only == "clip_attention":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(out, clip_attention=clip_attention_sweep(H, Hq, D, dev, dt)), indent=1))
+        return
 
     # -- the context's gather + rotate: 12k memory tokens of one layer into the answer buffer
     tier = torch.randn(H, 12288, D, device=dev, dtype=dt)
@@ -124,26 +161,11 @@ def main():
     out["decode_attention"]["keys_per_split_us"] = sweep
     print("decode_attention keys per split", json.dumps(sweep), flush=True)
 
-    # -- a clip's prefill attention (8 frames, 1,568 rows after 12,288 memory tokens): the flash kernel
-    # the engine uses (attention._flash_bottom_right) against cuDNN's Hopper kernel, a lead for ingest
+    clip = clip_attention_sweep(H, Hq, D, dev, dt)
     nq, nk = 1568, 12288 + 1568
     cq = torch.randn(1, Hq, nq, D, device=dev, dtype=dt)
-    ck, cv = torch.randn(1, H, nk, D, device=dev, dtype=dt), torch.randn(1, H, nk, D, device=dev, dtype=dt)
-    clip = dict(flops_floor_us=4 * nq * (nk - nq / 2) * D * Hq / 790e12 * 1e6,    # each row sees memory + its tail
-                flash_us=us(lambda: attention._flash_bottom_right(cq, ck, cv, D ** -0.5)))
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.attention.bias import causal_lower_right
-        ek, ev = ck.repeat_interleave(Hq // H, dim=1), cv.repeat_interleave(Hq // H, dim=1)
-        ref_clip = attention._flash_bottom_right(cq, ck, cv, D ** -0.5)
-
-        def cudnn():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(cq, ek, ev, attn_mask=causal_lower_right(nq, nk))
-        clip["cudnn_max_abs"] = float((cudnn().float() - ref_clip.float()).abs().max())
-        clip["cudnn_us"] = us(cudnn)
-    except Exception as err:                      # noqa: BLE001 - a lead, recorded either way
-        clip["cudnn_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    ck = torch.randn(1, H, nk, D, device=dev, dtype=dt)
+    cv = torch.randn(1, H, nk, D, device=dev, dtype=dt)
     # VSB's scores of the clip's last frame (196 rows) from the flash kernel's row log-sum-exp
     r = 196
     flash_out, flash_lse = attention._flash_bottom_right(cq, ck, cv, D ** -0.5, with_lse=True)

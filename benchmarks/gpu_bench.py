@@ -314,13 +314,17 @@ def check_attention_paths(adapter, results, context=12288):
     k, v = (torch.randn(1, kv.kv_heads, context + n, kv.head_dim, device=kv.device, dtype=kv.dtype, generator=g)
             for _ in range(2))
     flash = attention._flash_bottom_right(q, k, v, kv.head_dim ** -0.5)
+    fused = attention._clip_prefill(q, k, v, kv.head_dim ** -0.5)          # what a clip's forward runs
     groups = kv.q_heads // kv.kv_heads
     mask = attention._folded_causal_mask(groups, n, context + n, kv.device)
     ref = F.scaled_dot_product_attention(q.reshape(1, kv.kv_heads, groups * n, -1), k, v, attn_mask=mask)
     ref = ref.reshape(1, kv.q_heads, n, -1)
     diff = None if flash is None else float((flash.float() - ref.float()).abs().max())
-    results["attention_check"] = dict(flash_used=flash is not None, max_abs_diff=diff)
-    log(f"attention self-check (clip prefill): flash used {flash is not None}, max |flash - folded mask| {diff}")
+    fused_diff = None if fused is None else float((fused[0].transpose(1, 2).float() - ref.float()).abs().max())
+    results["attention_check"] = dict(flash_used=flash is not None, max_abs_diff=diff,
+                                      clip_path_used=fused is not None, clip_path_max_abs_diff=fused_diff)
+    log(f"attention self-check (clip prefill): flash used {flash is not None}, max |flash - folded mask| {diff}; "
+        f"the engine's clip path (clip_attention.py) used {fused is not None}, max |it - folded mask| {fused_diff}")
     # VSB's scores of that clip: the fused kernels against the matrix written out
     from livevlm_ros.engine import received
 

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livevlm_ros.engine import decode_attention, fused_layers, page_kernels, received, rope  # noqa: E402
+from livevlm_ros.engine import clip_attention, decode_attention, fused_layers, page_kernels, received, rope  # noqa: E402
 from livevlm_ros.engine.attention import causal_tail  # noqa: E402
 
 failed = []
@@ -86,6 +86,17 @@ def main():
         logits = q.float().reshape(Hkv, Hq // Hkv, D) @ k[0, :, :501].float().transpose(1, 2) * D ** -0.5
         ref = (logits.softmax(-1) @ v[0, :, :501].float()).reshape(1, 1, Hq, D)
         check(f"decode_attention, 501 of 700 slots, {name}", (got.float() - ref).abs().max().item(), 5 * tol)
+
+        for n, ctx, block_m, block_n in ((77, 150, 64, 32), (40, 0, 32, 16)):   # a last partial block; no context
+            q = torch.randn(1, n, Hq * D).to(dt).view(1, n, Hq, D).transpose(1, 2)
+            k, v = torch.randn(1, Hkv, ctx + n, D).to(dt), torch.randn(1, Hkv, ctx + n, D).to(dt)
+            got, lse = clip_attention.launch(q, k, v, D ** -0.5, block_m, block_n, 4, 1)
+            logits = (q.float() @ k.float().repeat_interleave(Hq // Hkv, 1).transpose(2, 3)) * D ** -0.5
+            logits[..., -n:].masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            ref = (logits.softmax(-1) @ v.float().repeat_interleave(Hq // Hkv, 1)).transpose(1, 2)
+            check(f"clip_attention, {n} rows after {ctx}, {name}", (got.float() - ref).abs().max().item(), 5 * tol)
+            check(f"clip_attention log-sum-exp, {n} rows after {ctx}, {name}",
+                  (lse - torch.logsumexp(logits, -1)).abs().max().item(), 1e-4)
 
     scores = torch.rand(640)
     scores[1] = scores[300]                                          # a tie

@@ -19,7 +19,8 @@ And `livevlm_on_lse(query, lse, scale)`, called once per forward: lse is each ro
 where the flash kernel returned it (a clip's prefill: VSB's scores skip half their work), else None.
 
 On CUDA one new token (an answer being decoded) takes decode_attention.py's kernel; a few rows (a
-question) take two matrix products; many rows (a clip) take the flash kernel.
+question) take two matrix products; many rows (a clip) take clip_attention.py's kernel (torch's
+flash kernel where Triton is missing).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .clip_attention import clip_attention
 from .decode_attention import decode_attention
 
 NAME = "livevlm_stream"
@@ -41,7 +43,7 @@ NAME = "livevlm_stream"
 # Two matrix products, split over the keys by cuBLAS, read the same keys and values with the whole
 # GPU. They take ~5 kernels where the fused kernel takes one, which costs nothing where the step is
 # replayed from a CUDA graph (question_step.py, decode_step.py). A clip's prefill (196+ tokens a
-# frame, 1,372+ rows) keeps the fused kernel.
+# frame, 1,372+ rows) takes a fused kernel.
 SMALL_BLOCK_ROWS = 512
 LONG_CONTEXT = 16384
 _bmm_out_dtype = True          # torch.bmm(..., out_dtype=float32) on CUDA; False once it is found missing
@@ -124,6 +126,16 @@ def _flash_bottom_right(q, k, v, scale, with_lse: bool = False):
         return None
 
 
+def _clip_prefill(q, k, v, scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Many new tokens after a context on CUDA: (output [b, n, Hq, D], each row's log-sum-exp)
+    from clip_attention.py's Triton kernel, else torch's flash kernel; None where neither runs."""
+    if (out := clip_attention(q, k, v, scale)) is not None:
+        return out
+    if (flash := _flash_bottom_right(q, k, v, scale, with_lse=True)) is not None:
+        return flash[0].transpose(1, 2).contiguous(), flash[1]
+    return None
+
+
 def capturing() -> bool:
     """Is a CUDA graph being recorded on this thread's stream?"""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -173,10 +185,10 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
         return out, None
     if hands_probabilities(groups, n):
         out = _small_block_attention(folded, key, value, n, last, scale, on_probs)
-    elif (flash := _flash_bottom_right(query, key, value, scale, with_lse=True)) is not None:
+    elif (fused := _clip_prefill(query, key, value, scale)) is not None:
         if on_lse is not None:
-            on_lse(query, flash[1], scale)
-        return flash[0].transpose(1, 2).contiguous(), None
+            on_lse(query, fused[1], scale)
+        return fused[0], None
     else:
         mask = None if n == 1 else _folded_causal_mask(groups, n, key.shape[2], query.device)
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
