@@ -29,8 +29,7 @@ except ImportError:
 # 12,288 memory tokens, benchmarks/fused_parts.py (results/h100_7b_issue13g_clip_attention.json):
 # 1,568 rows (8 frames) 688 us, torch's flash kernel 1,006, floor 372; 196 rows (1 frame) 147 us
 # with 64-row programs (128-row programs: 210, too few of them for 132 SMs), flash 164, floor 44.
-_FEW_ROWS, _MANY_ROWS = (64, 64, 4, 4), (128, 64, 8, 3)
-_FEW = 512
+_FEW_ROWS, _CONFIG_FEW_ROWS, _CONFIG_MANY_ROWS = 512, (64, 64, 4, 4), (128, 64, 8, 3)
 
 
 def clip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -44,7 +43,7 @@ def clip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
             and hq % hkv == 0 and n_keys >= n and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
         return None
-    return launch(q, k, v, scale, *(_FEW_ROWS if n <= _FEW else _MANY_ROWS))
+    return launch(q, k, v, scale, *(_CONFIG_FEW_ROWS if n <= _FEW_ROWS else _CONFIG_MANY_ROWS))
 
 
 def launch(q, k, v, scale, block_m: int, block_n: int, warps: int,
