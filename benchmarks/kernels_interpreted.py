@@ -101,7 +101,7 @@ def main():
     scores = torch.rand(640)
     scores[1] = scores[300]                                          # a tie
     out = torch.empty(640, dtype=torch.bool)
-    page_kernels._triton()[1][(5,)](scores, out, 640, 256, BI=128, BJ=128)
+    page_kernels._top_by_rank_kernel[(5,)](scores, out, 640, 256, BI=128, BJ=128)
     ref = torch.zeros(640, dtype=torch.bool).index_fill_(0, scores.topk(256).indices, True)
     check("page_kernels.top_pages equals top-k", float((out != ref).sum()), 0)
 
@@ -122,7 +122,7 @@ def _summarize(keys, order, pages, P):
     L, H, _, D = keys.shape
     mean = torch.empty(L, H, pages, D)
     low, high = torch.empty(L, H, pages, D, dtype=keys.dtype), torch.empty(L, H, pages, D, dtype=keys.dtype)
-    page_kernels._triton()[0][(L * H, -(-pages // page_kernels._PAGES_PER_PROGRAM))](
+    page_kernels._summarize_kernel[(L * H, -(-pages // page_kernels._PAGES_PER_PROGRAM))](
         keys, order, mean, low, high, pages, H, keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0),
         P=P, D=D, PB=page_kernels._PAGES_PER_PROGRAM)
     return mean, low, high
@@ -132,15 +132,16 @@ def _decode(q, k, v, last, scale):
     """decode_attention's kernel calls without its CUDA check."""
     hq, D = q.shape[1], q.shape[3]
     hkv, n_keys = k.shape[1], k.shape[2]
-    partial, merge = decode_attention._triton()
     G, GP, kps = hq // hkv, decode_attention._GROUP_ROWS, decode_attention._KEYS_PER_SPLIT
     splits = -(-n_keys // kps)
     m, s_sum = torch.empty(hkv, splits, GP), torch.empty(hkv, splits, GP)
     acc = torch.empty(hkv, splits, GP, D)
-    partial[(hkv, splits)](q, k, v, last, m, s_sum, acc, n_keys, scale, q.stride(1), k.stride(1), k.stride(2),
-                           v.stride(1), v.stride(2), HAS_LAST=True, G=G, GP=GP, D=D, BN=decode_attention._BN, KPS=kps)
+    decode_attention._partial_kernel[(hkv, splits)](
+        q, k, v, last, m, s_sum, acc, n_keys, scale, q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        HAS_LAST=True, G=G, GP=GP, D=D, BN=decode_attention._BN, KPS=kps)
     out = torch.empty(1, 1, hq, D, dtype=q.dtype)
-    merge[(hkv, G)](m, s_sum, acc, out, splits, G=G, GP=GP, D=D, SP=max(16, 1 << (splits - 1).bit_length()))
+    decode_attention._merge_kernel[(hkv, G)](m, s_sum, acc, out, splits, G=G, GP=GP, D=D,
+                                             SP=max(16, 1 << (splits - 1).bit_length()))
     return out
 
 

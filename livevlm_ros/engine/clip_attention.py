@@ -19,11 +19,7 @@ import math
 
 import torch
 
-try:                      # Triton comes with CUDA builds of torch; a CPU machine may lack it
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from .triton_lang import tl, triton
 
 # (rows of new tokens a program, keys a step, warps, pipeline stages), by clip size. One H100,
 # 12,288 memory tokens, benchmarks/fused_parts.py (results/h100_7b_issue13g_clip_attention.json):

@@ -10,9 +10,9 @@ buffer past the last one in use (`last`, decode_step.py) are skipped without bei
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .triton_lang import tl, triton
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None,
@@ -22,22 +22,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: to
     None where the kernel does not apply (no CUDA or Triton, other shapes)."""
     b, hq, n, D = q.shape
     hkv, n_keys = k.shape[1], k.shape[2]
-    if not (q.is_cuda and b == 1 and n == 1 and _triton() is not None and D & (D - 1) == 0
+    if not (q.is_cuda and b == 1 and n == 1 and triton is not None and D & (D - 1) == 0
             and hq % hkv == 0 and hq // hkv <= _GROUP_ROWS and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and n_keys):
         return None
-    partial, merge = _triton()
     splits = -(-n_keys // _KEYS_PER_SPLIT)
     m = torch.empty(hkv, splits, _GROUP_ROWS, dtype=torch.float32, device=q.device)
     s_sum = torch.empty_like(m)
     acc = torch.empty(hkv, splits, _GROUP_ROWS, D, dtype=torch.float32, device=q.device)
-    partial[(hkv, splits)](
+    _partial_kernel[(hkv, splits)](
         q, k, v, last if last is not None else k, m, s_sum, acc, n_keys, scale,
         q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
         HAS_LAST=last is not None, G=hq // hkv, GP=_GROUP_ROWS, D=D, BN=_BN, KPS=_KEYS_PER_SPLIT)
     out = torch.empty(1, 1, hq, D, dtype=q.dtype, device=q.device)
-    merge[(hkv, hq // hkv)](m, s_sum, acc, out, splits, G=hq // hkv, GP=_GROUP_ROWS, D=D,
-                            SP=max(16, 1 << (splits - 1).bit_length()))
+    _merge_kernel[(hkv, hq // hkv)](m, s_sum, acc, out, splits, G=hq // hkv, GP=_GROUP_ROWS, D=D,
+                                    SP=max(16, 1 << (splits - 1).bit_length()))
     return out
 
 
@@ -45,19 +44,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: to
 _GROUP_ROWS, _BN, _KEYS_PER_SPLIT = 16, 64, 64
 
 
-@functools.cache
-def _triton():
-    """(partial kernel, merge kernel), or None where Triton is missing."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+if triton is not None:
     @triton.jit(do_not_specialize=["n_keys"])
-    def partial(q_ptr, k_ptr, v_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, n_keys, scale,
-                sq_h, sk_h, sk_n, sv_h, sv_n, HAS_LAST: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                D: tl.constexpr, BN: tl.constexpr, KPS: tl.constexpr):
+    def _partial_kernel(q_ptr, k_ptr, v_ptr, last_ptr, m_ptr, l_ptr, acc_ptr, n_keys, scale,
+                        sq_h, sk_h, sk_n, sv_h, sv_n, HAS_LAST: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                        D: tl.constexpr, BN: tl.constexpr, KPS: tl.constexpr):
         h, split = tl.program_id(0), tl.program_id(1)
         splits = tl.num_programs(1)
         g = tl.arange(0, GP)
@@ -90,8 +81,8 @@ def _triton():
         tl.store(acc_ptr + at[:, None] * D + d[None, :], acc)
 
     @triton.jit(do_not_specialize=["splits"])
-    def merge(m_ptr, l_ptr, acc_ptr, out_ptr, splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-              SP: tl.constexpr):
+    def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      SP: tl.constexpr):
         """One program per (kv head, query head of its group)."""
         h, g = tl.program_id(0), tl.program_id(1)
         sp = tl.arange(0, SP)
@@ -103,5 +94,3 @@ def _triton():
         total = tl.sum(tl.load(l_ptr + at, mask=sp < splits, other=0.0) * w, axis=0)
         acc = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=(sp < splits)[:, None], other=0.0)
         tl.store(out_ptr + (h * G + g) * D + d, (tl.sum(acc * w[:, None], axis=0) / total).to(out_ptr.dtype.element_ty))
-
-    return partial, merge

@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from .triton_lang import tl, triton
+
 from .rope import rotate_into
 
 # transformers classes whose forward is exactly what the kernels compute
@@ -38,7 +40,7 @@ class FusedLayers:
     def __init__(self, lm: torch.nn.Module):
         self._swaps: list[tuple[object, str, object, object]] = []    # (owner, name, fused, original)
         param = next(lm.parameters(), None)
-        if param is None or not param.is_cuda or _triton() is None:
+        if param is None or not param.is_cuda or triton is None:
             return
         for m in lm.modules():
             name = type(m).__name__
@@ -75,8 +77,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = rows.shape[1]
     if rows.shape[0] == 0:
         return out.view(*x.shape[:-1], n)
-    _triton()[0][(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
-                                   BLOCK=1 << (n - 1).bit_length(), num_warps=8 if n >= 2048 else 4)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, n, rows.stride(0), out.stride(0), eps,
+                                       BLOCK=1 << (n - 1).bit_length(), num_warps=8 if n >= 2048 else 4)
     return out.view(*x.shape[:-1], n)
 
 
@@ -90,7 +92,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
     if out.numel():
         block = 1024
-        _triton()[1][(g.shape[0], -(-cols // block))](g, u, out, cols, g.stride(0), u.stride(0), BLOCK=block)
+        _silu_mul_kernel[(g.shape[0], -(-cols // block))](g, u, out, cols, g.stride(0), u.stride(0), BLOCK=block)
     return out.view(*gate.shape)
 
 
@@ -137,17 +139,9 @@ def _rope_with_fallback(original):
     return apply_rotary_pos_emb
 
 
-@functools.cache
-def _triton():
-    """(rms_norm kernel, silu_mul kernel), or None where Triton is missing."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+if triton is not None:
     @triton.jit
-    def rms_norm_rows(x_ptr, w_ptr, out_ptr, n, sx, so, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, sx, so, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         live = cols < n
@@ -158,7 +152,7 @@ def _triton():
         tl.store(out_ptr + row * so + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=live)
 
     @triton.jit
-    def silu_mul_rows(g_ptr, u_ptr, out_ptr, cols, sg, su, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, cols, sg, su, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = i < cols
@@ -166,6 +160,3 @@ def _triton():
         u = tl.load(u_ptr + row * su + i, mask=live, other=0.0).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
         tl.store(out_ptr + row * cols + i, (act * u).to(out_ptr.dtype.element_ty), mask=live)
-
-    return rms_norm_rows, silu_mul_rows
-

@@ -13,9 +13,9 @@ top_pages  The k best-scored pages as a mask, each page ranked by how many beat 
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .triton_lang import tl, triton
 
 
 def summarize(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int):
@@ -32,7 +32,7 @@ def summarize(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: 
         torch.empty(L, H, pages, D, dtype=keys.dtype, device=keys.device)
     if pages:
         order = order if order.stride(1) == 1 else order.contiguous()
-        _triton()[0][(L * H, -(-pages // _PAGES_PER_PROGRAM))](
+        _summarize_kernel[(L * H, -(-pages // _PAGES_PER_PROGRAM))](
             keys, order, mean, low, high, pages, H, keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0),
             P=P, D=D, PB=_PAGES_PER_PROGRAM)
     return mean, low, high
@@ -41,11 +41,11 @@ def summarize(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: 
 def top_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     """bool [n]: True for the k highest of the 1-d `scores`."""
     n = scores.shape[0]
-    if not (scores.is_cuda and _triton() is not None) or n == 0:
+    if not (scores.is_cuda and triton is not None) or n == 0:
         return torch.zeros(n, dtype=torch.bool, device=scores.device).index_fill_(0, scores.topk(k).indices, True)
     scores = scores.contiguous()
     out = torch.empty(n, dtype=torch.bool, device=scores.device)
-    _triton()[1][(-(-n // _RANK_BLOCK),)](scores, out, n, k, BI=_RANK_BLOCK, BJ=_RANK_BLOCK)
+    _top_by_rank_kernel[(-(-n // _RANK_BLOCK),)](scores, out, n, k, BI=_RANK_BLOCK, BJ=_RANK_BLOCK)
     return out
 
 
@@ -54,22 +54,14 @@ _PAGES_PER_PROGRAM, _RANK_BLOCK = 4, 128
 
 def _fits(keys, P) -> bool:
     D = keys.shape[-1]
-    return (keys.is_cuda and _triton() is not None and keys.stride(-1) == 1
+    return (keys.is_cuda and triton is not None and keys.stride(-1) == 1
             and P & (P - 1) == 0 and D & (D - 1) == 0)
 
 
-@functools.cache
-def _triton():
-    """(summarize kernel, rank kernel), or None where Triton is missing."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+if triton is not None:
     @triton.jit(do_not_specialize=["pages"])
-    def summarize_pages(k_ptr, order_ptr, mean_ptr, low_ptr, high_ptr, pages, H, sk_l, sk_h, sk_n, so_l,
-                        P: tl.constexpr, D: tl.constexpr, PB: tl.constexpr):
+    def _summarize_kernel(k_ptr, order_ptr, mean_ptr, low_ptr, high_ptr, pages, H, sk_l, sk_h, sk_n, so_l,
+                          P: tl.constexpr, D: tl.constexpr, PB: tl.constexpr):
         """One program per (layer and head, block of PB pages)."""
         lh, pb = tl.program_id(0), tl.program_id(1)
         layer, h = lh // H, lh % H
@@ -86,7 +78,7 @@ def _triton():
         tl.store(high_ptr + out, tl.max(x, axis=1), mask=live[:, None])
 
     @triton.jit(do_not_specialize=["n", "k"])
-    def top_by_rank(s_ptr, out_ptr, n, k, BI: tl.constexpr, BJ: tl.constexpr):
+    def _top_by_rank_kernel(s_ptr, out_ptr, n, k, BI: tl.constexpr, BJ: tl.constexpr):
         """out[i] = (scores beating i) < k; j beats i if higher, or equal and earlier."""
         i = tl.program_id(0) * BI + tl.arange(0, BI)
         si = tl.load(s_ptr + i, mask=i < n, other=0.0)
@@ -97,5 +89,3 @@ def _triton():
             beats = (sj[None, :] > si[:, None]) | ((sj[None, :] == si[:, None]) & (j[None, :] < i[:, None]))
             rank += tl.sum((beats & (j[None, :] < n)).to(tl.int32), axis=1)
         tl.store(out_ptr + i, rank < k, mask=i < n)
-
-    return summarize_pages, top_by_rank

@@ -18,15 +18,14 @@ rows' own keys: row i sees every key before them and those <= i.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .attention import causal_tail
+from .triton_lang import tl, triton
 
 
 def fused_available(t: torch.Tensor) -> bool:
-    return t.is_cuda and _triton() is not None
+    return t.is_cuda and triton is not None
 
 
 def attention_received(q: torch.Tensor, keys: torch.Tensor, r: int,
@@ -48,18 +47,10 @@ def _written_out(q, keys, r, weights):
     return probs.sum(dim=1, dtype=torch.float32)
 
 
-@functools.cache
-def _triton():
-    """The Triton kernels, or None where Triton is missing."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+if triton is not None:
     @triton.jit(do_not_specialize=["rows", "n_keys", "r"])
-    def row_lse_parts(q_ptr, k_ptr, m_ptr, l_ptr, rows, n_keys, r, keys_per_split,
-                      sqh, sqr, skh, skn, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+    def _row_lse_parts_kernel(q_ptr, k_ptr, m_ptr, l_ptr, rows, n_keys, r, keys_per_split,
+                              sqh, sqr, skh, skn, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
         """Per (kv head, block of rows, split of the keys): each row's running max and sum of exp."""
         h, rb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         splits = tl.num_programs(2)
@@ -85,8 +76,8 @@ def _triton():
         tl.store(l_ptr + out, s_sum, mask=row < rows)
 
     @triton.jit(do_not_specialize=["rows", "n_keys", "r"])
-    def column_sums(q_ptr, k_ptr, lse_ptr, w_ptr, out_ptr, rows, n_keys, r, scale,
-                    sqh, sqr, slh, skh, skn, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+    def _column_sums_kernel(q_ptr, k_ptr, lse_ptr, w_ptr, out_ptr, rows, n_keys, r, scale,
+                            sqh, sqr, slh, skh, skn, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
         """Per (kv head, block of keys): the weighted sum over all rows of exp(logit - row lse)."""
         h, nb = tl.program_id(0), tl.program_id(1)
         n = nb * BN + tl.arange(0, BN)
@@ -104,14 +95,11 @@ def _triton():
             acc += tl.sum(p, axis=0)
         tl.store(out_ptr + h * n_keys + n, acc, mask=n < n_keys)
 
-    return row_lse_parts, column_sums
-
 
 _BR, _BN, _KEYS_PER_SPLIT = 64, 64, 2048
 
 
 def _fused(q, keys, r, weights):
-    row_lse_parts, column_sums = _triton()
     kv_heads, rows, D = q.shape
     n_keys = keys.shape[1]
     if keys.stride(2) != 1:
@@ -120,7 +108,7 @@ def _fused(q, keys, r, weights):
     splits = -(-n_keys // _KEYS_PER_SPLIT)
     m = torch.empty(kv_heads, rows, splits, dtype=torch.float32, device=q.device)
     s_sum = torch.empty_like(m)
-    row_lse_parts[(kv_heads, -(-rows // _BR), splits)](
+    _row_lse_parts_kernel[(kv_heads, -(-rows // _BR), splits)](
         q, keys, m, s_sum, rows, n_keys, r, _KEYS_PER_SPLIT, q.stride(0), q.stride(1), keys.stride(0),
         keys.stride(1), D=D, BR=_BR, BN=_BN)
     # merge the splits: lse = log(sum over splits of s_sum * exp(m)), without overflow
@@ -134,7 +122,7 @@ def _column_sums(q, keys, r, lse, weights, scale):
     n_keys = keys.shape[1]
     w = torch.ones(rows, dtype=torch.float32, device=q.device) if weights is None else weights.float().contiguous()
     out = torch.empty(kv_heads, n_keys, dtype=torch.float32, device=q.device)
-    _triton()[1][(kv_heads, -(-n_keys // _BN))](
+    _column_sums_kernel[(kv_heads, -(-n_keys // _BN))](
         q, keys, lse, w, out, rows, n_keys, r, scale, q.stride(0), q.stride(1), lse.stride(0), keys.stride(0),
         keys.stride(1), D=D, BR=_BR, BN=_BN)
     return out

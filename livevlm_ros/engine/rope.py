@@ -16,9 +16,9 @@ product and the sum to half precision: the two differ by at most one unit in the
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .triton_lang import tl, triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,23 +47,15 @@ def rotate_into(out: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | int, 
 
 def _fits_kernel(out, src, cos, sin) -> bool:
     D = out.shape[-1]
-    return (out.is_cuda and src.device == out.device and _triton() is not None and D % 2 == 0
+    return (out.is_cuda and src.device == out.device and triton is not None and D % 2 == 0
             and (D // 2) & (D // 2 - 1) == 0 and out.stride(-1) == src.stride(-1) == 1
             and cos.stride(-1) == 1 and cos.stride() == sin.stride())
 
 
-@functools.cache
-def _triton():
-    """The Triton kernel, or None where Triton is missing."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
+if triton is not None:
     @triton.jit(do_not_specialize=["n", "first"])
-    def rotate_rows(src_ptr, idx_ptr, cos_ptr, sin_ptr, out_ptr, n, first,
-                    s_h, s_n, c_n, o_h, o_n, HAS_INDEX: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr):
+    def _rotate_rows_kernel(src_ptr, idx_ptr, cos_ptr, sin_ptr, out_ptr, n, first,
+                            s_h, s_n, c_n, o_h, o_n, HAS_INDEX: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr):
         """One program per (head, block of BN rows): both halves of each row rotated."""
         h, nb = tl.program_id(0), tl.program_id(1)
         j = nb * BN + tl.arange(0, BN)
@@ -85,8 +77,6 @@ def _triton():
         tl.store(o, (x1 * c1 - x2 * s1).to(out_ptr.dtype.element_ty), mask=live)
         tl.store(o + HALF, (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty), mask=live)
 
-    return rotate_rows
-
 
 _BN = 32
 
@@ -94,7 +84,7 @@ _BN = 32
 def _rotate_rows(out, src, rows, cos, sin):
     H, n, D = out.shape
     indexed = not isinstance(rows, int)
-    _triton()[(H, -(-n // _BN))](
+    _rotate_rows_kernel[(H, -(-n // _BN))](
         src, rows if indexed else src, cos, sin, out, n, 0 if indexed else rows,
         src.stride(0), src.stride(1), cos.stride(-2), out.stride(0), out.stride(1),
         HAS_INDEX=indexed, HALF=D // 2, BN=_BN)
