@@ -24,7 +24,7 @@ from .triton_lang import tl, triton
 # (rows of new tokens a program, keys a step, warps, pipeline stages), by clip size. One H100,
 # 12,288 memory tokens, benchmarks/fused_parts.py (results/h100_7b_issue13g_clip_attention.json):
 # 1,568 rows (8 frames) 688 us, torch's flash kernel 1,006, floor 372; 196 rows (1 frame) 147 us
-# with 64-row programs (128-row programs: 210, too few of them for 132 SMs), flash 164, floor 44.
+# with 64-row programs (128-row programs: 210 us, 56 of them for 132 SMs), flash 164, floor 44.
 _FEW_ROWS, _CONFIG_FEW_ROWS, _CONFIG_MANY_ROWS = 512, (64, 64, 4, 4), (128, 64, 8, 3)
 
 
