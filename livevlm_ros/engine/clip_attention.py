@@ -50,15 +50,11 @@ def launch(q, k, v, scale, block_m: int, block_n: int, warps: int,
     hkv, n_keys = k.shape[1], k.shape[2]
     out = torch.empty(1, n, hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(1, hq, n, dtype=torch.float32, device=q.device)
-    _kernel[(_cdiv(n, block_m), hq)](
+    _kernel[(-(-n // block_m), hq)](
         q, k, v, out, lse, scale * math.log2(math.e), n, n_keys - n,
         q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
         GROUPS=hq // hkv, D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out, lse
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 if triton is not None:
