@@ -15,6 +15,7 @@ Not thread-safe: one caller at a time (the ROS node serialises through its worke
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .config import EngineConfig
 from .decode_step import DecodeStep
 from .ingest_step import IngestStep
 from .kv_hook import MemoryKVHook
-from .memory import StreamingMemory
+from .memory import Stamp, StreamingMemory, seconds
 from .models import VideoLLMAdapter, load_adapter
 from .question_step import QuestionStep
 from .retrieval import ContextSelector, RecentFrames, make_selector
@@ -56,9 +57,9 @@ RUNTIME_OPTIONS = ("retrieval_ratio", "page_scoring", "max_new_tokens", "max_que
 
 @dataclass
 class Evidence:
-    """A frame the question drew attention to: when it was taken, by which camera, and its weight
-    (its tokens' mean attention, as a share of the sum over all frames read: 0..1)."""
-    time: float
+    """A frame the question drew attention to: when it was taken (its stamp as ingested), by which
+    camera, and its weight (its tokens' mean attention, as a share of the sum over all frames read: 0..1)."""
+    time: Stamp
     weight: float
     camera: str = ""
 
@@ -68,7 +69,7 @@ class Answer:
     text: str
     latency_s: float                      # question in -> full answer out
     ttft_s: float                         # question in -> first token
-    span: tuple[float, float] | None      # stream time (first, last frame) the memory covers
+    span: tuple[Stamp, Stamp] | None      # stream time (first, last frame stamp) the memory covers
     pages_used: int
     pages_total: int
     context_tokens: int                   # prefix + memory tokens the answer attended to
@@ -109,13 +110,18 @@ class LiveVLMEngine:
     def reset(self):
         """Forget the stream: empty memory (the system prompt stays), as after start-up. For a
         stream that starts over, e.g. a time jump back when a bag is replayed again."""
-        self.hook.reset()
-        self.memory = self.hook.memory = StreamingMemory(self.model.kv, self.config, self.model.tokens_per_frame)
-        self.compression = self.memory.policy
-        self._pending: list[tuple[np.ndarray, float]] = []
-        self._last_sampled: float | None = None
-        self.frames_seen = 0
+        self._use_memory(StreamingMemory(self.model.kv, self.config, self.model.tokens_per_frame))
         self._prefill_prefix()
+
+    def _use_memory(self, memory: StreamingMemory, frames_seen: int = 0, last_sampled: Stamp | None = None):
+        """Make `memory` the engine's, with the stream counters that go with it. One place for reset
+        and load_memory, which builds its memory aside so that a refused file changes nothing."""
+        self.hook.reset()
+        self.memory = self.hook.memory = memory
+        self.compression = memory.policy
+        self._pending: list[tuple[np.ndarray, Stamp, str]] = []
+        self._last_sampled = last_sampled
+        self.frames_seen = frames_seen
 
     def save_memory(self, path):
         """Write memory to a safetensors file, atomically (see persistence.py)."""
@@ -137,20 +143,21 @@ class LiveVLMEngine:
             self._make_steps()
 
     # ---- ingest -------------------------------------------------------------------------------------
-    def ingest(self, frame: np.ndarray, timestamp: float, camera: str = "") -> bool:
+    def ingest(self, frame: np.ndarray, timestamp: Stamp, camera: str = "") -> bool:
         """Offer one RGB uint8 HxWx3 frame. Returns True if it was sampled (kept for the memory).
-        Frames of several cameras taken at one instant share its timestamp; `camera` names the
-        source, which memory keeps per frame (answers' evidence says which camera saw it)."""
+        `timestamp`: int nanoseconds (a ROS stamp) or float seconds, kept exactly as given (evidence,
+        spans, memory files give it back); one stream uses one kind. Frames of several cameras taken
+        at one instant share its timestamp; `camera` names the source, which memory keeps per frame
+        (answers' evidence says which camera saw it)."""
         self._check_frame(frame)
-        if self._last_sampled is not None:
-            if timestamp < self._last_sampled:
-                raise EngineInputError(f"timestamp {timestamp:.3f} is older than the last frame "
-                                       f"({self._last_sampled:.3f}); frames must arrive in time order")
-            if self.config.sample_fps > 0 and timestamp - self._last_sampled < 1.0 / self.config.sample_fps - 1e-6:
-                return False
+        timestamp = self._check_stamp(timestamp)
+        self._check_order([timestamp])
+        if (self._last_sampled is not None and self.config.sample_fps > 0
+                and seconds(timestamp - self._last_sampled) < 1.0 / self.config.sample_fps - 1e-6):
+            return False
         self.frames_seen += 1
         self._last_sampled = timestamp
-        self._pending.append((np.ascontiguousarray(frame), float(timestamp), camera))
+        self._pending.append((np.ascontiguousarray(frame), timestamp, camera))
         if len(self._pending) >= self.config.frames_per_clip:
             self.flush()
         return True
@@ -169,18 +176,26 @@ class LiveVLMEngine:
             prefill = self.ingest_step.run(pixels, clip_forward) if self.ingest_step else clip_forward(pixels)
             self._commit(prefill, list(times), list(cameras))
 
-    def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[float]):
+    def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[Stamp]):
         """Prefill precomputed token embeddings [n_frames * tokens_per_frame, hidden] as frames,
-        e.g. chunks of text streamed through a text-only model (the quality benchmark does this)."""
+        e.g. chunks of text streamed through a text-only model (the quality benchmark does this).
+        Stamps as in `ingest`, in time order and not older than the stream's newest."""
+        timestamps = [self._check_stamp(t) for t in timestamps]
+        if not timestamps:
+            raise EngineInputError("no timestamps: nothing to ingest")
+        if len({type(t) for t in timestamps}) > 1:
+            raise EngineInputError("timestamps mix int nanoseconds and float seconds")
+        self._check_order(timestamps)
         if embeds.ndim != 2 or embeds.shape[0] != len(timestamps) * self.model.tokens_per_frame:
             raise EngineInputError(f"need [{len(timestamps)} x {self.model.tokens_per_frame}, hidden] embeddings, "
                                    f"got {tuple(embeds.shape)}")
+        self.flush()                      # sampled frames waiting for a clip are older: they go first
         with _device_errors("ingest embeddings"):
             embeds = embeds.to(self.model.kv.device, self.model.kv.dtype)
             self._commit(self._prefill(embeds, self.compression.needs_scores), list(timestamps),
                          [""] * len(timestamps))
 
-    def _commit(self, prefill: tuple, times: list[float], cameras: list[str]):
+    def _commit(self, prefill: tuple, times: list[Stamp], cameras: list[str]):
         """A prefilled clip (what `_prefill` returns) into memory: the attention memory drew from it
         (VSB's scores), then the clip itself (StreamingMemory.commit_clip: eviction and compression)."""
         keys_pre, _, values, scores = prefill
@@ -221,13 +236,14 @@ class LiveVLMEngine:
     def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False,
             cancel: Callable[[], bool] | None = None,
             on_token: Callable[[list[int], float], None] | None = None,
-            window: tuple[float | None, float | None] | None = None, evidence: int = 0) -> Answer:
+            window: tuple[Stamp | None, Stamp | None] | None = None, evidence: int = 0) -> Answer:
         """Answer from memory as it is now, including sampled frames still waiting for a full clip
         (they are prefilled first). The answer itself does not change memory.
         on_token(ids, ttft)  gets the answer's token ids so far after every token
         cancel()             is asked after every token; True stops the answer with AnswerCancelled
         window               (start, end) stream times, None = open: only memory of frames taken in
-                             it is read (and the vision sinks); nothing kept from it = EngineInputError
+                             it is read (and the vision sinks); nothing kept from it = EngineInputError.
+                             Stamps of the kind memory's are (int ns or float s): compared exactly
         evidence             how many frames to name in `Answer.evidence`: those whose tokens drew
                              the most of the question's attention (0 = do not measure it)"""
         question = self._check_question(question)
@@ -235,15 +251,17 @@ class LiveVLMEngine:
         return self._answer(question, self.selector, max_new_tokens, return_logits, cancel, on_token,
                             window, evidence)
 
-    def _window_tokens(self, start: float | None, end: float | None) -> tuple[int, int]:
-        lo, hi = -np.inf if start is None else start, np.inf if end is None else end
+    def _window_tokens(self, start: Stamp | None, end: Stamp | None) -> tuple[int, int]:
+        lo = -math.inf if start is None else self._check_stamp(start, "the window's start")
+        hi = math.inf if end is None else self._check_stamp(end, "the window's end")
         if lo > hi:
-            raise EngineInputError(f"time window starts ({lo:.3f}) after it ends ({hi:.3f})")
+            raise EngineInputError(f"time window starts ({seconds(lo):.3f} s) after it ends ({seconds(hi):.3f} s)")
         tokens = self.memory.window_tokens(lo, hi)
         if not self.memory.holds(*tokens):
             span = self.memory.time_span()
-            raise EngineInputError(f"memory keeps nothing from the window [{lo:.3f}, {hi:.3f}] s (memory covers "
-                                   + (f"{span[0]:.3f} .. {span[1]:.3f} s)" if span else "nothing)"))
+            raise EngineInputError(f"memory keeps nothing from the window [{seconds(lo):.3f}, {seconds(hi):.3f}] s "
+                                   "(memory covers "
+                                   + (f"{seconds(span[0]):.3f} .. {seconds(span[1]):.3f} s)" if span else "nothing)"))
         return tokens
 
     def describe(self, max_new_tokens: int | None = None, cancel: Callable[[], bool] | None = None) -> Answer:
@@ -349,6 +367,42 @@ class LiveVLMEngine:
             raise EngineInputError(f"frame must be uint8 RGB, got dtype {frame.dtype}")
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 2 or frame.shape[1] < 2:
             raise EngineInputError(f"frame must be HxWx3 (RGB), got shape {frame.shape}")
+
+    def _check_stamp(self, t, what: str = "timestamp") -> Stamp:
+        """An int (nanoseconds, as ROS stamps are) or a float (seconds), returned as the Python number
+        of the same kind (numpy scalars become one, exactly). Memory holds one kind: comparing or
+        subtracting nanoseconds and seconds would be wrong, so the other kind is refused (until reset)."""
+        if isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)):
+            t = int(t)
+            if not -2 ** 63 <= t < 2 ** 63:
+                raise EngineInputError(f"{what} {t} is out of range for int64 nanoseconds")
+        elif isinstance(t, (float, np.floating)):
+            t = float(t)
+            if not math.isfinite(t):
+                raise EngineInputError(f"{what} {t} is not a finite number of seconds")
+        else:
+            raise EngineInputError(f"{what} must be int nanoseconds or float seconds, got {type(t).__name__}")
+        kind = self._stamp_kind()
+        if kind is not None and type(t) is not kind:
+            unit = {int: "int nanoseconds", float: "float seconds"}
+            raise EngineInputError(f"{what} {t!r} is {unit[type(t)]}, but memory's stamps are {unit[kind]} "
+                                   "(reset() starts a stream of the other kind)")
+        return t
+
+    def _stamp_kind(self) -> type | None:
+        """int or float: the kind of stamps the stream uses (set by its first), None before any."""
+        known = self.memory.frame_times[:1] + [p[1] for p in self._pending[:1]] + [self._last_sampled]
+        return next((type(t) for t in known if t is not None), None)
+
+    def _check_order(self, stamps: list[Stamp]):
+        """New frames' stamps (checked by _check_stamp) must be in time order and not older than the
+        newest the stream has had (sampled, waiting for a clip, or in memory); before anything changes."""
+        times = self.memory.frame_times
+        newest = max((t for t in (self._last_sampled, times[-1] if times else None) if t is not None), default=None)
+        for before, t in zip([newest] + stamps, stamps):
+            if before is not None and t < before:
+                raise EngineInputError(f"timestamp {seconds(t):.3f} is older than the last frame "
+                                       f"({seconds(before):.3f}); frames must arrive in time order")
 
     def _check_question(self, question) -> str:
         if not isinstance(question, str) or not question.strip():

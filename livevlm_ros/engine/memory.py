@@ -21,6 +21,15 @@ from .config import EngineConfig
 from .kv_buffer import KVBuffer, Tokens
 from .models.base import KVShape
 
+# A frame's stamp, kept exactly as it was ingested: an int is integer nanoseconds (the ROS
+# convention), a float is seconds. One memory holds one kind (the engine refuses the other).
+Stamp = int | float
+
+
+def seconds(t: Stamp) -> float:
+    """A stamp (or a difference of two) in seconds: for arithmetic in seconds and for messages."""
+    return t / 1_000_000_000 if isinstance(t, int) else t
+
 
 class PageSummaries:
     """Summaries (retrieval.PageSummary) of every full page of an append-only tier, kept on the
@@ -58,7 +67,7 @@ class StreamingMemory:
         self.page_summaries = PageSummaries(kv, config.page_tokens) if offload else None
         self.prefix_keys = self.prefix_values = None
         self.long_capacity: int | None = None
-        self.frame_times: list[float] = []     # timestamp of every ingested frame, by frame number
+        self.frame_times: list[Stamp] = []     # stamp of every ingested frame, by frame number
         self.frame_cameras: list[str] = []     # and the camera that took it
         self.next_token = 0                     # stream index of the next visual token
         self.n_sinks = 0                        # vision sinks per layer (same on every layer)
@@ -101,7 +110,7 @@ class StreamingMemory:
 
     # ---- ingest ---------------------------------------------------------------------------------
     def commit_clip(self, keys_pre: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None,
-                    frame_times: list[float], cameras: list[str] | None = None):
+                    frame_times: list[Stamp], cameras: list[str] | None = None):
         """Append a prefilled clip to short-term memory, then move what leaves it to long-term."""
         L, n = keys_pre.shape[0], keys_pre.shape[2]
         dev = keys_pre.device
@@ -148,8 +157,9 @@ class StreamingMemory:
     def total_tokens(self) -> int:
         return self.prefix_len + self.visual_tokens()
 
-    def window_tokens(self, start: float, end: float) -> tuple[int, int]:
-        """The stream tokens [a, b) of the frames taken in [start, end] (frames are in time order)."""
+    def window_tokens(self, start: Stamp, end: Stamp) -> tuple[int, int]:
+        """The stream tokens [a, b) of the frames taken in [start, end] (frames are in time order;
+        bounds in memory's own unit, or +-inf)."""
         T = self.tokens_per_frame
         return (bisect.bisect_left(self.frame_times, start) * T, bisect.bisect_right(self.frame_times, end) * T)
 
@@ -161,7 +171,7 @@ class StreamingMemory:
         idx = self.long.view().token_idx
         return bool(((idx >= a) & (idx < b)).any()) if self.long.len else False
 
-    def time_span(self) -> tuple[float, float] | None:
+    def time_span(self) -> tuple[Stamp, Stamp] | None:
         """Stream time (first, last frame timestamp) the memory still holds tokens of."""
         if self.visual_tokens() == 0:
             return None
