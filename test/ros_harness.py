@@ -52,10 +52,11 @@ def ros2(*args, timeout: float = 60) -> str:
 class NodeProcess:
     """`livevlm_node --ros-args --params-file X.yaml`, exactly as a user starts it without launch."""
 
-    def __init__(self, tmp: Path, params: dict, namespace: str | None = None, extra_args=()):
+    def __init__(self, tmp: Path, params: dict, namespace: str | None = None, extra_args=(),
+                 program: str = "livevlm_node"):
         self.params_file = tmp / f"params_{(namespace or 'root').strip('/')}_{time.monotonic_ns()}.yaml"
         self.params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
-        cmd = [executable("livevlm_node"), "--ros-args", "--params-file", str(self.params_file)] + list(extra_args)
+        cmd = [executable(program), "--ros-args", "--params-file", str(self.params_file)] + list(extra_args)
         if namespace:
             cmd += ["-r", f"__ns:={namespace}"]
         self.log = tmp / f"{self.params_file.stem}.log"
@@ -128,6 +129,17 @@ class Client:
         time.sleep(1.0)
         return status
 
+    def raw_image(self, stamp_ns: int, encoding: str = "rgb8", height: int = 48, width: int = 64) -> Image:
+        """A well-formed image of any encoding the node reads, stamped with exact nanoseconds."""
+        channels, dtype = {"rgb8": (3, np.uint8), "bgr8": (3, np.uint8), "bgra8": (4, np.uint8),
+                           "rgba8": (4, np.uint8), "mono8": (1, np.uint8), "mono16": (1, np.uint16)}[encoding]
+        pixels = np.random.default_rng(stamp_ns % 2**32).integers(0, np.iinfo(dtype).max, (height, width, channels),
+                                                                    dtype=dtype)
+        msg = Image(height=height, width=width, encoding=encoding, step=width * channels * pixels.itemsize)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+        msg.data = pixels.tobytes()
+        return msg
+
     def image(self, stamp: float, rgb: np.ndarray | None = None, encoding: str = "rgb8",
               truncate: int = 0) -> Image:
         rgb = rgb if rgb is not None else np.random.default_rng(int(stamp * 10)).integers(
@@ -170,8 +182,8 @@ def start(tmp_path):
     """start(params, namespace=None, extra_args=()) -> a NodeProcess, stopped after the test."""
     nodes = []
 
-    def _start(params, namespace=None, extra_args=()):
-        nodes.append(NodeProcess(tmp_path, params, namespace, extra_args))
+    def _start(params, namespace=None, extra_args=(), program="livevlm_node"):
+        nodes.append(NodeProcess(tmp_path, params, namespace, extra_args, program))
         return nodes[-1]
     yield _start
     for n in nodes:

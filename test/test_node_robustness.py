@@ -101,12 +101,12 @@ def test_an_engine_failure_answers_the_job_reports_error_and_the_worker_goes_on(
     spin = threading.Thread(target=executor.spin, daemon=True)
     spin.start()
     try:
-        client.wait_for(lambda: node.engine is not None, 30, "the engine")
+        client.wait_for(lambda: node.core.worker is not None, 30, "the engine")
         client.wait_for(lambda: client.query_client.service_is_ready(), 10, "the service")
         time.sleep(1.0)
         client.image_pub.publish(client.image(1.0))
-        client.wait_for(lambda: node.count.frames_ingested >= 1, 10, "a frame")
-        real_ask = node.engine.ask
+        client.wait_for(lambda: node.core.worker.counts.frames_ingested >= 1, 10, "a frame")
+        real_ask = node.core.engine.ask
         calls = []
 
         def failing_ask(*a, **kw):
@@ -114,14 +114,14 @@ def test_an_engine_failure_answers_the_job_reports_error_and_the_worker_goes_on(
             if len(calls) == 1:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
             return real_ask(*a, **kw)
-        node.engine.ask = failing_ask
+        node.core.engine.ask = failing_ask
         failed = client.query("Is the door open?")
         assert not failed.success and "illegal memory access" in failed.error_message
         s = client.wait_for(lambda: (s := client.node_status()) and s["level"] == 2 and s, 5, "ERROR diagnostics")
         assert "query failed" in s["message"] and s["worker_errors"] == "1"
         assert client.query("Is the door open?").success
         client.wait_for(lambda: (s := client.node_status()) and s["level"] == 0, 5, "OK diagnostics again")
-        assert node._worker.is_alive()
+        assert node.core.worker.alive()
     finally:
         node.shutdown()
         executor.shutdown()

@@ -136,7 +136,8 @@ def test_two_cameras_are_kept_apart_and_a_silent_one_is_reported(client, start, 
     answer = ask(client)
     assert answer.success and set(answer.evidence_cameras) == set(cameras)
 
-    # the rear camera stops; the front one goes on: diagnostics names the silent camera
+    # the rear camera stops; the front one goes on: diagnostics names the silent camera (and only
+    # it, once the front camera's frames come again: a report made before that names both)
     end = time.monotonic() + 20
     t = 104.5
     while time.monotonic() < end:
@@ -144,10 +145,9 @@ def test_two_cameras_are_kept_apart_and_a_silent_one_is_reported(client, start, 
         t += 0.1
         time.sleep(0.1)
         s = client.node_status()
-        if s["level"] == 1 and "/rear/image_raw" in s["message"]:
+        if s["level"] == 1 and "/rear/image_raw" in s["message"] and "/front/image_raw" not in s["message"]:
             break
     else:
-        pytest.fail(f"the silent camera was not reported: {client.node_status()}")
-    assert "/front/image_raw" not in s["message"]
+        pytest.fail(f"the silent camera was not reported alone: {client.node_status()}")
     assert int(s["samples_missed[/rear/image_raw]"]) > 0 and int(s["samples_missed[/front/image_raw]"]) == 0
     assert node.alive()

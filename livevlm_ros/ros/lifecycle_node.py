@@ -1,74 +1,66 @@
 """LiveVLMLifecycleNode: the same node as a managed (lifecycle) node, the way Nav2 runs its servers.
 
-    unconfigured --configure--> inactive   the model is loaded onto the device (fails: stays unconfigured)
-    inactive     --activate-->  active     camera subscriptions and ~/query open; frames flow into memory
-    active       --deactivate-> inactive   intake and ~/query close; memory is kept
-    inactive     --cleanup-->   unconfigured   the engine and its memory are freed (GPU memory returned)
+    unconfigured --configure--> inactive    parameters are read, the servers made, the model loaded
+                                            (fails: back to unconfigured, with the reason)
+    inactive     --activate-->  active      camera subscriptions open; questions are served
+    active       --deactivate-> inactive    subscriptions close; waiting callers hear "deactivated";
+                                            memory and the worker stay
+    inactive     --cleanup-->   unconfigured   worker stopped, memory saved to memory_file, the
+                                            engine and its memory freed
+    any          --shutdown-->  finalized   as cleanup; SIGINT/SIGTERM do the same
+    on_error                                frees what configure made, back to unconfigured
 
-/diagnostics and ~/narration publishers exist in every state (status reports the state).
+The servers exist from the first configure on and answer in every state (refusing with the state
+while not active), so no caller is left waiting on a service that went away. Parameters that shape
+the model or memory can be set while unconfigured and are read on configure. ~/narration is a
+lifecycle publisher (silent unless active); /diagnostics reports in every state.
 """
 
 from __future__ import annotations
 
-import gc
-
-import torch
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from .node import LiveVLMCore
+from .core import LiveVLMCore
+
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
 
-class LiveVLMLifecycleNode(LiveVLMCore, LifecycleNode):
-    def __init__(self, **kwargs):
-        LifecycleNode.__init__(self, "livevlm", **kwargs)
-        self._setup()
-        self.state = "unconfigured"
+class LiveVLMLifecycleNode(LifecycleNode):
+    def __init__(self, node_name: str = "livevlm", **kwargs):
+        super().__init__(node_name, **kwargs)
+        self.core = LiveVLMCore(self, managed=True)
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        try:
-            engine = self._load_engine()
-        except Exception:                                   # noqa: BLE001 - the reason is in engine_error
-            return TransitionCallbackReturn.FAILURE
-        self._adopt(engine)
-        self._start_worker(load_in_worker=False)
-        self.state = "inactive"
-        return TransitionCallbackReturn.SUCCESS
+        if not self.core.configure(load_in_background=False):
+            self.core.cleanup(f"unconfigured: the model could not be loaded: {self.core.engine_error}")
+            return FAILURE
+        return super().on_configure(state)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._open_intake()
-        self.state = "active"
-        return TransitionCallbackReturn.SUCCESS
+        self.core.activate()
+        return super().on_activate(state)          # activates the narration publisher
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._close_intake("deactivated")
-        self.state = "inactive"
-        return TransitionCallbackReturn.SUCCESS
+        self.core.deactivate("deactivated")
+        return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._free()
-        self.state = "unconfigured"
-        return TransitionCallbackReturn.SUCCESS
+        self.core.cleanup()
+        return super().on_cleanup(state)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._close_intake("shutting down")
-        self._free()
-        self.state = "finalized"
-        return TransitionCallbackReturn.SUCCESS
+        self.core.shutdown()
+        return SUCCESS
 
-    def shutdown(self, timeout: float = 3.0):
-        self.begin_shutdown()
-        self._stop_worker(timeout)
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.core.cleanup("unconfigured after an error: configure the node again")
+        return SUCCESS
 
-    def _free(self):
-        self._stop_worker()
-        self._save_memory_file()
-        with self._lock:
-            engine, self.engine = self.engine, None
-            self._frames.clear()
-        if engine is not None:
-            engine.close()
-            del engine
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        self._stats = {}
+    def shutdown(self):
+        self.core.shutdown()
+
+    def destroy_node(self):
+        if self.core.state != "finalized":
+            self.core.shutdown()
+        self.core.destroy()
+        super().destroy_node()

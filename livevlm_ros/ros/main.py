@@ -40,11 +40,11 @@ def main(args=None, node_class=LiveVLMNode):
     # threads: camera callbacks, timers, service coroutines (which never block a thread)
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
-    spin = threading.Thread(target=_spin, args=(executor, stop), daemon=True)
+    spin = threading.Thread(target=_spin, args=(executor, stop, node.get_logger()), daemon=True)
     spin.start()
     stop.wait()
     node.get_logger().info("shutting down")
-    node.shutdown(timeout=3.0)
+    node.shutdown()
     time.sleep(FLUSH_S)
     executor.shutdown(timeout_sec=1.0)
     node.destroy_node()
@@ -56,11 +56,19 @@ def main_lifecycle(args=None):
     main(args, LiveVLMLifecycleNode)
 
 
-def _spin(executor, stop: threading.Event):
+def _spin(executor, stop: threading.Event, log):
+    """Spin until the context shuts down. rclpy re-raises an exception from any callback out of
+    spin(); the node's own callbacks catch theirs, and this catches whatever else (rclpy's own
+    service and action plumbing) so that no single callback ends the process."""
     try:
-        executor.spin()
-    except ExternalShutdownException:
-        pass
+        while not stop.is_set():
+            try:
+                executor.spin()
+                return
+            except ExternalShutdownException:
+                return
+            except Exception as err:              # noqa: BLE001 - log it and keep spinning
+                log.error(f"executor callback failed, node goes on: {type(err).__name__}: {err}")
     finally:
         stop.set()
 
