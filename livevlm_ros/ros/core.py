@@ -128,7 +128,7 @@ class LiveVLMCore:
         with self._life:
             self.serving = False
             if self.worker is not None:
-                self.worker.stop()
+                self.worker.stop(why)
             self._save_memory_file()
             engine, self.engine, self.worker = self.engine, None, None
             if engine is not None:

@@ -49,6 +49,7 @@ class EngineWorker:
         self.last_error: str | None = None
         self.stats: dict = engine.stats()
         self._running = False
+        self._stop_reason = ""
         self._thread: threading.Thread | None = None
         self._types = {t: CompressedImage if t.rstrip("/").endswith("compressed") else Image for t in topics}
 
@@ -58,9 +59,10 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="livevlm-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 3.0):
-        """Stop after the current job (an answer stops at its next token) and wait for it."""
+    def stop(self, why: str = "shutting down", timeout: float = 3.0):
+        """Stop after the current job (an answer stops at its next token and hears `why`) and wait."""
         with self.work.lock:
+            self._stop_reason = why
             self._running = False
             self.work.lock.notify_all()
         if self._thread is not None:
@@ -168,7 +170,7 @@ class EngineWorker:
             self._finish(job, False, str(err))
             return
         except AnswerCancelled:
-            self._finish(job, False, "shutting down" if not self._running else "cancelled")
+            self._finish(job, False, self._stop_reason if not self._running else "cancelled")
             return
         self.counts.queries_answered += 1
         self._finish(job, True)
