@@ -117,6 +117,40 @@ class Client:
             time.sleep(0.05)
         raise TimeoutError(f"waited {timeout} s for {what}")
 
+    def feed(self, msg, at_least: int = 1, namespace: str = "", publisher=None, timeout: float = 10.0,
+             until=None) -> dict:
+        """Publish a frame, again every 0.25 s (best effort may lose it; a repeat of its stamp is
+        not sampled twice), until the node has ingested at least `at_least` frames, or until
+        `until(status)` holds."""
+        publisher = publisher or self.image_pub
+        until = until or (lambda s: int(s.get("frames_ingested", 0)) >= at_least)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            publisher.publish(msg)
+            deadline = time.monotonic() + 0.25
+            while time.monotonic() < deadline:
+                s = self.node_status(namespace)
+                if s and until(s):
+                    return s
+                time.sleep(0.02)
+        raise TimeoutError(f"waited {timeout} s for the frame to take effect: {self.node_status(namespace)}")
+
+    def settled(self, namespace: str = "", quiet_s: float = 1.0, timeout: float = 30.0) -> dict:
+        """The node's status once it has dealt with every frame it received: nothing queued and
+        frames_received unchanged for quiet_s. Best-effort delivery may lose frames, so tests
+        count what the node received (its own counters), never what was sent."""
+        last, since = None, time.monotonic()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            s = self.node_status(namespace)
+            key = s and (s.get("frames_received"), s.get("frames_ingested"), s.get("frames_queued"))
+            if key != last:
+                last, since = key, time.monotonic()
+            elif s and s.get("frames_queued") == "0" and time.monotonic() - since >= quiet_s:
+                return s
+            time.sleep(0.05)
+        raise TimeoutError(f"waited {timeout} s for the node to settle: {self.node_status(namespace)}")
+
     def wait_ready(self, node: NodeProcess, timeout: float = 60.0):
         def ready():
             assert node.alive(), node.output()

@@ -20,8 +20,7 @@ def ask(client):  # noqa: F811 - the fixture from ros_harness
 def wait_ready_with_a_frame(client, node, ask):  # noqa: F811
     client.wait_ready(node)
     client.wait_for(lambda: ask.server_is_ready(), 10, "the Ask action server")
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: int(client.node_status()["frames_ingested"]) >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
 
 
 def send(client, ask, question, max_new_tokens=0, feedback=None):  # noqa: F811

@@ -92,8 +92,8 @@ def test_demo_bag_through_the_node_answers_and_narrates_right(tmp_path):
         client.wait_ready(node)
         play = subprocess.run([executable("livevlm_replay"), str(bag), "--rate", "2"], capture_output=True, text=True, timeout=60)
         assert play.returncode == 0, play.stderr
-        client.wait_for(lambda: (s := client.node_status()) and int(s["frames_queued"]) == 0
-                        and int(s["frames_ingested"]) >= 12, 30, "the bag to be ingested")
+        s = client.settled()                  # what the node received of the bag, all of it ingested
+        assert int(s["frames_ingested"]) == int(s["frames_sampled"]) > 0, s
         end = client.query("Which room am I in?", max_new_tokens=8)
         t_end = end.span_end.sec + end.span_end.nanosec * 1e-9 - start
         states = [episode.state(k / 2) for k in range(int(t_end * 2) + 1)]

@@ -31,8 +31,7 @@ def trigger(client, name):  # noqa: F811
 def test_narration_yields_to_a_question_is_redone_and_reaches_a_late_subscriber(client, start, endless_model):  # noqa: F811,E501
     node = start(node_params(endless_model, max_new_tokens=300, narration_period_s=1.0))
     client.wait_ready(node)
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: status(client, "frames_ingested") >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     # narrations run 300 tokens; a question sent while one runs goes first
     client.wait_for(lambda: status(client, "narrations") >= 1, 60, "a first narration")
     time.sleep(1.2)                                         # the next one is running now
@@ -83,8 +82,7 @@ def test_memory_saved_reset_and_loaded_over_ros(client, start, tiny_model_path, 
 def test_frames_the_engine_cannot_take_are_dropped_and_counted(client, start, endless_model):  # noqa: F811
     node = start(node_params(endless_model, max_new_tokens=4000, frame_queue_size=2, narration_period_s=0.0))
     client.wait_ready(node)
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: status(client, "frames_ingested") >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     long = client.query_client.call_async(Query.Request(question="Tell me everything.", max_new_tokens=4000))
     client.wait_for(lambda: int(client.node_status()["queries_queued"]) == 0, 10, "the long answer running")
     for k in range(10):                                     # the engine is busy: samples pile up

@@ -113,8 +113,7 @@ def test_broken_frames_time_jumps_encodings_unstamped_and_foreign_clocks_in_sequ
 def test_a_thousand_goals_at_once_each_end_with_an_answer_or_a_refusal(client, start, tiny_model_path):  # noqa: F811
     node = start(node_params(tiny_model_path, max_pending_queries=8, max_new_tokens=2, narration_period_s=0.0))
     client.wait_ready(node)
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: counter(client, "frames_ingested") >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     deep = QoSProfile(depth=1, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
     ask = ActionClient(client.node, Ask, "/livevlm/ask", goal_service_qos_profile=deep,
                        result_service_qos_profile=deep, cancel_service_qos_profile=deep)
@@ -166,8 +165,7 @@ def test_4k_frames_from_two_cameras_at_30_hz_leave_the_node_answering(client, st
 def test_a_question_that_waits_too_long_hears_timed_out_and_the_next_is_answered(client, start, endless_model):  # noqa: F811,E501
     node = start(node_params(endless_model, max_new_tokens=4000, query_timeout_s=1.0, narration_period_s=0.0))
     client.wait_ready(node)
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: counter(client, "frames_ingested") >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     long = client.query_client.call_async(Query.Request(question="Tell me everything.", max_new_tokens=4000))
     r = client.wait_for(lambda: long.done() and long.result(), 30, "the long answer to time out")
     assert not r.success and r.error_message == "timed out after 1.0 s"

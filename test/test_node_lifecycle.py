@@ -80,8 +80,7 @@ def test_every_caller_hears_back_through_deactivate_cleanup_configure_and_sigter
     inactive = m.question()
     assert not inactive.success and inactive.error_message.startswith("inactive"), inactive.error_message
     assert m.transition(Transition.TRANSITION_ACTIVATE)
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: int(status()["frames_ingested"]) >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
 
     # 1. deactivate with 30 questions, 3 goals and 2 saves in flight: all hear back, the node stays
     q, g, t = m.in_flight(30, 3, 2)
@@ -149,8 +148,7 @@ def test_cancelling_a_queued_goal_ends_it_at_once(client, start, endless_model):
     client.wait_ready(node)
     m = Managed(client)
     client.wait_for(lambda: m.ask.server_is_ready(), 10, "the Ask server")
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: int(client.node_status()["frames_ingested"]) >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     _, running, _ = m.in_flight(0, 1, 0)                              # occupies the engine
     _, queued, _ = m.in_flight(0, 1, 0)
     client.wait_for(lambda: all(f.done() for f in running + queued), 10, "the goals accepted")

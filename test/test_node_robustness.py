@@ -30,8 +30,7 @@ def status(client):
 def test_fifty_callers_from_three_processes_all_hear_back(client, start, tiny_model_path):
     node = start(params(tiny_model_path, max_pending_queries=4))
     client.wait_ready(node)
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: int(status(client)["frames_ingested"]) >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     procs = [subprocess.Popen([sys.executable, str(HERE / "burst_client.py"), "/livevlm/query", str(n), "60"],
                               stdout=subprocess.PIPE, text=True) for n in (17, 17, 16)]
     reports = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
@@ -56,15 +55,15 @@ def test_a_bag_replayed_twice_clears_memory_and_keeps_ingesting(tmp_path, client
                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
     replay()
-    first = client.wait_for(lambda: (s := status(client)) and int(s["frames_ingested"]) >= 15 and s, 20,
-                            "the first replay")
+    first = client.settled()                       # counts from the node: best effort may lose frames
     assert int(first["time_jumps"]) == 0 and float(first["lag_s"]) < 2.0
+    assert int(first["memory_frames_ingested"]) == int(first["frames_sampled"]) > 0
     replay()
-    second = client.wait_for(lambda: (s := status(client)) and int(s["frames_ingested"]) >= 30 and s, 20,
-                             "the second replay to be ingested")
+    second = client.settled()
     assert int(second["time_jumps"]) == 1 and int(second["memory_resets"]) == 1
     assert int(second["frames_rejected"]) == 0 and float(second["lag_s"]) < 2.0
-    assert int(second["memory_frames_ingested"]) == 15                 # the second pass alone
+    second_pass = int(second["frames_sampled"]) - int(first["frames_sampled"])
+    assert int(second["memory_frames_ingested"]) == second_pass > 0   # the second pass alone
     answer = client.query("Is the door open?")
     assert answer.success and answer.span_end.sec <= 3                  # memory holds the second pass only
     assert node.alive()
@@ -74,15 +73,13 @@ def test_a_bag_replayed_twice_clears_memory_and_keeps_ingesting(tmp_path, client
 def test_refuse_on_time_jump_drops_old_stamps_until_the_stream_catches_up(client, start, tiny_model_path):
     node = start(params(tiny_model_path, on_time_jump="refuse", sample_fps=5.0))
     client.wait_ready(node)
-    for t in (100.0, 100.4, 100.8):
-        client.image_pub.publish(client.image(t))
-        time.sleep(0.1)
-    client.wait_for(lambda: int(status(client)["frames_ingested"]) == 3, 10, "3 frames")
-    for t in (1.0, 1.4, 101.2):             # a jump back, then the stream passes the last stamp again
-        client.image_pub.publish(client.image(t))
-        time.sleep(0.1)
-    s = client.wait_for(lambda: (s := status(client)) and int(s["frames_ingested"]) == 4 and s, 10, "frame 4")
-    assert int(s["time_jumps"]) == 1 and int(s["frames_refused_time"]) == 2 and int(s["memory_resets"]) == 0
+    for n, t in enumerate((100.0, 100.4, 100.8)):
+        client.feed(client.image(t), at_least=n + 1)
+    # a jump back, then the stream passes the last stamp again
+    client.feed(client.image(1.0), until=lambda s: int(s["time_jumps"]) == 1)
+    client.feed(client.image(1.4), until=lambda s: int(s["frames_refused_time"]) >= 2)
+    s = client.feed(client.image(101.2), at_least=4)
+    assert int(s["time_jumps"]) == 1 and int(s["frames_refused_time"]) >= 2 and int(s["memory_resets"]) == 0
 
 
 @pytest.mark.timeout(120)
@@ -148,8 +145,7 @@ def test_parameters_set_from_the_command_line_are_checked_and_take_effect(client
     got = ros2_param("get", "/livevlm", "max_pending_queries")
     assert "1" in got
     # a runtime parameter takes effect at once
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: int(status(client)["frames_ingested"]) >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     assert "Set parameter successful" in ros2_param("set", "/livevlm", "max_new_tokens", "2")
     answer = client.query("Is the door open?", max_new_tokens=50)
     assert answer.success and answer.tokens_generated <= 2      # the parameter bounds a request
@@ -159,8 +155,7 @@ def test_parameters_set_from_the_command_line_are_checked_and_take_effect(client
 def test_sigint_with_four_questions_waiting_answers_them_and_exits_fast(client, start, endless_model):
     node = start(params(endless_model, max_new_tokens=4000, max_pending_queries=8))
     client.wait_ready(node)
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: int(status(client)["frames_ingested"]) >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     from livevlm_ros.srv import Query
 
     futures = [client.query_client.call_async(Query.Request(question=f"Question {i}?", max_new_tokens=4000))

@@ -76,8 +76,7 @@ def test_malformed_input_is_refused_and_counted_node_keeps_running(client, start
     client.jpeg_pub.publish(corrupt)
     client.wait_for(lambda: rejected() >= 3, 10, "the corrupt JPEG to be rejected")
 
-    client.image_pub.publish(client.image(4.0))
-    client.wait_for(lambda: int(client.node_status()["frames_ingested"]) >= 1, 10, "a good frame")
+    client.feed(client.image(4.0))
     for question, reason in [("", "empty"), ("   ", "empty"), ("toolbox " * 100, "limit")]:
         r = client.query(question)
         assert not r.success and reason in r.error_message
@@ -89,8 +88,7 @@ def test_malformed_input_is_refused_and_counted_node_keeps_running(client, start
 def test_concurrent_questions_are_all_answered_or_refused(client, start, tiny_model_path):
     node = start(params(tiny_model_path, max_pending_queries=2, max_new_tokens=24))
     client.wait_ready(node)
-    client.image_pub.publish(client.image(1.0))
-    client.wait_for(lambda: int(client.node_status()["frames_ingested"]) >= 1, 10, "a frame")
+    client.feed(client.image(1.0))
     futures = [client.query_client.call_async(__import__("livevlm_ros.srv", fromlist=["Query"]).Query.Request(
         question=f"question number {i}?")) for i in range(8)]
     client.wait_for(lambda: all(f.done() for f in futures), 60, "all 8 calls to end")
@@ -147,9 +145,8 @@ def test_two_engines_share_a_domain_under_namespaces(start, tiny_model_path):
     try:
         for ns, c in clients.items():
             c.wait_ready(nodes[ns])
-        clients["/robot1"].image_pub.publish(clients["/robot1"].image(1.0))
         c1 = clients["/robot1"]
-        c1.wait_for(lambda: int(c1.node_status("/robot1")["frames_ingested"]) >= 1, 10, "robot1's frame")
+        c1.feed(c1.image(1.0), namespace="/robot1")
         assert c1.query("Is the door open?").success
         # robot2 never saw robot1's camera
         other = clients["/robot2"].query("Is the door open?")
