@@ -5,8 +5,8 @@ frame. A benchmark, not a timed test: run it by hand and read the table.
     source env.sh && python benchmarks/intake_bench.py [--seconds 10] [--rows 720p-rgb8-30,1080p-rgb8-15]
         [--transport default --transport large_data] [--out benchmarks/results/intake.json]
 
-    --transport   default | large_data | large_data_tuned | shm | shm_tuned (see TRANSPORTS), a Fast DDS
-                  XML profile file (*.xml), or VAR=VALUE (e.g. 'FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA?...');
+    --transport   default | profile | large_data | large_data_localhost (see TRANSPORTS), a Fast DDS XML
+                  profile file (*.xml), or VAR=VALUE[;VAR=VALUE] (e.g. 'FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA');
                   repeat it to compare. Every process of a row (node, bare subscriber, publisher) gets it.
     --bare-only   no node: the publisher and the bare subscriber alone (the transport by itself)
     --self-test   check the raw-CDR stamp reader (header_stamp_ns) against rclpy's deserializer
@@ -99,17 +99,19 @@ ROWS = {
     "720p-rgb8-30-x2": Row(1280, 720, "rgb8", 30, 2),
 }
 
-# Environment for every process of a row. Fast DDS reads these when the participant is made.
-#   default           Fast DDS's builtin transports: UDPv4 + SHM, SHM segment 512 KiB, 64 KB fragments
-#   large_data        UDP only for participant discovery; data over SHM (segment 8.5 MB) or TCP
-#   large_data_tuned  as large_data, SHM segment 2 x sockets_size = 64 MB and TCP/UDP socket buffers 32 MB
-#   shm / shm_tuned   shared memory only (segment 512 KiB / 64 MB): nothing leaves the host, nor can it
+# Environment for every process of a row (Fast DDS reads it when a participant is made).
+#   default      Fast DDS as rmw_fastrtps sets it up: UDPv4 + shared memory with a 512 KiB segment
+#   profile      config/fastdds_large_data.xml: the same, with a large shared-memory segment
+#   large_data   FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA (SHM segment 8.5 MB, TCP, UDP for discovery
+#                only). Under ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST rmw_fastrtps replaces the builtin
+#                transports with its own (SHM 512 KiB + UDPv4) and the variable does nothing, so this one
+#                runs with SUBNET discovery (the private domain still isolates it);
+#                large_data_localhost shows it doing nothing.
 TRANSPORTS = {
     "default": {},
-    "large_data": {"FASTDDS_BUILTIN_TRANSPORTS": "LARGE_DATA"},
-    "large_data_tuned": {"FASTDDS_BUILTIN_TRANSPORTS": "LARGE_DATA?sockets_size=32MB"},
-    "shm": {"FASTDDS_BUILTIN_TRANSPORTS": "SHM"},
-    "shm_tuned": {"FASTDDS_BUILTIN_TRANSPORTS": "SHM?sockets_size=32MB"},
+    "profile": {"FASTDDS_DEFAULT_PROFILES_FILE": str(REPO / "config/fastdds_large_data.xml")},
+    "large_data": {"FASTDDS_BUILTIN_TRANSPORTS": "LARGE_DATA", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET"},
+    "large_data_localhost": {"FASTDDS_BUILTIN_TRANSPORTS": "LARGE_DATA"},
 }
 
 
@@ -119,18 +121,18 @@ def transport_env(name: str) -> dict:
     if name.endswith(".xml"):
         return {"FASTDDS_DEFAULT_PROFILES_FILE": str(Path(name).resolve())}
     if "=" in name:
-        var, value = name.split("=", 1)
-        return {var: value}
+        return dict(item.split("=", 1) for item in name.split(";"))
     raise SystemExit(f"unknown transport {name!r}: one of {', '.join(TRANSPORTS)}, a *.xml profile, or VAR=VALUE")
 
 
 def child_env(transport: str, domain: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("FASTDDS_BUILTIN_TRANSPORTS", "FASTDDS_DEFAULT_PROFILES_FILE",
-                        "FASTRTPS_DEFAULT_PROFILES_FILE", "RMW_FASTRTPS_USE_QOS_FROM_XML")}
+                        "FASTRTPS_DEFAULT_PROFILES_FILE", "RMW_FASTRTPS_USE_QOS_FROM_XML",
+                        "ROS_LOCALHOST_ONLY", "ROS_STATIC_PEERS")}
     env.update(ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
                RMW_IMPLEMENTATION="rmw_fastrtps_cpp")
-    env.update(transport_env(transport))
+    env.update(transport_env(transport))              # may widen the discovery range (large_data)
     return env
 
 
@@ -202,7 +204,8 @@ def run_bare(spec: dict):
                 seen.append(header_stamp_ns(raw))
         node.create_subscription(msg_type(topic), topic, on_msg, qos_profile_sensor_data, raw=not spec["deserialize"])
     stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(1))
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     while not stop:
@@ -213,100 +216,121 @@ def run_bare(spec: dict):
 
 
 # ---- role: the driver (publisher + diagnostics reader) ---------------------------------------------
+class NodeStatus:
+    """The node's latest engine status on /diagnostics (key -> value strings), and when it came."""
+
+    def __init__(self, ros_node):
+        from diagnostic_msgs.msg import DiagnosticArray
+        self.values, self.at = {}, 0.0
+        ros_node.create_subscription(DiagnosticArray, "/diagnostics", self._on_array, 10)
+
+    def _on_array(self, array):
+        for status in array.status:
+            if status.name.endswith(": engine"):
+                self.values, self.at = {kv.key: kv.value for kv in status.values}, time.monotonic()
+
+    def fresh(self) -> dict:
+        """A status published after now: the node's count up to now, not an older one."""
+        asked = time.monotonic()
+        wait_until(lambda: self.at > asked + 0.05, 10, "the node's /diagnostics")
+        return self.values
+
+
+class Camera:
+    """Publishes pre-serialized frames on every topic of a row at its rate, stamped by a camera
+    clock that advances one period a frame (the same stamp on every camera: synced cameras)."""
+
+    def __init__(self, ros_node, row: Row):
+        from rclpy.qos import qos_profile_sensor_data
+        self.row, self.frames = row, serialized_frames(row)
+        self.pubs = [ros_node.create_publisher(msg_type(t), t, qos_profile_sensor_data) for t in row.topics()]
+        self.stamp = time.time_ns()
+
+    def subscribers(self) -> int:
+        return min(p.get_subscription_count() for p in self.pubs)
+
+    def publish(self, seconds: float) -> tuple[list[int], float]:
+        """Publish for `seconds`. Deadlines are absolute, so a late frame does not slow the rest.
+        Returns the stamps sent (one per tick) and the seconds it took."""
+        period, sent, start = 1.0 / self.row.hz, [], time.monotonic()
+        for k in range(round(seconds * self.row.hz)):
+            time.sleep(max(0.0, start + k * period - time.monotonic()))
+            self.stamp += round(NS * period)
+            for i, pub in enumerate(self.pubs):
+                buf = self.frames[(k + i) % len(self.frames)]
+                set_header_stamp(buf, self.stamp)
+                pub.publish(bytes(buf))
+            sent.append(self.stamp)
+        return sent, time.monotonic() - start
+
+
+def drive(camera: Camera, status: NodeStatus, spec: dict) -> dict:
+    """Wait for the subscribers (and the node's engine), measure the idle node, warm up, then the
+    counted window and the drain. Returns what the driver saw, for run_row."""
+    node_pid, bare_pid = spec["node_pid"], spec["bare_pid"]
+    has_node = node_pid is not None
+
+    def node_cpu() -> float:
+        return cpu_seconds(node_pid) if has_node else 0.0
+    wanted = 2 if has_node else 1
+    wait_until(lambda: camera.subscribers() >= wanted, 60, f"{wanted} subscribers on every camera topic")
+    idle_cpu_per_s = 0.0
+    if has_node:
+        wait_until(lambda: status.values.get("engine") == "ready", 180, "the node's engine to be ready")
+        idle0 = node_cpu()
+        time.sleep(IDLE_S)
+        idle_cpu_per_s = (node_cpu() - idle0) / IDLE_S
+
+    camera.publish(WARMUP_S)
+    time.sleep(SETTLE_S)
+    before = status.fresh() if has_node else {}
+    node0, bare0 = node_cpu(), cpu_seconds(bare_pid)
+    sent, took = camera.publish(spec["seconds"])
+    time.sleep(DRAIN_S)
+    node_used, bare_used = node_cpu() - node0, cpu_seconds(bare_pid) - bare0
+    after = status.fresh() if has_node else {}
+
+    def delta(key):
+        return int(after[key]) - int(before[key]) if key in after and key in before else None
+    return dict(stamps=sent, publish_s=took, window_s=took + DRAIN_S, cpu_node_s=node_used, cpu_bare_s=bare_used,
+                idle_cpu_per_s=idle_cpu_per_s, node_received=delta("frames_received"),
+                node_sampled=delta("frames_sampled"), node_dropped=delta("frames_dropped"),
+                node_callback_errors=delta("callback_errors"), node_status=after)
+
+
 def run_driver(spec: dict):
     import threading
 
     import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import qos_profile_sensor_data
 
-    row = Row(**spec["row"])
     rclpy.init()
-    node = rclpy.create_node("intake_bench_driver")
-    pubs = {t: node.create_publisher(msg_type(t), t, qos_profile_sensor_data) for t in row.topics()}
-
-    status = {"values": {}, "at": 0.0}                 # the node's latest engine status, and when it came
-
-    def on_diagnostics(array):
-        for s in array.status:
-            if s.name.endswith(": engine"):
-                status["values"], status["at"] = {kv.key: kv.value for kv in s.values}, time.monotonic()
-    node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    ros_node = rclpy.create_node("intake_bench_driver")
+    camera, status = Camera(ros_node, Row(**spec["row"])), NodeStatus(ros_node)
     executor = SingleThreadedExecutor()
-    executor.add_node(node)
+    executor.add_node(ros_node)
     done = threading.Event()
 
-    def spin():                                        # stopped and joined before shutdown (else a C++ abort)
+    def spin():                                        # stopped and joined before shutdown, else a C++ abort
         while not done.is_set():
             executor.spin_once(timeout_sec=0.1)
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
-
-    def fresh_status() -> dict:
-        """A status published after now (the node's count up to now, not an older one)."""
-        asked = time.monotonic()
-        wait_until(lambda: status["at"] > asked + 0.05, 10, "the node's /diagnostics")
-        return status["values"]
-
-    frames = serialized_frames(row)
-    node_pid, bare_pid = spec["node_pid"], spec["bare_pid"]
-    subscribers = 1 if node_pid is None else 2
-    wait_until(lambda: all(p.get_subscription_count() >= subscribers for p in pubs.values()), 60,
-               f"{subscribers} subscribers on every camera topic")
-    if node_pid is not None:
-        wait_until(lambda: status["values"].get("engine") == "ready", 180, "the node's engine to be ready")
-        cpu0 = cpu_seconds(node_pid)
-        time.sleep(IDLE_S)
-        idle_cpu_per_s = (cpu_seconds(node_pid) - cpu0) / IDLE_S
-
-    period = 1.0 / row.hz
-    clock = [time.time_ns()]                           # the cameras' clock: stamps advance one period a frame
-
-    def publish(seconds: float) -> tuple[list[int], float]:
-        """Publish every camera at the row's rate for `seconds`; deadlines are absolute so a late
-        frame does not slow the rest. Returns the stamps sent (one per tick, all cameras) and the
-        seconds it took."""
-        sent, start = [], time.monotonic()
-        for k in range(round(seconds * row.hz)):
-            time.sleep(max(0.0, start + k * period - time.monotonic()))
-            stamp = clock[0] = clock[0] + round(NS * period)
-            for i, pub in enumerate(pubs.values()):
-                buf = frames[(k + i) % len(frames)]
-                set_header_stamp(buf, stamp)
-                pub.publish(bytes(buf))
-            sent.append(stamp)
-        return sent, time.monotonic() - start
-
-    publish(WARMUP_S)
-    time.sleep(SETTLE_S)
-    before = fresh_status() if node_pid is not None else {}
-    cpu = {"node": cpu_seconds(node_pid) if node_pid else 0.0, "bare": cpu_seconds(bare_pid)}
-    sent, took = publish(spec["seconds"])
-    time.sleep(DRAIN_S)
-    cpu = {"node": (cpu_seconds(node_pid) if node_pid else 0.0) - cpu["node"], "bare": cpu_seconds(bare_pid) - cpu["bare"]}
-    after = fresh_status() if node_pid is not None else {}
-
-    def delta(key):
-        return int(after[key]) - int(before[key]) if key in after and key in before else None
-    result = dict(stamps=sent, publish_s=took, window_s=took + DRAIN_S, cpu_node_s=cpu["node"], cpu_bare_s=cpu["bare"])
-    if node_pid is not None:
-        result.update(idle_cpu_per_s=idle_cpu_per_s, node_received=delta("frames_received"),
-                      node_sampled=delta("frames_sampled"), node_dropped=delta("frames_dropped"),
-                      node_callback_errors=delta("callback_errors"), node_status=after)
-    print(json.dumps(result), flush=True)
-    done.set()
-    spinner.join()
-    executor.shutdown(timeout_sec=1.0)
-    node.destroy_node()
-    rclpy.try_shutdown()
+    try:
+        print(json.dumps(drive(camera, status, spec)), flush=True)
+    finally:
+        done.set()
+        spinner.join()
+        executor.shutdown(timeout_sec=1.0)
+        ros_node.destroy_node()
+        rclpy.try_shutdown()
 
 
 # ---- one row: start the processes, run the driver, collect -----------------------------------------
 def tiny_model() -> Path:
     if not (TINY_MODEL / "config.json").exists():
         subprocess.run([sys.executable, "-c", f"from livevlm_ros.tools.make_tiny_model import build; "
-                        f"build({str(TINY_MODEL)!r}, seed=0)"], check=True)
+                        f"from pathlib import Path; build(Path({str(TINY_MODEL)!r}), seed=0)"], check=True)
     return TINY_MODEL
 
 
@@ -326,56 +350,77 @@ def livevlm_node() -> str:
     return str(Path(get_package_prefix("livevlm_ros")) / "lib" / "livevlm_ros" / "livevlm_node")
 
 
-def run_row(name: str, row: Row, transport: str, args, domain: int, tmp: Path) -> dict:
+def start_node(name: str, row: Row, args, env: dict, tmp: Path) -> subprocess.Popen:
     import yaml
+    params_file = tmp / f"params_{name}.yaml"
+    params = node_params(row, args.model, args.sample_fps)
+    params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+    return subprocess.Popen([livevlm_node(), "--ros-args", "--params-file", str(params_file)], env=env,
+                            stdout=open(tmp / f"node_{name}.log", "w"), stderr=subprocess.STDOUT)
+
+
+def role(name: str, spec: dict, env: dict, **popen) -> subprocess.Popen:
+    """This file again, as one of its roles (bare, driver), in its own process."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--role", name, "--spec", json.dumps(spec)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, **popen)
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def stop(procs: list[subprocess.Popen]):
+    """SIGINT (the node saves nothing here and exits cleanly), then kill what does not exit."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def run_row(name: str, row: Row, transport: str, args, domain: int, tmp: Path) -> dict:
     env = child_env(transport, domain)
-    me = [sys.executable, str(Path(__file__).resolve())]
     procs = []
     try:
-        node = None
-        if not args.bare_only:
-            params_file = tmp / f"params_{name}.yaml"
-            params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": node_params(row, args.model, args.sample_fps)}}))
-            node = subprocess.Popen([livevlm_node(), "--ros-args", "--params-file", str(params_file)], env=env,
-                                    stdout=open(tmp / f"node_{name}.log", "w"), stderr=subprocess.STDOUT)
-            procs.append(node)
-        bare = subprocess.Popen(me + ["--role", "bare", "--spec", json.dumps(dict(topics=row.topics(),
-                                deserialize=args.bare_deserialize))], env=env, stdout=subprocess.PIPE, text=True)
+        node = None if args.bare_only else start_node(name, row, args, env, tmp)
+        procs += [node] if node else []
+        bare = role("bare", dict(topics=row.topics(), deserialize=args.bare_deserialize), env)
         procs.append(bare)
-        spec = dict(row=asdict(row), seconds=args.seconds, node_pid=node.pid if node else None, bare_pid=bare.pid)
-        driver = subprocess.run(me + ["--role", "driver", "--spec", json.dumps(spec)], env=env, text=True,
-                                capture_output=True, timeout=args.seconds + 300)
+        driver = role("driver", dict(row=asdict(row), seconds=args.seconds, node_pid=node.pid if node else None,
+                                     bare_pid=bare.pid), env, stderr=subprocess.PIPE)
+        procs.append(driver)
+        out, err = driver.communicate(timeout=args.seconds + 300)
         if driver.returncode != 0:
-            raise RuntimeError(f"driver failed:\n{driver.stderr[-3000:]}")
-        d = json.loads(driver.stdout.strip().splitlines()[-1])
-        bare.send_signal(signal.SIGTERM)
-        got = json.loads(bare.communicate(timeout=30)[0].strip().splitlines()[-1])
+            raise RuntimeError(f"driver failed:\n{err[-3000:]}")
+        seen = last_json_line(out)
+        bare.send_signal(signal.SIGTERM)               # it prints the stamps it got, and exits
+        got = last_json_line(bare.communicate(timeout=30)[0])
     finally:
-        for p in procs:                                # stop what this row started, by its own pid
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    window = set(d["stamps"])
-    published = len(d["stamps"]) * row.cameras
-    bare_received = sum(sum(1 for s in stamps if s in window) for stamps in got.values())
-    print(f"   debug: bare got {[len(v) for v in got.values()]} total, window {len(window)}, first sent {d['stamps'][:2]}, got {[v[:3] for v in got.values()]}", file=sys.stderr)
-    out = dict(row=name, transport=transport, **asdict(row), seconds=args.seconds,
-               published=published, publish_hz=round(len(d["stamps"]) / d["publish_s"], 2),
-               bare_received=bare_received, bare_pct=round(100 * bare_received / published, 1),
-               bare_cpu_ms_per_frame=round(1000 * d["cpu_bare_s"] / max(bare_received, 1), 2),
-               load_avg=os.getloadavg()[0])
-    if not args.bare_only:
-        received = d["node_received"]
-        idle = d["idle_cpu_per_s"] * d["window_s"]
-        out.update(node_received=received, node_pct_of_bare=round(100 * received / max(bare_received, 1), 1),
-                   node_cpu_ms_per_frame=round(1000 * d["cpu_node_s"] / max(received, 1), 2),
-                   node_cpu_ms_per_frame_net=round(1000 * (d["cpu_node_s"] - idle) / max(received, 1), 2),
-                   node_idle_cpu_pct=round(100 * d["idle_cpu_per_s"], 1), node_sampled=d["node_sampled"],
-                   node_dropped=d["node_dropped"], node_callback_errors=d["node_callback_errors"])
+        stop(procs)
+    return summarize(name, row, transport, args, seen, got)
+
+
+def summarize(name: str, row: Row, transport: str, args, seen: dict, got: dict) -> dict:
+    """One row of the table from what the driver saw and the stamps the bare subscriber got."""
+    window = set(seen["stamps"])
+    published = len(seen["stamps"]) * row.cameras
+    bare = sum(sum(1 for s in stamps if s in window) for stamps in got.values())
+    out = dict(row=name, transport=transport, **asdict(row), seconds=args.seconds, published=published,
+               publish_hz=round(len(seen["stamps"]) / seen["publish_s"], 2),
+               bare_received=bare, bare_pct=round(100 * bare / published, 1),
+               bare_cpu_ms_per_frame=round(1000 * seen["cpu_bare_s"] / max(bare, 1), 2), load_avg=os.getloadavg()[0])
+    if args.bare_only:
+        return out
+    received, cpu = seen["node_received"], seen["cpu_node_s"]
+    idle = seen["idle_cpu_per_s"] * seen["window_s"]
+    out.update(node_received=received, node_pct_of_bare=round(100 * received / max(bare, 1), 1),
+               node_cpu_ms_per_frame=round(1000 * cpu / max(received, 1), 2),
+               node_cpu_ms_per_frame_net=round(1000 * (cpu - idle) / max(received, 1), 2),
+               node_idle_cpu_pct=round(100 * seen["idle_cpu_per_s"], 1), node_sampled=seen["node_sampled"],
+               node_dropped=seen["node_dropped"], node_callback_errors=seen["node_callback_errors"])
     return out
 
 
@@ -403,7 +448,8 @@ def self_test():
                 msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, nanosec, frame_id
                 raw = serialize_message(msg)
                 back = deserialize_message(raw, cls)
-                assert header_stamp_ns(raw) == back.header.stamp.sec * NS + back.header.stamp.nanosec, (cls, sec, frame_id)
+                expected = back.header.stamp.sec * NS + back.header.stamp.nanosec
+                assert header_stamp_ns(raw) == expected, (cls, sec, frame_id)
                 buf = bytearray(raw)
                 set_header_stamp(buf, 42 * NS + 17)
                 assert deserialize_message(bytes(buf), cls).header.stamp.nanosec == 17
@@ -488,7 +534,8 @@ def main():
     print_table([r for r in results if "error" not in r], args.bare_only)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(host_cpus=os.cpu_count(), seconds=args.seconds, rows=results), indent=1))
+        report = dict(host_cpus=os.cpu_count(), seconds=args.seconds, rows=results)
+        Path(args.out).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -145,9 +145,10 @@ def test_two_cameras_are_kept_apart_and_a_silent_one_is_reported(client, start, 
         t += 0.1
         time.sleep(0.1)
         s = client.node_status()
-        if s["level"] == 1 and "/rear/image_raw" in s["message"] and "/front/image_raw" not in s["message"]:
+        if (s["level"] == 1 and "/rear/image_raw" in s["message"] and "/front/image_raw" not in s["message"]
+                and int(s["samples_missed[/rear/image_raw]"]) > 0):
             break
     else:
         pytest.fail(f"the silent camera was not reported alone: {client.node_status()}")
-    assert int(s["samples_missed[/rear/image_raw]"]) > 0 and int(s["samples_missed[/front/image_raw]"]) == 0
+    assert int(s["samples_missed[/front/image_raw]"]) == 0
     assert node.alive()

@@ -150,7 +150,10 @@ class LiveVLMCore:
             self.servers = None
 
     def _answer_waiting(self, why: str):
+        """Every caller waiting hears `why`, the one being answered too (it stops at its next token)."""
         queries, control = self.work.close(why)
+        if self.worker is not None:
+            self.worker.interrupt(why)
         for job in queries:
             job.finish(False, why)
         for job in control:

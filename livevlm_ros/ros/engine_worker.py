@@ -50,6 +50,7 @@ class EngineWorker:
         self.stats: dict = engine.stats()
         self._running = False
         self._stop_reason = ""
+        self._current: QueryJob | None = None     # the question being answered
         self._thread: threading.Thread | None = None
         self._types = {t: CompressedImage if t.rstrip("/").endswith("compressed") else Image for t in topics}
 
@@ -67,6 +68,12 @@ class EngineWorker:
             self.work.lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def interrupt(self, why: str):
+        """The question being answered, if any, hears `why` now and stops at its next token."""
+        job = self._current
+        if job is not None and job.finish(False, why):
+            self.wake()
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -160,6 +167,7 @@ class EngineWorker:
     def _answer(self, job: QueryJob):
         if job.done.done():                        # timed out or cancelled while waiting
             return
+        self._current = job
         try:
             job.answer = self.engine.ask(
                 job.question, max_new_tokens=job.max_new_tokens, on_token=job.on_token,
@@ -172,6 +180,8 @@ class EngineWorker:
         except AnswerCancelled:
             self._finish(job, False, self._stop_reason if not self._running else "cancelled")
             return
+        finally:
+            self._current = None
         self.counts.queries_answered += 1
         self._finish(job, True)
 
