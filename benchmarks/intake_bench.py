@@ -7,8 +7,14 @@ frame. A benchmark, not a timed test: run it by hand and read the table.
 
     --transport   default | profile | large_data | large_data_localhost (see TRANSPORTS), a Fast DDS XML
                   profile file (*.xml), or VAR=VALUE[;VAR=VALUE] (e.g. 'FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA');
-                  repeat it to compare. Every process of a row (node, bare subscriber, publisher) gets it.
+                  repeat it to compare. Every process of a row (node, bare subscriber, publisher) gets it,
+                  unless --publisher-transport gives the publisher another: over shared memory it is the
+                  publisher's setting that decides (see config/fastdds_large_data.xml), so
+                  '--transport profile --publisher-transport default' is a launch file that sets the profile
+                  for the node and a camera driver started without it.
     --bare-only   no node: the publisher and the bare subscriber alone (the transport by itself)
+    --bare-executor   single (default) | multi | events: the bare subscriber's executor (the node's is a
+                  MultiThreadedExecutor of 4 threads)
     --self-test   check the raw-CDR stamp reader (header_stamp_ns) against rclpy's deserializer
     --deserialize-cost   what rclpy's deserialize_message costs per frame size, against the stamp read
 
@@ -185,10 +191,12 @@ def msg_type(topic: str):
 # ---- role: the bare subscriber --------------------------------------------------------------------
 def run_bare(spec: dict):
     """Subscribe to every topic with sensor-data QoS, note each frame's stamp, and print them as
-    JSON when told to stop (SIGTERM). raw=True unless spec['deserialize']: the transport's ceiling
-    for an rclpy process, with nothing else taking its time."""
+    JSON when told to stop (SIGTERM). raw=True unless spec['deserialize'], a SingleThreadedExecutor
+    unless spec['executor'] says otherwise: the transport's ceiling for an rclpy process, with nothing
+    else taking its time."""
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.experimental import EventsExecutor
     from rclpy.qos import qos_profile_sensor_data
     from rclpy.signals import SignalHandlerOptions
 
@@ -206,7 +214,8 @@ def run_bare(spec: dict):
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(1))
-    executor = SingleThreadedExecutor()
+    executor = {"single": SingleThreadedExecutor, "multi": lambda: MultiThreadedExecutor(num_threads=4),
+                "events": EventsExecutor}[spec["executor"]]()
     executor.add_node(node)
     while not stop:
         executor.spin_once(timeout_sec=0.1)
@@ -383,14 +392,16 @@ def stop(procs: list[subprocess.Popen]):
 
 def run_row(name: str, row: Row, transport: str, args, domain: int, tmp: Path) -> dict:
     env = child_env(transport, domain)
+    publisher_env = child_env(args.publisher_transport or transport, domain)
     procs = []
     try:
         node = None if args.bare_only else start_node(name, row, args, env, tmp)
         procs += [node] if node else []
-        bare = role("bare", dict(topics=row.topics(), deserialize=args.bare_deserialize), env)
+        bare = role("bare", dict(topics=row.topics(), deserialize=args.bare_deserialize, executor=args.bare_executor),
+                    env)
         procs.append(bare)
         driver = role("driver", dict(row=asdict(row), seconds=args.seconds, node_pid=node.pid if node else None,
-                                     bare_pid=bare.pid), env, stderr=subprocess.PIPE)
+                                     bare_pid=bare.pid), publisher_env, stderr=subprocess.PIPE)
         procs.append(driver)
         out, err = driver.communicate(timeout=args.seconds + 300)
         if driver.returncode != 0:
@@ -408,6 +419,8 @@ def summarize(name: str, row: Row, transport: str, args, seen: dict, got: dict) 
     window = set(seen["stamps"])
     published = len(seen["stamps"]) * row.cameras
     bare = sum(sum(1 for s in stamps if s in window) for stamps in got.values())
+    if args.publisher_transport:
+        transport += f"/pub:{args.publisher_transport}"
     out = dict(row=name, transport=transport, **asdict(row), seconds=args.seconds, published=published,
                publish_hz=round(len(seen["stamps"]) / seen["publish_s"], 2),
                bare_received=bare, bare_pct=round(100 * bare / published, 1),
@@ -495,8 +508,11 @@ def main():
     ap.add_argument("--seconds", type=float, default=10.0, help="counted window per row")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     ap.add_argument("--transport", action="append", help="repeatable; default: default")
+    ap.add_argument("--publisher-transport", default=None, help="the publisher's, if not the others'")
     ap.add_argument("--bare-only", action="store_true", help="no node: the transport alone")
     ap.add_argument("--bare-deserialize", action="store_true", help="the bare subscriber deserializes (raw=False)")
+    ap.add_argument("--bare-executor", choices=["single", "multi", "events"], default="single",
+                    help="the bare subscriber's executor (the node uses a MultiThreadedExecutor of 4 threads)")
     ap.add_argument("--sample-fps", type=float, default=None, help="the node's sample_fps (default: robot.yaml)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--self-test", action="store_true")
@@ -515,7 +531,7 @@ def main():
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
     transports = args.transport or ["default"]
-    for t in transports:
+    for t in transports + [args.publisher_transport or "default"]:
         transport_env(t)                               # refuse a bad name before anything starts
     args.model = None if args.bare_only else tiny_model()
     domain = 60 + os.getpid() % 40                     # private: the tests use 150-229, node_overhead 100-149

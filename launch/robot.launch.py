@@ -8,6 +8,12 @@ use_sim_time:=true makes the node follow /clock (a bag replayed with `livevlm_re
 managed:=true starts the managed (lifecycle) node and, unless autostart:=false, configures and
 activates it (Nav2 style); `ros2 lifecycle set /livevlm deactivate|activate|cleanup` then drive it.
 The same node and YAML run without `launch`:  livevlm_node --ros-args --params-file config/robot.yaml
+
+Large images on one host: Fast DDS's default shared-memory segment (512 KiB) cannot hold a 640x480
+rgb8 frame, and best-effort frames that do not fit are lost. large_images:=true (the default) gives
+the node config/fastdds_large_data.xml (a 32 MiB segment) unless FASTDDS_DEFAULT_PROFILES_FILE is
+already set; the processes that PUBLISH the images (camera drivers, `ros2 bag play`) need the same
+export, since over shared memory it is the publisher's segment that must fit the frame.
 """
 
 import os
@@ -15,7 +21,8 @@ import os
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 import launch
-from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler
+from launch.actions import (DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler,
+                            SetEnvironmentVariable)
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
 from launch_ros.event_handlers import OnStateTransition
@@ -34,17 +41,21 @@ def _node(context):
         if value:
             overrides[name] = [t.strip() for t in value.split(",") if t.strip()] if name == "camera_topics" else value
     flag = lambda name: LaunchConfiguration(name).perform(context).lower() == "true"  # noqa: E731
+    transport = []
+    if flag("large_images") and not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):
+        profile = os.path.join(get_package_share_directory("livevlm_ros"), "config", "fastdds_large_data.xml")
+        transport = [SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", profile)]
     common = dict(package="livevlm_ros", name="livevlm", namespace=LaunchConfiguration("namespace"),
                   output="screen", emulate_tty=True,
                   parameters=[LaunchConfiguration("config"), overrides,      # later entries win
                               {"use_sim_time": flag("use_sim_time")}])
     if not flag("managed"):
-        return [Node(executable="livevlm_node", **common)]
+        return transport + [Node(executable="livevlm_node", **common)]
     node = LifecycleNode(executable="livevlm_lifecycle_node", **common)
     if not flag("autostart"):
-        return [node]
+        return transport + [node]
     is_node = launch.events.matches_action(node)
-    return [
+    return transport + [
         node,
         # configure as soon as it runs, activate once configured
         RegisterEventHandler(OnStateTransition(target_lifecycle_node=node, goal_state="inactive", entities=[
@@ -60,6 +71,9 @@ def generate_launch_description():
             DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node"),
             DeclareLaunchArgument("use_sim_time", default_value="false", description="Follow /clock (true|false)"),
             DeclareLaunchArgument("managed", default_value="false", description="Start the lifecycle node (true|false)"),
+            DeclareLaunchArgument("large_images", default_value="true",
+                                  description="Fast DDS profile with a shared-memory segment large enough for "
+                                              "camera frames (true|false)"),
             DeclareLaunchArgument("autostart", default_value="true",
                                   description="Managed node: configure and activate at start (true|false)")]
     args += [DeclareLaunchArgument(name, default_value="", description=f"{text} ('' = from config)")

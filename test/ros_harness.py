@@ -17,6 +17,9 @@ import yaml
 # isolate before rclpy is imported anywhere in this process
 os.environ["ROS_DOMAIN_ID"] = str(150 + os.getpid() % 80)
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+# the transport the launch file ships for large images, for the test's publishers and the nodes it starts
+os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE",
+                      str(Path(__file__).resolve().parents[1] / "config" / "fastdds_large_data.xml"))
 
 import rclpy  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402

@@ -11,6 +11,7 @@ bytes unchanged (no decode/encode), paced by the bag's receive timestamps. --clo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,15 @@ class BagReplayer(Node):
         return self.published
 
 
+def large_data_profile() -> str:
+    """config/fastdds_large_data.xml where ROS installed it (share/), or beside this checkout."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        return str(Path(get_package_share_directory("livevlm_ros")) / "config" / "fastdds_large_data.xml")
+    except Exception:                               # noqa: BLE001 - not installed: the source tree
+        return str(Path(__file__).resolve().parents[2] / "config" / "fastdds_large_data.xml")
+
+
 def main(argv=None):
     argv = sys.argv if argv is None else argv
     ros_args = rclpy.utilities.remove_ros_args(argv)
@@ -84,6 +94,9 @@ def main(argv=None):
                     help="seconds to wait for every topic to have a subscriber before playing")
     args = ap.parse_args(ros_args[1:])
     remap = dict(r.split(":=", 1) for r in args.remap)
+    # Large frames over shared memory need the publisher's segment to fit them (see
+    # config/fastdds_large_data.xml); a user's own profile wins.
+    os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", large_data_profile())
     rclpy.init(args=argv)
     node = BagReplayer(args.bag, args.rate, args.topics, remap, args.clock, args.wait_subscribers)
     try:
@@ -99,3 +112,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
