@@ -27,6 +27,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.clock import Clock, ClockType
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CompressedImage, Image
 
 from livevlm_ros.engine import RUNTIME_OPTIONS, LiveVLMEngine, MemoryFileError
@@ -36,7 +37,7 @@ from . import diagnostics, parameters
 from .camera_intake import CameraIntake
 from .engine_worker import EngineWorker
 from .log_throttle import Throttle
-from .messages import header_stamp_ns, time_msg
+from .messages import header_stamp_ns, stamp_ns, time_msg
 from .servers import CallerServers
 from .work_queue import WorkQueue
 
@@ -103,8 +104,9 @@ class LiveVLMCore:
 
     def activate(self):
         with self._life:
-            for topic in self.p["camera_topics"]:
-                msg_type = CompressedImage if topic.rstrip("/").endswith("compressed") else Image
+            self._types = {t: CompressedImage if t.rstrip("/").endswith("compressed") else Image
+                           for t in self.p["camera_topics"]}
+            for topic, msg_type in self._types.items():
                 # raw: the callback gets the serialized bytes; only sampled frames are deserialized
                 self._subs.append(self.node.create_subscription(
                     msg_type, topic, self._guarded(functools.partial(self._on_image, topic)),
@@ -192,12 +194,12 @@ class LiveVLMCore:
     # ---- camera callbacks (executor): a stamp read and a queue push --------------------------------
     def _on_image(self, topic: str, raw: bytes):
         try:
-            stamp = header_stamp_ns(raw)
-        except ValueError as err:
+            stamp = self._stamp(topic, raw)
+        except Exception as err:                   # noqa: BLE001 - unreadable bytes: counted, node goes on
             with self.work.lock:
                 self.work.intake.counts.frames_received += 1
             if self.throttle.ok(f"unreadable {topic}", 5.0):
-                self.log.warning(f"frame from {topic} dropped: {err}")
+                self.log.warning(f"frame from {topic} dropped: {type(err).__name__}: {err}")
             return
         outcome = self.work.offer_frame(topic, stamp, raw)
         jump = self.work.intake.last_jump(topic)
@@ -207,6 +209,14 @@ class LiveVLMCore:
                                 "refusing its frames until they pass the old stamps"))
         elif outcome == "unstamped" and self.throttle.ok(f"unstamped {topic}", 5.0):
             self.log.warning(f"frame from {topic} refused: header stamp is 0 (the driver does not stamp images)")
+
+    def _stamp(self, topic: str, raw: bytes) -> int:
+        """The header stamp, read from the serialized bytes; a message in another encoding than
+        plain CDR (rare) is deserialized for it."""
+        try:
+            return header_stamp_ns(raw)
+        except ValueError:
+            return stamp_ns(deserialize_message(raw, self._types[topic]).header.stamp)
 
     def _guarded(self, fn):
         """No exception from an executor callback ends the process: log it, count it, go on."""

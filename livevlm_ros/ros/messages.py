@@ -33,10 +33,13 @@ def header_stamp_ns(raw: bytes) -> int:
     """The header stamp of a serialized (CDR) sensor_msgs/Image or CompressedImage, read without
     deserializing the message: after the 4-byte encapsulation header come header.stamp.sec
     (int32) and header.stamp.nanosec (uint32), little- or big-endian as the encapsulation says.
-    Raises ValueError on bytes too short to hold them."""
+    Raises ValueError on bytes too short to hold them, or in another encoding (XCDR2 has other
+    alignment rules: the caller deserializes those)."""
     if len(raw) < 12:
         raise ValueError(f"serialized image of {len(raw)} bytes is too short for a header")
-    order = "<" if raw[1] & 1 else ">"        # CDR_LE = 0x0001, CDR_BE = 0x0000 (PL_CDR_* likewise)
+    if raw[0] != 0 or raw[1] not in (0, 1):
+        raise ValueError(f"not plain CDR (encapsulation {raw[0]:#04x}{raw[1]:02x})")
+    order = "<" if raw[1] else ">"            # CDR_LE = 0x0001, CDR_BE = 0x0000
     sec, nanosec = struct.unpack_from(order + "iI", raw, 4)
     return sec * NS + nanosec
 
