@@ -4,6 +4,7 @@ domain of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -196,6 +197,29 @@ class Client:
         self.executor.shutdown()
         self.node.destroy_node()
         self.thread.join(5)
+
+
+@contextlib.contextmanager
+def in_process_node(client, params: dict):
+    """A LiveVLMNode in this process, spun by its own executor, for tests that inject a fault into
+    its parts; yields it once its engine is ready and the query service is matched."""
+    from rclpy.parameter import Parameter
+
+    from livevlm_ros.ros.node import LiveVLMNode
+
+    node = LiveVLMNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        client.wait_for(lambda: node.core.worker is not None, 30, "the engine")
+        client.wait_for(lambda: client.query_client.service_is_ready(), 10, "the service")
+        time.sleep(1.0)
+        yield node
+    finally:
+        node.shutdown()
+        executor.shutdown()
+        node.destroy_node()
 
 
 def node_params(model_path: str, **over) -> dict:

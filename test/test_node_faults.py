@@ -2,7 +2,6 @@
 its own process. After each step it is alive and answers. Counts are read from the node's own
 diagnostics, never assumed from what was sent over a best-effort topic."""
 
-import threading
 import time
 
 import numpy as np
@@ -11,7 +10,7 @@ from rclpy.action import ActionClient
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
-from ros_harness import client, node_params, start  # noqa: F401,I100 (domain first; fixtures)
+from ros_harness import client, in_process_node, node_params, start  # noqa: F401,I100 (domain first; fixtures)
 from livevlm_ros.action import Ask
 from livevlm_ros.srv import Query
 
@@ -178,22 +177,7 @@ def test_a_question_that_waits_too_long_hears_timed_out_and_the_next_is_answered
 @pytest.mark.timeout(120)
 def test_a_dead_worker_is_reported_error_and_callers_still_hear_back(client, tiny_model_path):  # noqa: F811
     """Fault injected in-process: the worker thread dies of something no job handler catches."""
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
-
-    from livevlm_ros.ros.node import LiveVLMNode
-
-    node = LiveVLMNode(parameter_overrides=[Parameter(k, value=v) for k, v in node_params(
-        tiny_model_path, query_timeout_s=2.0, narration_period_s=0.0).items()])
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    spin = threading.Thread(target=executor.spin, daemon=True)
-    spin.start()
-    try:
-        client.wait_for(lambda: node.core.worker is not None, 30, "the engine")
-        client.wait_for(lambda: client.query_client.service_is_ready(), 10, "the service")
-        time.sleep(1.0)
-
+    with in_process_node(client, node_params(tiny_model_path, query_timeout_s=2.0, narration_period_s=0.0)) as node:
         def die(_running):
             raise SystemExit("injected")
         node.core.work.next_job = die
@@ -202,10 +186,6 @@ def test_a_dead_worker_is_reported_error_and_callers_still_hear_back(client, tin
         assert "worker stopped" in s["message"] and s["worker_alive"] == "False"
         r = client.query("Is the door open?", timeout=20)
         assert not r.success and r.error_message == "timed out after 2.0 s"
-    finally:
-        node.shutdown()
-        executor.shutdown()
-        node.destroy_node()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,13 +6,12 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from ros_harness import client, executable, node_params, ros2, start  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads); client, start: fixtures
+from ros_harness import client, executable, in_process_node, node_params, ros2, start  # noqa: I100 (sets ROS_DOMAIN_ID before rclpy loads); client, start: fixtures
 from livevlm_ros.tools.make_demo_bag import write_bag
 
 HERE = Path(__file__).parent
@@ -86,23 +85,8 @@ def test_refuse_on_time_jump_drops_old_stamps_until_the_stream_catches_up(client
 def test_an_engine_failure_answers_the_job_reports_error_and_the_worker_goes_on(client, tiny_model_path):
     """Fault injected in-process (the node's engine raises what a CUDA failure raises): the caller
     gets the error, /diagnostics turns ERROR with the reason, the next question is answered."""
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
-
-    from livevlm_ros.ros.node import LiveVLMNode
-
-    overrides = [Parameter(k, value=v) for k, v in params(tiny_model_path).items()]
-    node = LiveVLMNode(parameter_overrides=overrides)
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    spin = threading.Thread(target=executor.spin, daemon=True)
-    spin.start()
-    try:
-        client.wait_for(lambda: node.core.worker is not None, 30, "the engine")
-        client.wait_for(lambda: client.query_client.service_is_ready(), 10, "the service")
-        time.sleep(1.0)
-        client.image_pub.publish(client.image(1.0))
-        client.wait_for(lambda: node.core.worker.counts.frames_ingested >= 1, 10, "a frame")
+    with in_process_node(client, params(tiny_model_path)) as node:
+        client.feed(client.image(1.0))
         real_ask = node.core.engine.ask
         calls = []
 
@@ -119,10 +103,6 @@ def test_an_engine_failure_answers_the_job_reports_error_and_the_worker_goes_on(
         assert client.query("Is the door open?").success
         client.wait_for(lambda: (s := client.node_status()) and s["level"] == 0, 5, "OK diagnostics again")
         assert node.core.worker.alive()
-    finally:
-        node.shutdown()
-        executor.shutdown()
-        node.destroy_node()
 
 
 def ros2_param(*args) -> str:

@@ -147,6 +147,9 @@ class LiveVLMCore:
         self.state = "finalized"
 
     def destroy(self):
+        """The node is being destroyed: shut down if not yet, then the servers go."""
+        if self.state != "finalized":
+            self.shutdown()
         if self.servers is not None:
             self.servers.destroy()
             self.servers = None

@@ -60,7 +60,5 @@ class LiveVLMLifecycleNode(LifecycleNode):
         self.core.shutdown()
 
     def destroy_node(self):
-        if self.core.state != "finalized":
-            self.core.shutdown()
-        self.core.destroy()
+        self.core.destroy()                        # stops the worker first if still running
         super().destroy_node()
