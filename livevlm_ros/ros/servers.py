@@ -188,9 +188,7 @@ class CallerServers:
         timeout = self.p["query_timeout_s"]
 
         def expire():
-            with self.work.lock:
-                if job in self.work.control:
-                    self.work.control.remove(job)
+            self.work.withdraw(job)
             if job.finish(False, f"timed out after {timeout} s"):
                 self._wake()
         timer = self.node.create_timer(timeout, expire, callback_group=self._timers_group, clock=self._steady)

@@ -106,19 +106,18 @@ class WorkQueue:
             self.lock.notify()
             return None
 
-    def withdraw(self, job: QueryJob) -> bool:
-        """Take a question out of the queue (cancelled, timed out); False if the worker has it."""
+    def withdraw(self, job: QueryJob | ControlJob) -> bool:
+        """Take a job out of its queue (cancelled, timed out); False if the worker has it."""
+        queue = self.control if isinstance(job, ControlJob) else self.queries
         with self.lock:
-            if job in self.queries:
-                self.queries.remove(job)
+            if job in queue:
+                queue.remove(job)
                 return True
             return False
 
-    def request(self, narration: bool = False, reset: bool = False, changes: dict | None = None):
+    def request(self, narration: bool = False, changes: dict | None = None):
         with self.lock:
             self.narration_due |= narration
-            if reset:
-                self._forget_stream()
             self.engine_changes.update(changes or {})
             self.intake.trim()
             self.lock.notify()
