@@ -1,5 +1,5 @@
-"""The small kernels of an answer at 7B shapes, each alone: the fused Triton kernels (engine/rope.py,
-engine/fused_layers.py) against the torch code they replace, checked for equality and timed; the
+"""The small kernels of an answer at 7B shapes, each alone: the fused Triton kernels (engine/cuda/kernels/:
+rotate_rows.py, fused_layers.py) against the torch code they replace, checked for equality and timed; the
 weight products under cuBLAS and cuBLASLt; and the top-k that picks an answer's pages.
 
     python3 benchmarks/fused_parts.py --out results/fused_parts.json       # on the GPU machine
@@ -19,7 +19,8 @@ import triton.testing as tt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livevlm_ros.engine import attention, clip_attention, decode_attention, fused_layers, page_kernels, received, rope  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import clip_attention, decode_attention, fused_layers, page_kernels  # noqa: E402
+from livevlm_ros.engine.hook import attention, received, rope  # noqa: E402
 
 
 def us(fn) -> float:
@@ -172,12 +173,12 @@ def main():
     q_last = cq[0, :, nq - r:].reshape(H, -1, D)
     keys3 = ck[0]
     written = received._written_out((q_last * D ** -0.5).to(dt), keys3, r, None)
-    from_lse = received.attention_received_from_lse(q_last, keys3, r, flash_lse[0, :, nq - r:nq].reshape(H, -1), D ** -0.5)
+    from_lse = received.attention_received(q_last, keys3, r, lse=flash_lse[0, :, nq - r:nq].reshape(H, -1), scale=D ** -0.5)
     clip["scores_from_lse"] = dict(
         lse_shape=list(flash_lse.shape), max_rel_diff=float((from_lse - written).abs().max() / written.abs().max()),
         two_kernels_us=us(lambda: received.attention_received((q_last * D ** -0.5).to(dt), keys3, r)),
-        from_lse_us=us(lambda: received.attention_received_from_lse(
-            q_last, keys3, r, flash_lse[0, :, nq - r:nq].reshape(H, -1), D ** -0.5)))
+        from_lse_us=us(lambda: received.attention_received(
+            q_last, keys3, r, lse=flash_lse[0, :, nq - r:nq].reshape(H, -1), scale=D ** -0.5)))
     out["clip_attention"] = clip
     print("clip_attention", json.dumps(clip), flush=True)
 

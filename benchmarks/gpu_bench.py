@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
-from livevlm_ros.engine.kv_buffer import Tokens  # noqa: E402
+from livevlm_ros.engine.memory.kv_buffer import Tokens  # noqa: E402
 from livevlm_ros.engine.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
 from livevlm_ros.tools.make_tiny_model import build_tokenizer  # noqa: E402
 
@@ -306,7 +306,7 @@ def check_attention_paths(adapter, results, context=12288):
     no mask): it must equal the folded-mask path the CPU takes, on a clip of one frame after memory."""
     import torch.nn.functional as F
 
-    from livevlm_ros.engine import attention
+    from livevlm_ros.engine.hook import attention
 
     kv, n = adapter.kv, adapter.tokens_per_frame
     g = torch.Generator(device=kv.device).manual_seed(0)
@@ -326,13 +326,14 @@ def check_attention_paths(adapter, results, context=12288):
     log(f"attention self-check (clip prefill): flash used {flash is not None}, max |flash - folded mask| {diff}; "
         f"the engine's clip path (clip_attention.py) used {fused is not None}, max |it - folded mask| {fused_diff}")
     # VSB's scores of that clip: the fused kernels against the matrix written out
-    from livevlm_ros.engine import received
+    from livevlm_ros.engine.cuda.kernels import attention_received
+    from livevlm_ros.engine.hook import received
 
     folded = (q.reshape(kv.kv_heads, groups * n, -1) * kv.head_dim ** -0.5).to(kv.dtype)
     keys = k[0]
     written = received._written_out(folded, keys, n, None)
     fused = received.attention_received(folded, keys, n)
-    row = dict(fused_used=received.fused_available(keys),
+    row = dict(fused_used=attention_received.available(keys),
                max_rel_diff=float((fused - written).abs().max() / written.abs().max()))
     if keys.is_cuda:
         import triton.testing as tt

@@ -1,6 +1,6 @@
 """Ingest's kernel-bound parts at 7B shapes, each alone (issue 13's leads, measured before changing
 anything): the MLP's weight products at a clip's row counts (196 rows a frame), the projector's 2x2
-bilinear pooling, and the block sizes of the scoring kernels (engine/received.py).
+bilinear pooling, and the block sizes of the scoring kernels (engine/cuda/kernels/attention_received.py).
 
     python3 benchmarks/ingest_parts.py --out results/ingest_parts.json       # on the GPU machine
 """
@@ -19,7 +19,8 @@ import triton.testing as tt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livevlm_ros.engine import received  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import attention_received as kernels  # noqa: E402
+from livevlm_ros.engine.hook import received  # noqa: E402
 
 
 def us(fn) -> float:
@@ -58,7 +59,7 @@ def main():
     blocks = []
     for br, bn, kps in ((64, 64, 2048), (64, 128, 2048), (128, 64, 2048), (128, 128, 2048), (32, 64, 2048),
                         (64, 64, 1024), (64, 64, 4096)):
-        received._BR, received._BN, received._KEYS_PER_SPLIT = br, bn, kps
+        kernels._BR, kernels._BN, kernels._KEYS_PER_SPLIT = br, bn, kps
         got = received.attention_received(q, keys, 196)
         blocks.append(dict(BR=br, BN=bn, keys_per_split=kps, us=us(lambda: received.attention_received(q, keys, 196)),
                            max_rel_diff=float((got - written).abs().max() / written.abs().max())))

@@ -19,8 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livevlm_ros.engine import clip_attention, decode_attention, fused_layers, page_kernels, received, rope  # noqa: E402
-from livevlm_ros.engine.attention import causal_tail  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import attention_received, clip_attention, decode_attention  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import fused_layers, page_kernels, rotate_rows  # noqa: E402
+from livevlm_ros.engine.hook import rope  # noqa: E402
+from livevlm_ros.engine.hook.attention import causal_tail  # noqa: E402
 
 failed = []
 
@@ -52,11 +54,11 @@ def main():
         out = torch.zeros(H, 500, D, dtype=dt)[:, 100:100 + n]
         # the kernel computes in float32 and rounds once: its reference is torch in float32, rounded
         rotated = lambda x: rope.apply_rope(x.float(), cos.float(), sin.float()).to(dt)  # noqa: E731
-        rope._rotate_rows(out, src, idx, cos, sin)
+        rotate_rows.rotate_rows(out, src, idx, cos, sin)
         check(f"rope.rotate_into, gathered rows, {name}", (out.float() - rotated(src[:, idx]).float()).abs().max().item(), tol)
         q = torch.randn(1, n, H * D).to(dt).view(1, n, H, D).transpose(1, 2)     # a projection's layout
         out = torch.empty_like(q)
-        rope._rotate_rows(out[0], q[0], 0, cos, sin)
+        rotate_rows.rotate_rows(out[0], q[0], 0, cos, sin)
         check(f"rope.rotate_into, strided queries, {name}", (out.float() - rotated(q).float()).abs().max().item(), tol)
 
         x, w = torch.randn(3, 5, 1000).to(dt) * 3, (torch.rand(1000) + 0.5).to(dt)
@@ -82,10 +84,13 @@ def main():
         q = torch.randn(1, 1, Hq * D).to(dt).view(1, 1, Hq, D).transpose(1, 2)
         k, v = torch.randn(1, Hkv, cap, D).to(dt), torch.randn(1, Hkv, cap, D).to(dt)
         last = torch.tensor([500])
-        got = _decode(q, k, v, last, D ** -0.5)
         logits = q.float().reshape(Hkv, Hq // Hkv, D) @ k[0, :, :501].float().transpose(1, 2) * D ** -0.5
         ref = (logits.softmax(-1) @ v[0, :, :501].float()).reshape(1, 1, Hq, D)
+        got = decode_attention.launch(q, k, v, last, D ** -0.5)
         check(f"decode_attention, 501 of 700 slots, {name}", (got.float() - ref).abs().max().item(), 5 * tol)
+        # 11 splits merged 4 at a time: a block of empty splits (past the last slot) and a partial one
+        got = decode_attention.launch(q, k, v, last, D ** -0.5, merge_block=4)
+        check(f"decode_attention, splits merged 4 at a time, {name}", (got.float() - ref).abs().max().item(), 5 * tol)
 
         for n, ctx, block_m, block_n in ((77, 150, 64, 32), (40, 0, 32, 16)):   # a last partial block; no context
             q = torch.randn(1, n, Hq * D).to(dt).view(1, n, Hq, D).transpose(1, 2)
@@ -110,9 +115,9 @@ def main():
     logits = (q @ k.transpose(1, 2)) * scale
     logits[..., -r:].masked_fill_(causal_tail(g, r, "cpu"), float("-inf"))
     ref = logits.softmax(-1).sum(1)
-    got = received._fused(q * scale, k, r, None)
+    got = attention_received.with_row_lse(q * scale, k, r, None)
     check("received, both kernels", ((got - ref).abs().max() / ref.abs().max()).item(), 1e-5)
-    got = received._column_sums(q, k, r, torch.logsumexp(logits, -1), None, scale)
+    got = attention_received.column_sums(q, k, r, torch.logsumexp(logits, -1), None, scale)
     check("received, from a given log-sum-exp", ((got - ref).abs().max() / ref.abs().max()).item(), 1e-5)
     sys.exit(1 if failed else 0)
 
@@ -126,23 +131,6 @@ def _summarize(keys, order, pages, P):
         keys, order, mean, low, high, pages, H, keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0),
         P=P, D=D, PB=page_kernels._PAGES_PER_PROGRAM)
     return mean, low, high
-
-
-def _decode(q, k, v, last, scale):
-    """decode_attention's kernel calls without its CUDA check."""
-    hq, D = q.shape[1], q.shape[3]
-    hkv, n_keys = k.shape[1], k.shape[2]
-    G, GP, kps = hq // hkv, decode_attention._GROUP_ROWS, decode_attention._KEYS_PER_SPLIT
-    splits = -(-n_keys // kps)
-    m, s_sum = torch.empty(hkv, splits, GP), torch.empty(hkv, splits, GP)
-    acc = torch.empty(hkv, splits, GP, D)
-    decode_attention._partial_kernel[(hkv, splits)](
-        q, k, v, last, m, s_sum, acc, n_keys, scale, q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        HAS_LAST=True, G=G, GP=GP, D=D, BN=decode_attention._BN, KPS=kps)
-    out = torch.empty(1, 1, hq, D, dtype=q.dtype)
-    decode_attention._merge_kernel[(hkv, G)](m, s_sum, acc, out, splits, G=G, GP=GP, D=D,
-                                             SP=max(16, 1 << (splits - 1).bit_length()))
-    return out
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_static_decode_gives_the_same_tokens(endless_model, frames, options):
                 assert [e.weight for e in a.evidence] == pytest.approx([e.weight for e in b.evidence], rel=1e-4)
                 assert a.context_tokens == b.context_tokens and a.pages_used == b.pages_used
         assert eager.describe().token_ids == static.describe().token_ids
-    assert static.hook.arena_capacity >= static.memory.total_tokens()
+    assert static.hook.arena.capacity >= static.memory.total_tokens()
 
 
 def test_decode_mode_is_checked(tiny_model_path):
@@ -47,3 +47,22 @@ def test_decode_mode_is_checked(tiny_model_path):
         EngineConfig(model_path=tiny_model_path, launch="graph").validate()
     with pytest.raises(ConfigError, match="launch must be one of"):
         EngineConfig(model_path=tiny_model_path, launch="fast").validate()
+
+
+def test_reconfigure_drops_the_question_steps_of_the_old_selector(tiny_model_path, frames):
+    """A question step is kept per selector (its retrieval ratio, its scoring): after a runtime change
+    of either, the old ones can never run again and are dropped, not kept holding their graphs."""
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, sample_fps=0, launch="static",
+                                        budget_tokens=34 + 2 * 16 + 64, page_tokens=4, retrieval_ratio=0.5))
+    for i, f in enumerate(frames(8)):
+        engine.ingest(f, float(i))
+    steps = engine.question_step.recorded
+    engine.ask(QUESTIONS[1], max_new_tokens=1)
+    assert len(steps.seen) == 1                                   # this question shape, on this memory
+    engine.reconfigure(max_new_tokens=8)                          # not the selector: kept
+    assert len(steps.seen) == 1
+    engine.reconfigure(retrieval_ratio=0.25)
+    assert not steps.seen and not steps.graphs
+    engine.ask(QUESTIONS[1], max_new_tokens=1)
+    assert len(steps.seen) == 1 and next(iter(steps.seen))[4] == (("page_tokens", 4), ("ratio", 0.25),
+                                                                  ("scoring", "quest"))

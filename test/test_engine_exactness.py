@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine
-from livevlm_ros.engine.rope import apply_rope
+from livevlm_ros.engine.hook.rope import apply_rope
 
 
 def offline_logits(engine: LiveVLMEngine, frames, question: str) -> torch.Tensor:

@@ -144,8 +144,8 @@ def test_closed_engines_leave_the_model_clean(tiny_model_path):
 
 
 def test_vsb_span_option_keeps_whole_spans():
-    from livevlm_ros.engine.compression import VisionSinkBucketing
-    from livevlm_ros.engine.kv_buffer import Tokens
+    from livevlm_ros.engine.memory.compression import VisionSinkBucketing
+    from livevlm_ros.engine.memory.kv_buffer import Tokens
 
     torch.manual_seed(0)
     L, n = 3, 64
@@ -174,5 +174,79 @@ def test_a_batch_bigger_than_a_clip_does_not_grow_memory(tiny_model_path):
     for batch in range(3):
         engine.ingest_embeddings(torch.randn(20 * T, hidden), [float(batch * 20 + i) for i in range(20)])
         assert engine.stats()["device_tokens"] <= engine.config.budget_tokens
-    assert engine.memory.long.capacity == capacity[0]
+    assert (engine.memory.long.capacity, engine.memory.short.capacity) == capacity
     engine.ask("Is the door open?", max_new_tokens=1)
+
+
+def test_a_batch_goes_to_memory_as_if_short_term_memory_had_held_it(tiny_model_path):
+    """A batch bigger than short-term memory: its oldest tokens go straight on to long-term memory,
+    in the order they would have left short-term memory (the batch's prefill is the same either way)."""
+    engine = make(tiny_model_path, frames_per_clip=1, policy="full", budget_tokens=None)
+    hidden = engine.model.model.config.text_config.hidden_size
+    torch.manual_seed(0)
+    engine.ingest_embeddings(torch.randn(3 * T, hidden), [0.0, 1.0, 2.0])
+    engine.ingest_embeddings(torch.randn(7 * T, hidden), [float(3 + i) for i in range(7)])
+    mem = engine.memory
+    assert mem.short.len == 2 * T and mem.long.len == 8 * T
+    assert torch.equal(mem.long.view().token_idx[0], torch.arange(8 * T))
+    assert torch.equal(mem.short.view().token_idx[0], torch.arange(8 * T, 10 * T))
+
+
+def test_rekv_page_summaries_grow_without_copying_every_clip(tiny_model_path, frames):
+    """The summaries of offloaded pages are appended into storage that doubles when full (a copy
+    of all of them per clip made a long stream quadratic), and stay the summaries of the tier's keys."""
+    engine = make(tiny_model_path, policy="rekv", frames_per_clip=1)
+    storages = set()
+    for i, f in enumerate(frames(40)):
+        engine.ingest(f, float(i))
+        storages.add(engine.memory.page_summaries.summary.mean.untyped_storage().data_ptr())
+    assert len(storages) <= 5          # 76 pages (38 frames x 2) in: none yet, then room for 16, 32, 64, 128
+    keys = engine.memory.long.view().keys.float()               # [L, H, N, D], stream order
+    L, H, N, D = keys.shape
+    P = engine.config.page_tokens
+    pages = keys[:, :, :N // P * P].reshape(L, H, N // P, P, D)
+    summary = engine.memory.page_summaries.summary
+    assert summary.mean.shape[2] == N // P == 38 * T // P
+    torch.testing.assert_close(summary.mean, pages.mean(3))
+    assert torch.equal(summary.low.float(), pages.amin(3)) and torch.equal(summary.high.float(), pages.amax(3))
+
+
+def test_a_clip_prefill_keeps_no_queries(tiny_model_path, frames):
+    """VSB scores a clip from the queries its attention already has: no layer's q_proj output is
+    kept during a clip's prefill (on CUDA it was, for nothing: ~315 MB for an 8-frame 7B clip)."""
+    engine = make(tiny_model_path)
+    kept = []
+    run = engine.model.run_language_model
+
+    def run_and_look(embeds, positions, hook):
+        hidden = run(embeds, positions, hook)
+        kept.append(len(hook._queries))                         # what the q_proj hooks hold now
+        return hidden
+    engine.model.run_language_model = run_and_look
+    for i, f in enumerate(frames(4)):
+        engine.ingest(f, float(i))
+    engine.ask("Is the door open?", max_new_tokens=1)           # a question does keep them: PaR scores with them
+    assert kept == [0, engine.model.kv.layers]
+
+
+def test_vsb_without_its_scores_is_an_error_not_zeros(tiny_model_path, frames, monkeypatch):
+    """A model whose attention layers never call back after attending (not our attention) leaves
+    VSB without scores: that is an error, never memory compressed on zeros. The engine goes on once
+    the attention is ours again."""
+    from transformers import AttentionInterface
+
+    from livevlm_ros.engine.hook import attention
+
+    def attention_without_callbacks(module, query, key, value, *args, **kwargs):
+        return attention.stream_attention(module, query, key[:], value, *args, **kwargs)   # key[:]: no callbacks
+    AttentionInterface.register("test_no_callbacks", attention_without_callbacks)
+    engine = make(tiny_model_path, frames_per_clip=1)
+    video = frames(3)
+    engine.ingest(video[0], 0.0)
+    monkeypatch.setattr(attention, "NAME", "test_no_callbacks")
+    with pytest.raises(RuntimeError, match="VSB has no scores"):
+        engine.ingest(video[1], 1.0)
+    monkeypatch.undo()
+    engine.ingest(video[2], 2.0)
+    assert engine.memory.frames_ingested == 2
+    assert engine.ask("Is the door open?", max_new_tokens=1).tokens_generated == 1

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine
-from livevlm_ros.engine.compression import VisionSinkBucketing
-from livevlm_ros.engine.kv_buffer import Tokens
-from livevlm_ros.engine.retrieval import PageSummary, page_scores
+from livevlm_ros.engine.memory.compression import VisionSinkBucketing
+from livevlm_ros.engine.memory.kv_buffer import Tokens
+from livevlm_ros.engine.memory.pages import PageSummary, page_scores
 from livevlm_ros.tools.make_tiny_model import build, build_tokenizer, new_model
 
 QUESTION = "Is the door on the left open?"
@@ -366,20 +366,41 @@ def test_stored_keys_are_exactly_what_k_proj_made(one_layer_model, frames):
     assert torch.equal(stored, expected.view(-1, kv.kv_heads, kv.head_dim).transpose(0, 1))
 
 
-def test_only_the_questions_own_tokens_score_pages(tiny_model_path, frames):
-    """The rows whose queries score pages are the question's tokens, not the template around it."""
-    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, sample_fps=0))
-    engine.ingest(frames(1)[0], 0.0)
-    seen = {}
-    begin = engine.hook.begin_answer
+TEMPLATE = "\nQuestion about the video: {question}"
 
-    def spy(selector, rows, *rest):
-        seen["rows"] = rows
-        return begin(selector, rows, *rest)
-    engine.hook.begin_answer = spy
-    engine.ask(QUESTION, max_new_tokens=1)
-    a = engine.model
-    ids = a.tokenize(engine.config.question_template.format(question=QUESTION))
-    n_end = a.video_end_embeddings().shape[0]
-    rows = seen["rows"]
-    assert a.detokenize(ids[rows.start - n_end:rows.stop - n_end]).strip() == QUESTION
+
+@pytest.mark.parametrize("question", ["What is on the left?", "the video"])
+def test_the_pages_read_are_those_the_questions_own_tokens_pick(one_layer_model, frames, question):
+    """PaR scores pages with the question's own tokens. With one layer their pre-RoPE queries are
+    the reference model's q_proj of their embeddings alone, so the pages the answer read must be the
+    ones the plan picks with those queries. The rows are found here without the engine's code: the
+    shortest tail of the text that decodes to the question. (Rows found by searching the text for
+    the question land in the template for "the video"; tokenizing template and question apart cut
+    the first token of "What is on the left?" off.) softmax_max: one strong row decides, so the pages
+    picked tell rows apart."""
+    from transformers import AutoTokenizer
+
+    engine = LiveVLMEngine(EngineConfig(model_path=one_layer_model, budget_tokens=34 + 2 * 16 + 128,
+                                        retrieval_ratio=0.25, page_tokens=2, vision_sinks=4, page_scoring="softmax_max",
+                                        sample_fps=0,
+                                        question_template=TEMPLATE))
+    for i, f in enumerate(frames(16)):
+        engine.ingest(f, float(i))
+    engine.hook.record_selection = True
+    engine.ask(question, max_new_tokens=1)
+    read = engine.hook.last_selection[0]
+
+    tok = AutoTokenizer.from_pretrained(one_layer_model)
+    ids = tok(TEMPLATE.format(question=question), add_special_tokens=False)["input_ids"]
+    n = next(n for n in range(1, len(ids) + 1) if tok.decode(ids[-n:]).strip() == question)
+    layer = load_reference(one_layer_model).model.language_model.layers[0]
+    with torch.inference_mode():
+        q = layer.self_attn.q_proj(layer.input_layernorm(layer_input := engine.model.embed_tokens(torch.tensor(ids))))
+    assert layer_input.shape[0] == len(ids)
+    kv, mem = engine.model.kv, engine.memory
+
+    def picked(rows: slice) -> torch.Tensor:
+        heads = q[rows].view(-1, kv.q_heads, kv.head_dim).transpose(0, 1)
+        return mem.long.token_idx[0, :mem.long.len][engine.selector.plan(mem).long_index(0, heads)]
+    assert torch.equal(read, picked(slice(len(ids) - n, len(ids))))
+    assert not torch.equal(read, picked(slice(len(ids) - n + 1, len(ids))))     # the test tells rows apart

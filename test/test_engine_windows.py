@@ -63,7 +63,11 @@ def test_windows_memory_keeps_nothing_of_are_refused(tiny_model_path, frames):
     with pytest.raises(EngineInputError, match="starts .* after it ends"):
         engine.ask(QUESTION, window=(103.0, 102.0))
     assert engine.stats() == before
-    assert engine.ask(QUESTION, max_new_tokens=1, window=(100.0, 100.0)).tokens_generated <= 1
+    # a window of one instant reads that frame alone (and the sinks, which evidence leaves out)
+    one = engine.ask(QUESTION, max_new_tokens=1, window=(100.0, 100.0), evidence=3)
+    whole = engine.ask(QUESTION, max_new_tokens=1, evidence=3)
+    assert [e.time for e in one.evidence] == [100.0] and len(whole.evidence) == 3
+    assert one.context_tokens < whole.context_tokens
 
 
 def test_evidence_names_the_camera(tiny_model_path, frames):

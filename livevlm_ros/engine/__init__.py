@@ -4,7 +4,7 @@ from .config import POLICIES, ConfigError, EngineConfig
 from .engine import (RUNTIME_OPTIONS, Answer, AnswerCancelled, EngineInputError, EngineResourceError, LiveVLMEngine,
                      NoFramesError)
 from .models import ModelLoadError
-from .persistence import MemoryFileError
+from .memory.persistence import MemoryFileError
 
 __all__ = ["POLICIES", "RUNTIME_OPTIONS", "Answer", "AnswerCancelled", "ConfigError", "EngineConfig",
            "EngineInputError", "EngineResourceError", "LiveVLMEngine", "MemoryFileError", "ModelLoadError",

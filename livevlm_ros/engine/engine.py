@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import persistence
 from .config import EngineConfig
-from .decode_step import DecodeStep
-from .ingest_step import IngestStep
-from .kv_hook import MemoryKVHook
-from .memory import Stamp, StreamingMemory, seconds
+from .cuda.decode_step import DecodeStep
+from .cuda.ingest_step import IngestStep
+from .cuda.question_step import QuestionStep
+from .hook.kv_hook import MemoryKVHook
+from .memory import persistence
+from .memory.retrieval import ContextSelector, RecentFrames, make_selector
+from .memory.stamps import Stamp, seconds
+from .memory.streaming_memory import StreamingMemory
 from .models import VideoLLMAdapter, load_adapter
-from .question_step import QuestionStep
-from .retrieval import ContextSelector, RecentFrames, make_selector
 
 
 class EngineInputError(ValueError):
@@ -141,6 +142,9 @@ class LiveVLMEngine:
         self.selector = make_selector(self.config)
         if "launch" in changes:
             self._make_steps()
+        elif self.question_step is not None and {"retrieval_ratio", "page_scoring"} & set(changes):
+            # graphs of the old selector would never replay again, but would hold their memory
+            self.question_step.recorded.clear()
 
     # ---- ingest -------------------------------------------------------------------------------------
     def ingest(self, frame: np.ndarray, timestamp: Stamp, camera: str = "") -> bool:
@@ -277,31 +281,28 @@ class LiveVLMEngine:
             raise NoFramesError("no frame has been ingested yet: nothing to answer from")
         tokens = None if window is None else self._window_tokens(*window)
         t0 = time.perf_counter()
-        text = self.config.question_template.format(question=question)
-        head = text[:text.index(question)]
-        ids = self.model.tokenize(text)
-        q_start = len(self.model.tokenize(head)) if head else 0
-        q_stop = len(self.model.tokenize(head + question))
+        ids, q_rows = self._question_ids(question)
         video_end = self.model.video_end_embeddings()
         # only the question's own tokens score pages: the template around it is the same for every
         # question and would pull every question towards the same pages
-        rows = slice(video_end.shape[0] + q_start, video_end.shape[0] + q_stop)
+        rows = slice(video_end.shape[0] + q_rows.start, video_end.shape[0] + q_rows.stop)
         embeds = torch.cat([video_end, self.model.embed_tokens(torch.tensor(ids))])
         limit = max_new_tokens or self.config.max_new_tokens
         out, first_logits, ttft = [], None, 0.0
         n = embeds.shape[0]
         with _device_errors("answer"):
             try:
-                if self.question_step is not None and tokens is None:
-                    start, logits = self.question_step.run(selector, embeds, rows, limit, bool(evidence))
+                if self.question_step is not None and tokens is None:     # fixed shapes (graph replay)
+                    view, logits = self.question_step.run(selector, embeds, rows, limit, bool(evidence))
                 else:
-                    start = self.hook.begin_answer(selector, rows, limit, tokens, rows if evidence else None)
+                    view = self.hook.begin_answer(selector, rows, limit, tokens, rows if evidence else None)
                     if self.decode_step is not None:
-                        self.hook.reserve_arena(start + n + limit)
-                    positions = torch.arange(start, start + n, device=embeds.device)
+                        self.hook.reserve_arena(view.start + n + limit)
+                    positions = torch.arange(view.start, view.start + n, device=embeds.device)
                     hidden = self.model.run_language_model(embeds[None], positions, self.hook)
                     logits = self.model.logits(hidden[:, -1])[0]
-                pages_used, pages_total = self.hook.pages()
+                start = view.start
+                pages_used, pages_total = view.pages()
                 first_logits = logits.float().cpu() if return_logits else None
                 token = int(logits.argmax())
                 ttft = time.perf_counter() - t0
@@ -317,13 +318,19 @@ class LiveVLMEngine:
                         raise AnswerCancelled(f"cancelled after {len(out)} tokens")
                     token = self._next_token(token, start + n + step, step == 0)
                 context_tokens = start
-                found = self._evidence(evidence) if evidence else []
+                found = self._evidence(view, evidence) if evidence else []
             finally:
                 self.hook.reset()
         return Answer(text=self.model.detokenize(out).strip(), latency_s=time.perf_counter() - t0, ttft_s=ttft,
                       span=self.memory.time_span(), pages_used=pages_used, pages_total=pages_total,
                       context_tokens=context_tokens, tokens_generated=len(out), token_ids=out,
                       first_logits=first_logits, evidence=found)
+
+    def _question_ids(self, question: str) -> tuple[list[int], slice]:
+        """The question in its template, as token ids, and the rows of the question's own tokens."""
+        marker = "\x00question\x00"          # found by position, never by searching for the question
+        before, after = self.config.question_template.format(question=marker).split(marker, 1)
+        return self.model.tokenize_around(before, question, after)
 
     def _next_token(self, token: int, position: int, first: bool) -> int:
         """Decode `token` at `position`; the greedy next token."""
@@ -336,10 +343,10 @@ class LiveVLMEngine:
                                                torch.tensor([position], device=device), self.hook)
         return int(self.model.logits(hidden[:, -1])[0].argmax())
 
-    def _evidence(self, n: int) -> list[Evidence]:
-        """The n frames whose tokens drew the most of the question's attention (hook.frame_attention);
+    def _evidence(self, view, n: int) -> list[Evidence]:
+        """The n frames whose tokens drew the most of the question's attention (AnswerView.frame_attention);
         weights are shares of the whole, summing to 1 over all frames read."""
-        per_frame = self.hook.frame_attention()
+        per_frame = view.frame_attention()
         total = per_frame.sum()
         top = per_frame.topk(min(n, int((per_frame > 0).sum()))) if total > 0 else None
         if top is None:

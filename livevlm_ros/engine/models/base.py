@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import attention
-from ..fused_layers import FusedLayers
+from ..hook import attention
+from ..cuda.kernels.fused_layers import FusedLayers
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,6 +65,13 @@ class VideoLLMAdapter(abc.ABC):
 
     @abc.abstractmethod
     def detokenize(self, ids: list[int]) -> str: ...
+
+    def tokenize_around(self, before: str, text: str, after: str) -> tuple[list[int], slice]:
+        """The ids of before + text + after, and the rows of `text`'s own tokens. Here the three
+        parts are tokenized apart and concatenated; an adapter whose tokenizer gives character
+        offsets tokenizes the whole as one string instead (as the model saw text in training)."""
+        head, middle, tail = self.tokenize(before), self.tokenize(text), self.tokenize(after)
+        return head + middle + tail, slice(len(head), len(head) + len(middle))
 
     @abc.abstractmethod
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -120,6 +127,16 @@ class TransformersLanguageModel:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def tokenize_around(self, before: str, text: str, after: str) -> tuple[list[int], slice]:
+        """The whole tokenized as one string; `text`'s rows are the tokens whose characters overlap it
+        (a token that joins a template's space to the question's first word is the question's)."""
+        if not getattr(self.tokenizer, "is_fast", False):      # no character offsets
+            return VideoLLMAdapter.tokenize_around(self, before, text, after)
+        a, b = len(before), len(before) + len(text)
+        enc = self.tokenizer(before + text + after, add_special_tokens=False, return_offsets_mapping=True)
+        rows = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < b and e > a]
+        return enc["input_ids"], slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self._lm.embed_tokens(ids.to(self.kv.device))

@@ -6,7 +6,7 @@ graph records the step's kernels once and replays them with one launch. A graph 
 addresses and shapes, so everything the step touches is fixed here:
 
   arena     each layer's answer KV lives in one buffer, allocated once and reused by every answer
-            (MemoryKVHook.reserve_arena); it grows, rarely, when an answer needs more (memory is
+            (hook/arena.py); it grows, rarely, when an answer needs more (memory is
             bounded, so it stops growing), and the graph is then captured again;
   lengths   a device tensor of per-layer context lengths: the step writes the new token's KV at
             `lengths[layer]`, attends to the slots up to it (the attention reads where the
@@ -47,7 +47,7 @@ class DecodeStep:
     def _forward(self):
         hidden = self.model.run_language_model(self.model.embed_tokens(self.token)[None], self.position, self.hook)
         self.logits = self.model.logits(hidden[:, -1])[0]
-        self.hook.lengths.add_(1)
+        self.hook.arena.lengths.add_(1)
         self.position.add_(1)
         self.token.copy_(self.logits.argmax().view(1))
 
@@ -56,14 +56,14 @@ class DecodeStep:
         if not self.capture:
             self._forward()
         else:
-            if self.graph is None or self._generation != self.hook.arena_generation:
+            if self.graph is None or self._generation != self.hook.arena.generation:
                 self._record()
             self.graph.replay()
         return int(self.token)
 
     def _record(self):
         # the warm-up and the recording both advance the step's state: put it back after each
-        state = (self.token, self.position, self.hook.lengths)
+        state = (self.token, self.position, self.hook.arena.lengths)
         saved = [t.clone() for t in state]
 
         def restore():
@@ -71,5 +71,5 @@ class DecodeStep:
                 t.copy_(s)
         self.graph = None                    # free the old one's pool first
         self.graph, _ = record(self._forward, None, restore)
-        self._generation = self.hook.arena_generation
+        self._generation = self.hook.arena.generation
         self.captures += 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.base import KVShape
+from ..models.base import KVShape
 
 
 @dataclass
@@ -34,6 +34,12 @@ class Tokens:
 
     def fields(self):
         return (self.keys, self.values) + tuple(getattr(self, f) for f in self.BOOKKEEPING)
+
+    @staticmethod
+    def cat(a: "Tokens", b: "Tokens") -> "Tokens":
+        """a's tokens, then b's (a copy)."""
+        return Tokens(torch.cat([a.keys, b.keys], dim=2), torch.cat([a.values, b.values], dim=2),
+                      *(torch.cat([getattr(a, f), getattr(b, f)], dim=1) for f in Tokens.BOOKKEEPING))
 
     def slice(self, start: int, stop: int | None = None) -> "Tokens":
         return Tokens(self.keys[:, :, start:stop], self.values[:, :, start:stop],

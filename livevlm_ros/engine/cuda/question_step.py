@@ -13,8 +13,9 @@ the next, so it is recorded once and replayed with one launch. What is fixed, an
   memory    the graph reads memory at fixed addresses and lengths (graphs.memory_layout); graphs
             are dropped when they change, and one is recorded for a question shape (bucket,
             selector, evidence or not) only when that shape already ran on this memory layout.
-  the host  what the hook knows after the forward (the plan, per-layer lengths) is saved with the
-            graph and put back at each replay (MemoryKVHook.answer_state).
+  the host  what the hook knows after the forward (its AnswerView: the plan, per-layer lengths, the
+            buffers) is kept with the graph and resumed at each replay (MemoryKVHook.resume): after
+            the forward a view changes no more, so the recorded one is the replay's.
 
 Not captured (run kernel by kernel, at the same fixed shapes): time windows (their per-layer
 counts are read from the device), an offloaded (CPU) long-term tier, `hook.record_selection`, CPUs. With capture off the
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hook.answer_view import AnswerView
 from .graphs import StepGraphs, memory_layout
 
 BUCKET = 32           # question lengths are rounded up to this: few graphs, little padding
@@ -46,8 +48,7 @@ class _Inputs:
 class _Recorded:
     graph: torch.cuda.CUDAGraph
     inputs: _Inputs
-    start: int                      # position of the question's first token
-    hook_state: dict
+    view: AnswerView                # what the hook knew after the recorded forward
 
 
 class QuestionStep:
@@ -58,8 +59,8 @@ class QuestionStep:
 
     def run(self, selector, embeds: torch.Tensor, rows: slice, max_new_tokens: int, evidence: bool):
         """The question's first forward. embeds [n, hidden]; rows: the question's own token rows.
-        Returns (position of the first row, logits that choose the first answer token); the hook is
-        left in answer mode with the padding forgotten, ready to decode."""
+        Returns (the answer's view, logits that choose the first answer token); the hook is left in
+        that view, its padding marked, ready to decode."""
         hook, rec, n = self.hook, self.recorded, embeds.shape[0]
         bucket = -(-n // BUCKET) * BUCKET
         weights = torch.zeros(bucket - rows.start, device=embeds.device)
@@ -73,31 +74,31 @@ class QuestionStep:
         recorded = rec.graphs.get(key)
         if recorded is None and layout is not None and key in rec.seen:
             # the second question of this shape on this memory layout: record it
-            generation = hook.arena_generation
+            generation = hook.arena.generation
             hook.reserve_arena(rec.seen[key] + bucket + max_new_tokens)
-            if hook.arena_generation != generation:
+            if hook.arena.generation != generation:
                 rec.graphs.clear()             # recorded on the old arena
-            made = rec.record(lambda: self._forward_for_graph(selector, inputs, rows, max_new_tokens, evidence),
+            made = rec.record(lambda: self._forward(selector, inputs, rows, max_new_tokens, evidence),
                               hook.reset)
             if made is not None:
-                graph, (start, state) = made
-                recorded = rec.graphs[key] = _Recorded(graph, inputs, start, state)
-        if recorded is not None and hook.arena_capacity >= recorded.start + bucket + max_new_tokens:
+                graph, view = made
+                recorded = rec.graphs[key] = _Recorded(graph, inputs, view)
+        if recorded is not None and hook.arena.capacity >= recorded.view.start + bucket + max_new_tokens:
             for static, new in zip((recorded.inputs.embeds, recorded.inputs.last, recorded.inputs.row_weights),
                                    (inputs.embeds, inputs.last, inputs.row_weights)):
                 static.copy_(new)
             rec.replay(recorded.graph)
-            hook.restore_answer_state(recorded.hook_state)
-            start, logits = recorded.start, recorded.inputs.logits
+            view, logits = recorded.view, recorded.inputs.logits
+            hook.resume(view)
         else:
-            generation = hook.arena_generation
-            start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
-            if hook.arena_generation != generation:
+            generation = hook.arena.generation
+            view = self._forward(selector, inputs, rows, max_new_tokens, evidence)
+            if hook.arena.generation != generation:
                 rec.graphs.clear()             # the arena grew: every graph must be recorded again
-            rec.seen[key] = start
+            rec.seen[key] = view.start
             logits = inputs.logits
-        hook.forget_padding(bucket - n)
-        return start, logits
+        view.padding = bucket - n              # decoding goes on from the last real row
+        return view, logits
 
     def _layout(self) -> tuple | None:
         """What a graph reads of memory (its tensors, their lengths), or None where nothing may be
@@ -110,17 +111,12 @@ class QuestionStep:
         return None
 
     @torch.inference_mode()
-    def _forward(self, selector, inputs: _Inputs, rows: slice, max_new_tokens: int, evidence: bool) -> int:
+    def _forward(self, selector, inputs: _Inputs, rows: slice, max_new_tokens: int, evidence: bool) -> AnswerView:
         hook, bucket = self.hook, inputs.embeds.shape[0]
-        start = hook.begin_answer(selector, rows, max_new_tokens, None, rows if evidence else None,
-                                  row_weights=inputs.row_weights)
-        hook.reserve_arena(start + bucket + max_new_tokens)       # no-op while recording: reserved before
-        positions = torch.arange(start, start + bucket, device=inputs.embeds.device)
+        view = hook.begin_answer(selector, rows, max_new_tokens, None, rows if evidence else None,
+                                 row_weights=inputs.row_weights)
+        hook.reserve_arena(view.start + bucket + max_new_tokens)   # no-op while recording: reserved before
+        positions = torch.arange(view.start, view.start + bucket, device=inputs.embeds.device)
         hidden = self.model.run_language_model(inputs.embeds[None], positions, hook)
         inputs.logits = self.model.logits(hidden[0].index_select(0, inputs.last))[0]
-        return start
-
-    def _forward_for_graph(self, selector, inputs: _Inputs, rows, max_new_tokens, evidence):
-        """The forward a graph records: it also returns what the hook knows after it."""
-        start = self._forward(selector, inputs, rows, max_new_tokens, evidence)
-        return start, self.hook.answer_state()
+        return view

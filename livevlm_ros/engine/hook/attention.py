@@ -31,8 +31,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .clip_attention import clip_attention
-from .decode_attention import decode_attention
+from ..cuda.kernels.clip_attention import clip_attention
+from ..cuda.kernels.decode_attention import decode_attention
 
 NAME = "livevlm_stream"
 

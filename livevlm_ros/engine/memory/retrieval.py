@@ -25,74 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import StreamingMemory
-from .page_kernels import summarize, top_pages
+from ..cuda.kernels.page_kernels import top_pages
+from .pages import PageSummary, page_scores
+from .streaming_memory import StreamingMemory
 
 
-@dataclass
-class PageSummary:
-    """Per layer and kv head, one row per page, [L, kv_heads, pages, D]: the mean key (float32) and
-    the per-channel min and max (exact in the keys' own dtype, which halves their size in bf16)."""
-    mean: torch.Tensor
-    low: torch.Tensor
-    high: torch.Tensor
-
-    @staticmethod
-    def of(keys: torch.Tensor) -> "PageSummary":
-        """keys [L, H, pages, page_tokens, D] pre-RoPE."""
-        return PageSummary(keys.sum(3, dtype=torch.float32) / keys.shape[3], keys.amin(3), keys.amax(3))
-
-    @staticmethod
-    def in_time_order(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int) -> "PageSummary":
-        """keys [L, H, N, D] pre-RoPE, page p of layer l = keys at order[l, p * page_tokens:(p + 1) *
-        page_tokens]: one kernel on CUDA (page_kernels.py), else gathered into time order first."""
-        fused = summarize(keys, order, pages, page_tokens)
-        if fused is not None:
-            return PageSummary(*fused)
-        L, H, _, D = keys.shape
-        index = order[:, None, :pages * page_tokens, None].expand(L, H, pages * page_tokens, D)
-        return PageSummary.of(keys.gather(2, index).view(L, H, pages, page_tokens, D))
-
-    def layer(self, i: int) -> "PageSummary":
-        return PageSummary(self.mean[i], self.low[i], self.high[i])
-
-    def cat(self, other: "PageSummary") -> "PageSummary":
-        return PageSummary(*(torch.cat([a, b], dim=-2) for a, b in
-                             zip((self.mean, self.low, self.high), (other.mean, other.low, other.high))))
-
-
-def page_scores(question_q: torch.Tensor, pages: PageSummary, scoring: str = "softmax_mean",
-                row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """question_q [q_heads, n, D] pre-RoPE queries of the question's tokens; pages: one layer's
-    summaries [kv_heads, pages, D] -> the attention each page draws, [pages]. row_weights [n] (0/1):
-    only the tokens weighted 1 count (a question padded to a fixed length, question_step.py).
-
-    softmax_mean  logits q . mean_key; softmax over pages per (query head, token); mean over both
-    softmax_max   the same softmax; max over (query head, token): one strong match decides
-    quest         logits = the largest q . k any key inside the page's per-channel [min, max] box
-                  can reach (Quest's bound); softmax and mean as softmax_mean
-    """
-    kv_heads, _, D = pages.mean.shape
-    device = pages.mean.device
-    # query heads that share a kv head are adjacent in the projection: fold them into rows
-    q = question_q.to(device, torch.float32).reshape(kv_heads, -1, D)
-    if scoring == "quest":
-        logits = (torch.einsum("hqd,hpd->hqp", q.clamp_min(0), pages.high.float())
-                  + torch.einsum("hqd,hpd->hqp", q.clamp_max(0), pages.low.float()))
-    else:
-        logits = torch.einsum("hqd,hpd->hqp", q, pages.mean)
-    probs = (logits * D ** -0.5).softmax(dim=-1)                   # [kv_heads, rows, pages]
-    if row_weights is None:
-        return probs.amax(dim=(0, 1)) if scoring == "softmax_max" else probs.mean(dim=(0, 1))
-    folded = row_weights.repeat(q.shape[1] // row_weights.shape[0]).to(probs.dtype)   # rows: (head, token)
-    probs = probs * folded[:, None]
-    return probs.amax(dim=(0, 1)) if scoring == "softmax_max" else probs.sum(dim=(0, 1)) / (kv_heads * folded.sum())
-
-
-@dataclass
+@dataclass(kw_only=True)
 class RetrievalPlan:
-    """What one answer reads. Layers may read different numbers of long-term tokens (a time window
-    keeps different tokens of each layer); `n_long[layer]` says how many."""
+    """What one answer reads, made whole by a selector. Layers may read different numbers of
+    long-term tokens (a time window keeps different tokens of each layer); `n_long[layer]` says how
+    many. This base plan reads every long-term token."""
     n_long: list[int]               # long-term tokens each layer reads
     short_from: int                 # short-term tokens read: [short_from, short_to)
     short_to: int
@@ -155,7 +97,9 @@ def _sinks(memory: StreamingMemory, order: torch.Tensor, window) -> torch.Tensor
     return memory.long.view().sink.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :memory.n_sinks]
 
 
+@dataclass(kw_only=True)
 class _IndexPlan(RetrievalPlan):
+    """Reads the long-term tokens listed per layer."""
     index: list[torch.Tensor]
 
     def long_index(self, layer, question_q, row_weights=None):
@@ -169,13 +113,13 @@ class AllMemory(ContextSelector):
         pages = math.ceil(memory.long.len / memory.config.page_tokens)
         s0, s1 = _short_range(memory, window)
         if window is None:
-            return RetrievalPlan([memory.long.len] * memory.kv.layers, s0, s1, pages, pages)
+            return RetrievalPlan(n_long=[memory.long.len] * memory.kv.layers, short_from=s0, short_to=s1,
+                                 pages_used=pages, pages_total=pages)
         order, counts = _windowed(memory, window)
         sinks = _sinks(memory, order, window)
         index = [torch.cat([sinks[layer], order[layer, :n]]).sort().values for layer, n in enumerate(counts)]
-        plan = _IndexPlan([len(i) for i in index], s0, s1, pages, pages)
-        plan.index = index
-        return plan
+        return _IndexPlan(n_long=[len(i) for i in index], short_from=s0, short_to=s1, pages_used=pages,
+                          pages_total=pages, index=index)
 
 
 class RecentFrames(ContextSelector):
@@ -186,12 +130,12 @@ class RecentFrames(ContextSelector):
 
     def plan(self, memory, window=None):
         start = max(0, memory.short.len - self.frames * memory.tokens_per_frame)
-        plan = _IndexPlan([0] * memory.kv.layers, start, memory.short.len, 0,
-                          math.ceil(memory.long.len / memory.config.page_tokens))
-        plan.index = [torch.empty(0, dtype=torch.long, device=memory.long.device)] * memory.kv.layers
-        return plan
+        return _IndexPlan(n_long=[0] * memory.kv.layers, short_from=start, short_to=memory.short.len, pages_used=0,
+                          pages_total=math.ceil(memory.long.len / memory.config.page_tokens),
+                          index=[torch.empty(0, dtype=torch.long, device=memory.long.device)] * memory.kv.layers)
 
 
+@dataclass(kw_only=True)
 class _PagePlan(RetrievalPlan):
     """Pages of a device tier (VSB): layer l's candidates are its non-sink tokens in the window,
     `order[l, :n_free[l]]` in time order, cut into pages; the summaries cover the most pages any
@@ -203,6 +147,7 @@ class _PagePlan(RetrievalPlan):
     order: torch.Tensor             # [L, long.len] candidate positions first, time order
     sinks: torch.Tensor             # [L, n_sink]
     summary: PageSummary
+    uses_question: bool = True
 
     def long_index(self, layer, question_q, row_weights=None):
         P, n_free = self.page_tokens, self.n_free[layer]
@@ -221,15 +166,18 @@ class _PagePlan(RetrievalPlan):
         return _in_order(read, self.n_long[layer])
 
 
+@dataclass(kw_only=True)
 class _OffloadedPagePlan(RetrievalPlan):
     """Pages of the offloaded (CPU) tier: every layer holds the same tokens, in stream order, no
     sinks, and the summaries of its full pages are kept on the GPU. Long-term positions [a, b) are in
     the window; pages wholly inside it are candidates, the parts of pages at its edges are read."""
     page_tokens: int
+    scoring: str
     k: int
     a: int
     b: int
     summary: PageSummary            # of the candidate pages
+    uses_question: bool = True
 
     def long_index(self, layer, question_q, row_weights=None):
         P, device = self.page_tokens, self.summary.mean.device
@@ -263,11 +211,10 @@ class TopKPages(ContextSelector):
         # pages reported for the most-read layer (without a window every layer is the same)
         most = max(range(L), key=lambda layer: n_long[layer])
         has_tail = int(n_free[most] > full[most] * P)
-        plan = _PagePlan(n_long, s0, s1, k[most] + has_tail, full[most] + has_tail, uses_question=True)
-        plan.page_tokens, plan.ratio, plan.scoring, plan.n_free = P, self.ratio, self.scoring, n_free
-        plan.order, plan.sinks = order, _sinks(memory, order, window)
-        plan.summary = PageSummary.in_time_order(memory.long.keys, order, max(full), P)
-        return plan
+        return _PagePlan(n_long=n_long, short_from=s0, short_to=s1, pages_used=k[most] + has_tail,
+                         pages_total=full[most] + has_tail, page_tokens=P, ratio=self.ratio, scoring=self.scoring,
+                         n_free=n_free, order=order, sinks=_sinks(memory, order, window),
+                         summary=PageSummary.in_time_order(memory.long.keys, order, max(full), P))
 
     def _plan_offloaded(self, memory, window, s0, s1):
         P, n = self.page_tokens, memory.long.len
@@ -277,13 +224,12 @@ class TopKPages(ContextSelector):
         full = max(0, last - first)
         k = math.ceil(self.ratio * full)
         edges = (b - a) - full * P                         # tokens of partial pages, always read
-        plan = _OffloadedPagePlan([k * P + edges] * memory.kv.layers, s0, s1, k + int(edges > 0),
-                                  full + int(edges > 0), uses_question=True)
-        plan.page_tokens, plan.k, plan.a, plan.b, plan.scoring = P, k, a, b, self.scoring
         s = memory.page_summaries.summary
-        plan.summary = PageSummary(s.mean[:, :, first:first + full], s.low[:, :, first:first + full],
-                                   s.high[:, :, first:first + full])
-        return plan
+        candidates = PageSummary(s.mean[:, :, first:first + full], s.low[:, :, first:first + full],
+                                 s.high[:, :, first:first + full])
+        return _OffloadedPagePlan(n_long=[k * P + edges] * memory.kv.layers, short_from=s0, short_to=s1,
+                                  pages_used=k + int(edges > 0), pages_total=full + int(edges > 0), page_tokens=P,
+                                  scoring=self.scoring, k=k, a=a, b=b, summary=candidates)
 
 
 def make_selector(config) -> ContextSelector:

@@ -4,8 +4,10 @@ An answer token reads each layer's context once (at 7B shapes ~5k tokens, 5 MB o
 a layer). With torch that took 8 kernels a layer (scale, logits, mask, softmax, cast, product, ...),
 25 us on an H100 where reading the context takes 3.5. Here it is two: the first splits the context over
 programs (one per kv head and block of keys), each keeping a running max, sum and weighted values
-for the query heads that share the kv head; the second merges the splits. Slots of a fixed-size
-buffer past the last one in use (`last`, decode_step.py) are skipped without being read.
+for the query heads that share the kv head; the second merges the splits, `MERGE_BLOCK` at a time
+(a block of all splits at once grew with the context and passed Triton's largest block, 2^20
+elements, at 524k keys: the full-cache baseline's answers failed at 3,072 frames). Slots of a
+fixed-size buffer past the last one in use (`last`, decode_step.py) are skipped without being read.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: to
             and hq % hkv == 0 and hq // hkv <= _GROUP_ROWS and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and n_keys):
         return None
+    return launch(q, k, v, last, scale)
+
+
+def launch(q, k, v, last, scale, merge_block: int = 0) -> torch.Tensor:
+    """The two kernels, without decode_attention's checks (the interpreter checks call it on the
+    CPU). merge_block: splits the merge reads at a time (0: up to MERGE_BLOCK)."""
+    hq, D = q.shape[1], q.shape[3]
+    hkv, n_keys = k.shape[1], k.shape[2]
     splits = -(-n_keys // _KEYS_PER_SPLIT)
     m = torch.empty(hkv, splits, _GROUP_ROWS, dtype=torch.float32, device=q.device)
     s_sum = torch.empty_like(m)
@@ -35,13 +45,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: to
         q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
         HAS_LAST=last is not None, G=hq // hkv, GP=_GROUP_ROWS, D=D, BN=_BN, KPS=_KEYS_PER_SPLIT)
     out = torch.empty(1, 1, hq, D, dtype=q.dtype, device=q.device)
-    _merge_kernel[(hkv, hq // hkv)](m, s_sum, acc, out, splits, G=hq // hkv, GP=_GROUP_ROWS, D=D,
-                                    SP=max(16, 1 << (splits - 1).bit_length()))
+    block = merge_block or min(MERGE_BLOCK, max(16, 1 << (splits - 1).bit_length()))
+    _merge_kernel[(hkv, hq // hkv)](m, s_sum, acc, out, splits, G=hq // hkv, GP=_GROUP_ROWS, D=D, SP=block)
     return out
 
 
 # tl.dot wants at least 16 rows: the query heads of a kv head (7 at 7B shapes) are padded to 16
 _GROUP_ROWS, _BN, _KEYS_PER_SPLIT = 16, 64, 64
+MERGE_BLOCK = 256          # splits merged at a time: [256, 128] float32 values, whatever the context
 
 
 if triton is not None:
@@ -83,14 +94,23 @@ if triton is not None:
     @triton.jit(do_not_specialize=["splits"])
     def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                       SP: tl.constexpr):
-        """One program per (kv head, query head of its group)."""
+        """One program per (kv head, query head of its group): the splits, SP at a time, merged
+        with a running max (as the partial kernel merges blocks of keys)."""
         h, g = tl.program_id(0), tl.program_id(1)
-        sp = tl.arange(0, SP)
         d = tl.arange(0, D)
-        at = (h * splits + sp) * GP + g
-        m = tl.load(m_ptr + at, mask=sp < splits, other=float("-inf"))
-        top = tl.max(m, axis=0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
-        total = tl.sum(tl.load(l_ptr + at, mask=sp < splits, other=0.0) * w, axis=0)
-        acc = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=(sp < splits)[:, None], other=0.0)
-        tl.store(out_ptr + (h * G + g) * D + d, (tl.sum(acc * w[:, None], axis=0) / total).to(out_ptr.dtype.element_ty))
+        top = tl.max(tl.full([SP], float("-inf"), tl.float32), axis=0)
+        total = tl.sum(tl.zeros([SP], tl.float32), axis=0)
+        out = tl.zeros([D], tl.float32)
+        for s0 in range(0, splits, SP):
+            sp = s0 + tl.arange(0, SP)
+            at = (h * splits + sp) * GP + g
+            m = tl.load(m_ptr + at, mask=sp < splits, other=float("-inf"))
+            new_top = tl.maximum(top, tl.max(m, axis=0))
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - safe))
+            alpha = tl.where(top == float("-inf"), 0.0, tl.exp(top - safe))
+            total = total * alpha + tl.sum(tl.load(l_ptr + at, mask=sp < splits, other=0.0) * w, axis=0)
+            acc = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=(sp < splits)[:, None], other=0.0)
+            out = out * alpha + tl.sum(acc * w[:, None], axis=0)
+            top = new_top
+        tl.store(out_ptr + (h * G + g) * D + d, (out / total).to(out_ptr.dtype.element_ty))

@@ -1,50 +1,19 @@
-"""Attention received: how much softmax attention a few query rows pay each key, summed over rows.
+"""hook/received.py's fast path: attention received without writing the attention matrix out.
 
-VSB scores memory with it (a clip's last frame of rows over every key) and evidence measures frames
-with it (a question's rows over its context). Written out, it is a [kv_heads, rows, keys] matrix
-of logits, softmaxed and summed over rows: at 7B shapes 7 x 196 rows x 12.5k keys per kv head, 137 MB
-in bf16, written and read three times a layer - 13 ms of a 48 ms one-frame clip on an H100.
-
-On CUDA two Triton kernels compute the same sums without writing the matrix: the first finds each
-row's log-sum-exp (split over key blocks, merged after), the second, one program per block of keys,
-adds exp(logit - lse) over the rows. Where the forward's flash kernel already returned the rows'
-log-sum-exp (a clip's prefill), only the second runs (`attention_received_from_lse`). Elsewhere
-(CPUs, or no Triton) the matrix is written out.
-
-Layout: q [kv_heads, groups * r, D] holds the query heads of a kv head as adjacent blocks of the r
-rows (row = head in group * r + i), already scaled; keys [kv_heads, n_keys, D], whose last r are the
-rows' own keys: row i sees every key before them and those <= i.
-"""
+The first kernel finds each row's log-sum-exp (split over key blocks, merged after); the second,
+one program per block of keys, adds exp(logit - lse) over the rows. Layout and meaning: see
+hook/received.py, whose written-out torch version is the specification these are checked against
+(benchmarks/kernels_interpreted.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from .attention import causal_tail
 from .triton_lang import tl, triton
 
 
-def fused_available(t: torch.Tensor) -> bool:
+def available(t: torch.Tensor) -> bool:
     return t.is_cuda and triton is not None
-
-
-def attention_received(q: torch.Tensor, keys: torch.Tensor, r: int,
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
-    """-> [kv_heads, n_keys] float32: the sum over rows of softmax attention (rows weighted by
-    `weights` [groups * r], if given)."""
-    if fused_available(keys):
-        return _fused(q, keys, r, weights)
-    return _written_out(q, keys, r, weights)
-
-
-def _written_out(q, keys, r, weights):
-    # logits stay in the model's dtype (half the bytes of float32; softmax and the sum accumulate in float32)
-    logits = torch.matmul(q, keys.transpose(1, 2))
-    logits[..., -r:].masked_fill_(causal_tail(q.shape[1] // r, r, keys.device), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if weights is not None:
-        probs.mul_(weights.to(probs.dtype)[:, None])
-    return probs.sum(dim=1, dtype=torch.float32)
 
 
 if triton is not None:
@@ -99,7 +68,8 @@ if triton is not None:
 _BR, _BN, _KEYS_PER_SPLIT = 64, 64, 2048
 
 
-def _fused(q, keys, r, weights):
+def with_row_lse(q, keys, r, weights):
+    """Both kernels: each row's log-sum-exp, then the column sums."""
     kv_heads, rows, D = q.shape
     n_keys = keys.shape[1]
     if keys.stride(2) != 1:
@@ -114,10 +84,11 @@ def _fused(q, keys, r, weights):
     # merge the splits: lse = log(sum over splits of s_sum * exp(m)), without overflow
     top = m.amax(dim=2, keepdim=True)
     lse = (top + torch.log((s_sum * torch.exp(m - top)).sum(dim=2, keepdim=True))).squeeze(2).contiguous()
-    return _column_sums(q, keys, r, lse, weights, 1.0)
+    return column_sums(q, keys, r, lse, weights, 1.0)
 
 
-def _column_sums(q, keys, r, lse, weights, scale):
+def column_sums(q, keys, r, lse, weights, scale):
+    """The second kernel alone, given each row's log-sum-exp of scale * logits."""
     kv_heads, rows, D = q.shape
     n_keys = keys.shape[1]
     w = torch.ones(rows, dtype=torch.float32, device=q.device) if weights is None else weights.float().contiguous()
@@ -126,17 +97,3 @@ def _column_sums(q, keys, r, lse, weights, scale):
         q, keys, lse, w, out, rows, n_keys, r, scale, q.stride(0), q.stride(1), lse.stride(0), keys.stride(0),
         keys.stride(1), D=D, BR=_BR, BN=_BN)
     return out
-
-
-def attention_received_from_lse(q: torch.Tensor, keys: torch.Tensor, r: int, lse: torch.Tensor,
-                                scale: float) -> torch.Tensor:
-    """The same sums, given each row's log-sum-exp of scale * logits (as the flash kernel returns
-    it for the forward that just ran): only the second kernel runs. q [kv_heads, groups * r, D] not
-    scaled, lse [kv_heads, groups * r] float32; CUDA with Triton only."""
-    if keys.stride(2) != 1:
-        keys = keys.contiguous()
-    if q.stride(2) != 1:
-        q = q.contiguous()
-    if lse.stride(1) != 1:
-        lse = lse.contiguous()
-    return _column_sums(q, keys, r, lse, None, scale)

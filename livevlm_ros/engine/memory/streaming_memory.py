@@ -16,40 +16,12 @@ import bisect
 
 import torch
 
+from ..config import EngineConfig
+from ..models.base import KVShape
 from .compression import KeepAll, make_compression
-from .config import EngineConfig
 from .kv_buffer import KVBuffer, Tokens
-from .models.base import KVShape
-
-# A frame's stamp, kept exactly as it was ingested: an int is integer nanoseconds (the ROS
-# convention), a float is seconds. One memory holds one kind (the engine refuses the other).
-Stamp = int | float
-
-
-def seconds(t: Stamp) -> float:
-    """A stamp (or a difference of two) in seconds: for arithmetic in seconds and for messages."""
-    return t / 1_000_000_000 if isinstance(t, int) else t
-
-
-class PageSummaries:
-    """Summaries (retrieval.PageSummary) of every full page of an append-only tier, kept on the
-    GPU, so a question can score pages that live in CPU memory without touching them (ReKV-style)."""
-
-    def __init__(self, kv: KVShape, page_tokens: int):
-        from .retrieval import PageSummary
-
-        self.page_tokens = page_tokens
-        empty = lambda dtype: torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=dtype,  # noqa: E731
-                                          device=kv.device)
-        self.summary = PageSummary(empty(torch.float32), empty(kv.dtype), empty(kv.dtype))
-        self.tail = torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=kv.dtype, device=kv.device)
-
-    def append(self, keys: torch.Tensor):
-        keys = torch.cat([self.tail, keys.to(self.tail.device)], dim=2)
-        full = keys.shape[2] // self.page_tokens * self.page_tokens
-        L, H, _, D = keys.shape
-        self.summary = self.summary.cat(type(self.summary).of(keys[:, :, :full].view(L, H, -1, self.page_tokens, D)))
-        self.tail = keys[:, :, full:].clone()
+from .pages import PageSummaries
+from .stamps import Stamp
 
 
 class StreamingMemory:
@@ -111,25 +83,30 @@ class StreamingMemory:
     # ---- ingest ---------------------------------------------------------------------------------
     def commit_clip(self, keys_pre: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None,
                     frame_times: list[Stamp], cameras: list[str] | None = None):
-        """Append a prefilled clip to short-term memory, then move what leaves it to long-term."""
+        """Add a prefilled clip to short-term memory; what leaves it (its oldest tokens, and of a
+        batch bigger than short-term memory, the batch's oldest) moves to long-term. Short-term
+        memory never holds more than its frames, whatever the batch."""
         L, n = keys_pre.shape[0], keys_pre.shape[2]
         dev = keys_pre.device
         idx = torch.arange(self.next_token, self.next_token + n, device=dev).expand(L, -1)
         if scores is None:
             scores = torch.zeros(L, n, device=dev)
         scores = scores.float()
-        self.short.append(Tokens(keys_pre, values, idx, scores, scores,
-                                 torch.zeros(L, n, dtype=torch.bool, device=dev)))
+        new = Tokens(keys_pre, values, idx, scores, scores, torch.zeros(L, n, dtype=torch.bool, device=dev))
         self.next_token += n
         self.frame_times.extend(frame_times)
         self.frame_cameras.extend(cameras or [""] * len(frame_times))
-        self._evict()
-
-    def _evict(self):
-        over = self.short.len - self.config.short_term_frames * self.tokens_per_frame
+        over = self.short.len + n - self.config.short_term_frames * self.tokens_per_frame
         if over <= 0:
+            self.short.append(new)
             return
-        evicted = self.short.pop_front(over)
+        evicted = self.short.pop_front(min(over, self.short.len))
+        if over > evicted.n:                          # the batch's oldest go straight on
+            evicted, new = Tokens.cat(evicted, new.slice(0, over - evicted.n)), new.slice(over - evicted.n)
+        self.short.append(new)
+        self._to_long_term(evicted)
+
+    def _to_long_term(self, evicted: Tokens):
         if self.page_summaries is not None:
             self.page_summaries.append(evicted.keys)
         # The long-term buffer has room for its capacity plus one clip: candidates are appended and

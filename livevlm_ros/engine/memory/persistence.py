@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .kv_buffer import Tokens
-from .memory import StreamingMemory
+from .streaming_memory import StreamingMemory
 
 FORMAT = "livevlm-memory/1"
 TIERS = ("long", "short")

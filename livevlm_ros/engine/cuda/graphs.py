@@ -74,9 +74,13 @@ class StepGraphs:
 
     def at_layout(self, layout) -> None:
         if layout != self._layout:
-            self.graphs.clear()
-            self.seen.clear()
+            self.clear()
             self._layout = layout
+
+    def clear(self) -> None:
+        """Drop every graph and sighting (what they were recorded for is gone)."""
+        self.graphs.clear()
+        self.seen.clear()
 
     def record(self, body: Callable[[], object], reset: Callable[[], None]):
         """(graph, what body returned while recording), or None where recording failed."""

@@ -27,7 +27,7 @@ import torch
 
 from .triton_lang import tl, triton
 
-from .rope import rotate_into
+from ...hook.rope import rotate_into
 
 # transformers classes whose forward is exactly what the kernels compute
 _RMS_NORMS = {"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm"}
