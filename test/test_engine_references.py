@@ -227,6 +227,44 @@ def test_windowed_answer_equals_offline_forward_over_the_windows_frames(one_laye
     torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
 
 
+# where the robot was for each of 6 frames: back and forth between x = 0 and x = 3 (a place then
+# picks frames that are not neighbours in time, in both tiers)
+WALK = [(0.0, 0.0, 0.0), (3.0, 0.0, 0.0), (1.0, 0.0, 0.0), (3.0, 0.2, 0.0), (0.0, 0.1, 0.0), (3.0, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize("near, radius, window, inside", [
+    ((3.0, 0.0), 0.5, None, [1, 3, 5]),                 # in the plane: frame 5's height does not count
+    ((3.0, 0.0, 0.0), 0.5, None, [1, 3]),               # in 3-D it does
+    ((3.0, 0.0), 0.5, (2.0, 5.0), [3, 5]),              # a place and a time window: frames in both
+    ((0.0, 0.0), 0.2, None, [0, 4]),                    # one frame of each tier (short-term: 4, 5)
+])
+def test_place_answer_equals_offline_forward_over_the_places_frames(one_layer_model, frames, near, radius, window,
+                                                                    inside):
+    """A question about a place reads only the frames taken within the radius. One layer and nothing
+    dropped (full): the answer must equal transformers' forward over [prefix, those frames, newline,
+    question], the frames picked here by hand from WALK."""
+    engine = LiveVLMEngine(EngineConfig(model_path=one_layer_model, policy="full", budget_tokens=None,
+                                        short_term_frames=2, sample_fps=0))
+    video = frames(6)
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i), pose=WALK[i])
+    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True, window=window, near=near, radius_m=radius,
+                        evidence=6)
+    assert sorted(e.time for e in answer.evidence) == [float(i) for i in inside]
+    assert all(e.pose[:3] == WALK[int(e.time)] for e in answer.evidence)
+    ref = load_reference(one_layer_model)
+    with torch.inference_mode():
+        T, a = engine.model.tokens_per_frame, engine.model
+        feats = [ref.model.get_video_features(a.preprocess([video[i]])[None]) for i in inside]
+        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, x_hidden(ref))[:T] for x in feats])
+        embed = ref.model.get_input_embeddings()
+        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
+        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
+        seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
+        logits = ref(inputs_embeds=seq).logits[0, -1]
+    torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("launch", ["eager", "static"])
 def test_evidence_is_the_attention_transformers_returns(tiny_model_path, frames, launch):
     """Evidence weight of a frame = the mean attention one of its tokens draws from the question's

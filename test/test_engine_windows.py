@@ -1,6 +1,6 @@
-"""Questions about a stretch of time: a window reads only memory of frames taken in it (and the
-vision sinks), on every policy; a window memory keeps nothing of is refused; evidence names frames
-inside it."""
+"""Questions about a stretch of time or a place: a time window (a radius around a point) reads only
+memory of frames taken in it (and the vision sinks), on every policy; a window or place memory keeps
+nothing of is refused; evidence names frames inside it."""
 
 import pytest
 import torch
@@ -81,3 +81,66 @@ def test_evidence_names_the_camera(tiny_model_path, frames):
     rear = engine.ask(QUESTION, max_new_tokens=1, evidence=6, window=(101.0, 101.0))
     assert {(e.time, e.camera) for e in rear.evidence} == {(101.0, "front"), (101.0, "rear")}
     assert torch.isclose(torch.tensor(sum(e.weight for e in answer.evidence)), torch.tensor(1.0))
+
+
+# ---- places ----------------------------------------------------------------------------------
+def walk(tiny_model_path, frames, policy="livevlm", **options):
+    """12 frames on a line x = 0..11 m; frame 6's pose is unknown."""
+    engine = stream(tiny_model_path, frames, policy, n=0, **options)
+    for i, f in enumerate(frames(12)):
+        engine.ingest(f, 100.0 + i, pose=None if i == 6 else (float(i), 0.0, 0.0))
+    return engine
+
+
+def test_places_read_only_frames_taken_there_and_never_unknown_ones(tiny_model_path, frames):
+    engine = walk(tiny_model_path, frames, budget_tokens=None, policy="full")
+    a = engine.ask(QUESTION, max_new_tokens=1, near=(6.0, 0.0), radius_m=1.5, evidence=5)
+    assert sorted(e.time for e in a.evidence) == [105.0, 107.0]          # frame 6 is there, but unknown
+    assert all(e.pose is not None and abs(e.pose.x - 6.0) <= 1.5 for e in a.evidence)
+    whole = engine.ask(QUESTION, max_new_tokens=1, evidence=12)
+    assert [e.pose for e in whole.evidence if e.time == 106.0] == [None]
+
+
+@pytest.mark.parametrize("policy, options", [("livevlm", dict(budget_tokens=34 + 2 * 16 + 64, retrieval_ratio=0.5)),
+                                             ("sliding_window", dict(budget_tokens=34 + 2 * 16 + 64))])
+def test_places_read_sinks_and_tokens_of_frames_in_the_radius_only(tiny_model_path, frames, policy, options):
+    engine = walk(tiny_model_path, frames, policy, **options)
+    T = engine.model.tokens_per_frame
+    engine.ask(QUESTION, max_new_tokens=1, near=(2.0, 0.0), radius_m=3.0)
+    for layer, read in engine.hook.last_selection.items():
+        long = engine.memory.long.view()
+        sinks = long.token_idx[layer][long.sink[layer]]
+        inside = (read // T <= 5) & (read // T != 6)
+        assert bool((inside | torch.isin(read, sinks)).all()), layer
+
+
+def test_bad_places_are_refused_and_change_nothing(tiny_model_path, frames):
+    engine = walk(tiny_model_path, frames, budget_tokens=None, policy="full")
+    before = engine.stats()
+    for near, radius, match in [((1.0, 0.0), -1.0, "radius_m must be"), ((1.0, 0.0), float("nan"), "radius_m must be"),
+                                ((1.0, 0.0), float("inf"), "radius_m must be"), ((1.0, 0.0), 0.0, "radius_m must be"),
+                                ((float("nan"), 0.0), 1.0, "not finite"), ((1.0,), 1.0, r"\(x, y\) or \(x, y, z\)"),
+                                ((1.0, 0.0), None, "both near and radius_m"), (None, 1.0, "both near and radius_m"),
+                                ("here", 1.0, "a place is near")]:
+        with pytest.raises(EngineInputError, match=match):
+            engine.ask(QUESTION, near=near, radius_m=radius)
+    # a place memory keeps nothing of: the error names where memory's frames were taken
+    where = r"within 1 m of \(50.0, 0.0\).*x 0.00\.\.11.00, y 0.00\.\.0.00.*11 of 12"
+    with pytest.raises(EngineInputError, match=where):
+        engine.ask(QUESTION, near=(50.0, 0.0), radius_m=1.0)
+    with pytest.raises(EngineInputError, match="keeps nothing"):           # only frame 6 is there: unknown
+        engine.ask(QUESTION, near=(6.0, 0.0), radius_m=0.5)
+    with pytest.raises(EngineInputError, match="keeps nothing"):           # the place, but not in the window
+        engine.ask(QUESTION, near=(1.0, 0.0), radius_m=0.5, window=(105.0, 110.0))
+    for pose, match in [((1.0, 2.0), "3 numbers"), ((0.0, 0.0, float("nan")), "not finite"),
+                        ((0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0), "unit quaternion")]:
+        with pytest.raises(EngineInputError, match=match):
+            engine.ingest(frames(1)[0], 200.0, pose=pose)
+    assert engine.stats() == before
+
+
+def test_places_are_not_read_from_an_offloaded_tier(tiny_model_path, frames):
+    engine = walk(tiny_model_path, frames, "rekv", budget_tokens=None)
+    with pytest.raises(EngineInputError, match="offloaded"):
+        engine.ask(QUESTION, near=(1.0, 0.0), radius_m=1.0)
+    assert engine.ask(QUESTION, max_new_tokens=1, window=(100.0, 103.0)).pages_total > 0

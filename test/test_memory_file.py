@@ -100,6 +100,7 @@ def snapshot(engine) -> dict:
            for name, t in zip((f"{tier}.{f}" for f in FIELDS), getattr(mem, tier).view().fields())}
     out.update(prefix_keys=mem.prefix_keys.clone(), prefix_values=mem.prefix_values.clone(),
                frame_times=[(type(t), t) for t in mem.frame_times], frame_cameras=list(mem.frame_cameras),
+               frame_poses=list(mem.frame_poses),
                next_token=mem.next_token, n_sinks=mem.n_sinks, frames_seen=engine.frames_seen,
                last_sampled=(type(engine._last_sampled), engine._last_sampled), pending=len(engine._pending))
     return out
@@ -166,6 +167,7 @@ def dict_mutations(tensors: dict, meta: dict, T: int):
     yield "harmless", "no time_unit (seconds)", tensors, without(bare, "time_unit"), {}
     yield "harmless", "no cameras (older file)", without(tensors, "frame_camera"), without(bare, "cameras"), \
         {"frame_cameras": [""] * n_frames}
+    yield "harmless", "no poses (older file)", without(tensors, "frame_pose"), bare, {"frame_poses": [None] * n_frames}
     yield "harmless", "extra header field", tensors, with_(bare, note="hello"), {}
     fs = int(meta["frames_seen"])
     for v in (fs + 1, fs - 1, 0):
@@ -174,8 +176,14 @@ def dict_mutations(tensors: dict, meta: dict, T: int):
         yield "harmless", f"last_sampled={raw}", tensors, with_(bare, last_sampled=raw), \
             {"last_sampled": (type(value), value)}
 
-    for name in tensors:
+    for name in [n for n in tensors if n != "frame_pose"]:  # (poses may be missing: above)
         yield "missing", name, without(tensors, name), bare, "refuse"
+    poses = tensors["frame_pose"]
+    for what, bad in (("partly unknown", (0, 3, float("nan"))), ("not a unit quaternion", (0, 6, 3.0)),
+                      ("infinite", (1, 0, float("inf")))):
+        changed = poses.clone()
+        changed[bad[0], bad[1]] = bad[2]
+        yield "value", f"frame_pose {what}", with_(tensors, frame_pose=changed), bare, "refuse"
     yield "missing", "every tensor", {}, bare, "refuse"
     yield "unknown", "long.extra", with_(tensors, **{"long.extra": tensors["long.keys"]}), bare, "refuse"
     yield "unknown", "notes", with_(tensors, notes=torch.zeros(3)), bare, "refuse"
@@ -330,7 +338,8 @@ def byte_mutations(raw: bytes):
 
 @pytest.fixture(scope="module")
 def saved_memory(tiny_model_path, tmp_path_factory):
-    """A VSB memory of 10 frames of two cameras (long-term memory full and compressed), saved."""
+    """A VSB memory of 10 frames of two cameras (long-term memory full and compressed), saved;
+    where each was taken is known but for frames 3 and 4."""
     from livevlm_ros.engine import EngineConfig, LiveVLMEngine
 
     tmp = tmp_path_factory.mktemp("memory_files")
@@ -338,7 +347,8 @@ def saved_memory(tiny_model_path, tmp_path_factory):
     rng = np.random.default_rng(7)
     for i in range(10):
         source.ingest(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), 100.0 + 0.5 * i,
-                      camera=("front", "rear")[i % 2])
+                      camera=("front", "rear")[i % 2],
+                      pose=None if i in (3, 4) else (0.5 * i, -1.0, 0.25, 0.0, 0.0, 0.6, 0.8))
     path = tmp / "memory.safetensors"
     source.save_memory(path)
     yield source, path, tmp
@@ -449,6 +459,22 @@ def test_a_bfloat16_engines_memory_loads_into_a_float32_engine(saved_memory):
     for name, t in kv.items():
         tier, field = name.split(".")
         assert torch.equal(getattr(getattr(engine.memory, tier).view(), field), t.float())
+    engine.close()
+
+
+def test_a_file_from_before_poses_loads_with_poses_unknown(saved_memory):
+    """Files written before memory kept poses have no frame_pose: they load, every pose unknown."""
+    from livevlm_ros.engine import LiveVLMEngine
+
+    source, path, tmp = saved_memory
+    assert [p is None for p in source.memory.frame_poses] == [i in (3, 4) for i in range(10)]
+    tensors, meta = read(path)
+    assert tensors["frame_pose"].shape == (10, 7) and tensors["frame_pose"][3].isnan().all()
+    engine = LiveVLMEngine(source.config, adapter=source.model)
+    engine.load_memory(write(tmp / "old.safetensors", without(tensors, "frame_pose"), without(meta, "checksum")))
+    assert engine.memory.frame_poses == [None] * 10
+    want = snapshot(source)
+    assert differences(snapshot(engine), dict(want, frame_poses=[None] * 10)) == []
     engine.close()
 
 

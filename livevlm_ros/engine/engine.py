@@ -29,6 +29,8 @@ from .cuda.ingest_step import IngestStep
 from .cuda.question_step import QuestionStep
 from .hook.kv_hook import MemoryKVHook
 from .memory import persistence
+from .memory.poses import Pose, check_place, check_pose, frames_near, region_covered
+from .memory.region import Region
 from .memory.retrieval import ContextSelector, RecentFrames, make_selector
 from .memory.stamps import Stamp, seconds
 from .memory.streaming_memory import StreamingMemory
@@ -59,10 +61,12 @@ RUNTIME_OPTIONS = ("retrieval_ratio", "page_scoring", "max_new_tokens", "max_que
 @dataclass
 class Evidence:
     """A frame the question drew attention to: when it was taken (its stamp as ingested), by which
-    camera, and its weight (its tokens' mean attention, as a share of the sum over all frames read: 0..1)."""
+    camera, its weight (its tokens' mean attention, as a share of the sum over all frames read: 0..1),
+    and where it was taken (None: unknown)."""
     time: Stamp
     weight: float
     camera: str = ""
+    pose: Pose | None = None
 
 
 @dataclass
@@ -120,7 +124,7 @@ class LiveVLMEngine:
         self.hook.reset()
         self.memory = self.hook.memory = memory
         self.compression = memory.policy
-        self._pending: list[tuple[np.ndarray, Stamp, str]] = []
+        self._pending: list[tuple[np.ndarray, Stamp, str, Pose | None]] = []
         self._last_sampled = last_sampled
         self.frames_seen = frames_seen
 
@@ -147,21 +151,23 @@ class LiveVLMEngine:
             self.question_step.recorded.clear()
 
     # ---- ingest -------------------------------------------------------------------------------------
-    def ingest(self, frame: np.ndarray, timestamp: Stamp, camera: str = "") -> bool:
+    def ingest(self, frame: np.ndarray, timestamp: Stamp, camera: str = "", pose=None) -> bool:
         """Offer one RGB uint8 HxWx3 frame. Returns True if it was sampled (kept for the memory).
         `timestamp`: int nanoseconds (a ROS stamp) or float seconds, kept exactly as given (evidence,
         spans, memory files give it back); one stream uses one kind. Frames of several cameras taken
         at one instant share its timestamp; `camera` names the source, which memory keeps per frame
-        (answers' evidence says which camera saw it)."""
+        (answers' evidence says which camera saw it). `pose`: where it was taken (a Pose, or x, y, z
+        [, qx, qy, qz, qw] in one fixed frame), or None: unknown; questions about a place use it."""
         self._check_frame(frame)
         timestamp = self._check_stamp(timestamp)
+        pose = self._check_pose(pose)
         self._check_order([timestamp])
         if (self._last_sampled is not None and self.config.sample_fps > 0
                 and seconds(timestamp - self._last_sampled) < 1.0 / self.config.sample_fps - 1e-6):
             return False
         self.frames_seen += 1
         self._last_sampled = timestamp
-        self._pending.append((np.ascontiguousarray(frame), timestamp, camera))
+        self._pending.append((np.ascontiguousarray(frame), timestamp, camera, pose))
         if len(self._pending) >= self.config.frames_per_clip:
             self.flush()
         return True
@@ -170,7 +176,7 @@ class LiveVLMEngine:
         """Prefill any sampled frames still waiting for a full clip."""
         if not self._pending:
             return
-        frames, times, cameras = zip(*self._pending)
+        frames, times, cameras, poses = zip(*self._pending)
         self._pending = []
         with _device_errors("ingest a clip"):
             pixels = self.model.preprocess(list(frames))
@@ -178,13 +184,17 @@ class LiveVLMEngine:
             def clip_forward(pixels):
                 return self._prefill(self.model.encode_frames(pixels), self.compression.needs_scores)
             prefill = self.ingest_step.run(pixels, clip_forward) if self.ingest_step else clip_forward(pixels)
-            self._commit(prefill, list(times), list(cameras))
+            self._commit(prefill, list(times), list(cameras), list(poses))
 
-    def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[Stamp]):
+    def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[Stamp], poses: list | None = None):
         """Prefill precomputed token embeddings [n_frames * tokens_per_frame, hidden] as frames,
         e.g. chunks of text streamed through a text-only model (the quality benchmark does this).
-        Stamps as in `ingest`, in time order and not older than the stream's newest."""
+        Stamps as in `ingest`, in time order and not older than the stream's newest; poses as in
+        `ingest`, one per frame (None: all unknown)."""
         timestamps = [self._check_stamp(t) for t in timestamps]
+        if poses is not None and len(poses) != len(timestamps):
+            raise EngineInputError(f"{len(poses)} poses for {len(timestamps)} frames")
+        poses = [self._check_pose(p) for p in poses] if poses is not None else [None] * len(timestamps)
         if not timestamps:
             raise EngineInputError("no timestamps: nothing to ingest")
         if len({type(t) for t in timestamps}) > 1:
@@ -197,9 +207,9 @@ class LiveVLMEngine:
         with _device_errors("ingest embeddings"):
             embeds = embeds.to(self.model.kv.device, self.model.kv.dtype)
             self._commit(self._prefill(embeds, self.compression.needs_scores), list(timestamps),
-                         [""] * len(timestamps))
+                         [""] * len(timestamps), poses)
 
-    def _commit(self, prefill: tuple, times: list[Stamp], cameras: list[str]):
+    def _commit(self, prefill: tuple, times: list[Stamp], cameras: list[str], poses: list[Pose | None]):
         """A prefilled clip (what `_prefill` returns) into memory: the attention memory drew from it
         (VSB's scores), then the clip itself (StreamingMemory.commit_clip: eviction and compression)."""
         keys_pre, _, values, scores = prefill
@@ -207,7 +217,7 @@ class LiveVLMEngine:
             p, start = self.memory.prefix_len, self.memory.prefix_len + self.memory.attendable_len()
             self.memory.add_observations(scores[:, p:start])
             scores = scores[:, start:]
-        self.memory.commit_clip(keys_pre, values, scores, times, cameras)
+        self.memory.commit_clip(keys_pre, values, scores, times, cameras, poses)
 
     def _prefill_prefix(self):
         ids = torch.tensor(self.model.tokenize(self.config.system_prompt), dtype=torch.long)
@@ -240,7 +250,8 @@ class LiveVLMEngine:
     def ask(self, question: str, max_new_tokens: int | None = None, return_logits: bool = False,
             cancel: Callable[[], bool] | None = None,
             on_token: Callable[[list[int], float], None] | None = None,
-            window: tuple[Stamp | None, Stamp | None] | None = None, evidence: int = 0) -> Answer:
+            window: tuple[Stamp | None, Stamp | None] | None = None, evidence: int = 0,
+            near: tuple[float, ...] | None = None, radius_m: float | None = None) -> Answer:
         """Answer from memory as it is now, including sampled frames still waiting for a full clip
         (they are prefilled first). The answer itself does not change memory.
         on_token(ids, ttft)  gets the answer's token ids so far after every token
@@ -248,25 +259,56 @@ class LiveVLMEngine:
         window               (start, end) stream times, None = open: only memory of frames taken in
                              it is read (and the vision sinks); nothing kept from it = EngineInputError.
                              Stamps of the kind memory's are (int ns or float s): compared exactly
+        near, radius_m       a place: only memory of frames taken within radius_m of near, (x, y) in
+                             the plane or (x, y, z), is read (and the vision sinks); with a window,
+                             frames in both. Frames of unknown pose are outside every place
         evidence             how many frames to name in `Answer.evidence`: those whose tokens drew
                              the most of the question's attention (0 = do not measure it)"""
         question = self._check_question(question)
         self.flush()
+        if (near is None) != (radius_m is None):
+            raise EngineInputError("a place needs both near and radius_m")
+        place = None
+        if near is not None:
+            try:
+                place = check_place(near, radius_m)
+            except ValueError as err:
+                raise EngineInputError(str(err)) from None
         return self._answer(question, self.selector, max_new_tokens, return_logits, cancel, on_token,
-                            window, evidence)
+                            window, evidence, place)
 
-    def _window_tokens(self, start: Stamp | None, end: Stamp | None) -> tuple[int, int]:
-        lo = -math.inf if start is None else self._check_stamp(start, "the window's start")
-        hi = math.inf if end is None else self._check_stamp(end, "the window's end")
-        if lo > hi:
-            raise EngineInputError(f"time window starts ({seconds(lo):.3f} s) after it ends ({seconds(hi):.3f} s)")
-        tokens = self.memory.window_tokens(lo, hi)
-        if not self.memory.holds(*tokens):
+    def _region(self, window, place) -> Region | None:
+        """What the question may read, from its time window and place (None: all of memory); an
+        EngineInputError, before anything is read, when memory keeps nothing of it."""
+        if window is None and place is None:
+            return None
+        where = []
+        first, stop = 0, Region().stop
+        if window is not None:
+            start, end = window
+            lo = -math.inf if start is None else self._check_stamp(start, "the window's start")
+            hi = math.inf if end is None else self._check_stamp(end, "the window's end")
+            if lo > hi:
+                raise EngineInputError(f"time window starts ({seconds(lo):.3f} s) after it ends ({seconds(hi):.3f} s)")
+            first, stop = self.memory.window_tokens(lo, hi)
+            where.append(f"the window [{seconds(lo):.3f}, {seconds(hi):.3f}] s")
+        frames = None
+        if place is not None:
+            if self.memory.page_summaries is not None:
+                raise EngineInputError("questions about a place read memory on the device; the offloaded "
+                                       f"long-term tier of policy {self.config.policy!r} is not read by place")
+            (point, radius) = place
+            frames = torch.tensor(frames_near(self.memory.frame_poses, point, radius), dtype=torch.bool,
+                                  device=self.memory.long.device)
+            where.append(f"within {radius:g} m of {point}")
+        region = Region(first, stop, frames)
+        if not self.memory.holds(region):
             span = self.memory.time_span()
-            raise EngineInputError(f"memory keeps nothing from the window [{seconds(lo):.3f}, {seconds(hi):.3f}] s "
-                                   "(memory covers "
-                                   + (f"{seconds(span[0]):.3f} .. {seconds(span[1]):.3f} s)" if span else "nothing)"))
-        return tokens
+            covers = (f"{seconds(span[0]):.3f} .. {seconds(span[1]):.3f} s" if span else "nothing")
+            if place is not None:
+                covers += "; " + region_covered(self.memory.frame_poses)
+            raise EngineInputError(f"memory keeps nothing from {' and '.join(where)} (memory covers {covers})")
+        return region
 
     def describe(self, max_new_tokens: int | None = None, cancel: Callable[[], bool] | None = None) -> Answer:
         """Narrate the last `narration_frames` frames (short-term memory only)."""
@@ -276,10 +318,10 @@ class LiveVLMEngine:
 
     @torch.inference_mode()
     def _answer(self, question: str, selector: ContextSelector, max_new_tokens, return_logits, cancel,
-                on_token, window=None, evidence=0) -> Answer:
+                on_token, window=None, evidence=0, place=None) -> Answer:
         if self.memory.frames_ingested == 0:
             raise NoFramesError("no frame has been ingested yet: nothing to answer from")
-        tokens = None if window is None else self._window_tokens(*window)
+        region = self._region(window, place)
         t0 = time.perf_counter()
         ids, q_rows = self._question_ids(question)
         video_end = self.model.video_end_embeddings()
@@ -292,10 +334,10 @@ class LiveVLMEngine:
         n = embeds.shape[0]
         with _device_errors("answer"):
             try:
-                if self.question_step is not None and tokens is None:     # fixed shapes (graph replay)
+                if self.question_step is not None and region is None:     # fixed shapes (graph replay)
                     view, logits = self.question_step.run(selector, embeds, rows, limit, bool(evidence))
                 else:
-                    view = self.hook.begin_answer(selector, rows, limit, tokens, rows if evidence else None)
+                    view = self.hook.begin_answer(selector, rows, limit, region, rows if evidence else None)
                     if self.decode_step is not None:
                         self.hook.reserve_arena(view.start + n + limit)
                     positions = torch.arange(view.start, view.start + n, device=embeds.device)
@@ -352,7 +394,7 @@ class LiveVLMEngine:
         if top is None:
             return []
         mem = self.memory
-        return [Evidence(mem.frame_times[f], w, mem.frame_cameras[f])
+        return [Evidence(mem.frame_times[f], w, mem.frame_cameras[f], mem.frame_poses[f])
                 for w, f in zip((top.values / total).tolist(), top.indices.tolist())]
 
     def close(self):
@@ -374,6 +416,12 @@ class LiveVLMEngine:
             raise EngineInputError(f"frame must be uint8 RGB, got dtype {frame.dtype}")
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 2 or frame.shape[1] < 2:
             raise EngineInputError(f"frame must be HxWx3 (RGB), got shape {frame.shape}")
+
+    def _check_pose(self, pose) -> Pose | None:
+        try:
+            return check_pose(pose)
+        except (TypeError, ValueError) as err:
+            raise EngineInputError(f"pose: {err}") from None
 
     def _check_stamp(self, t, what: str = "timestamp") -> Stamp:
         """An int (nanoseconds, as ROS stamps are) or a float (seconds), returned as the Python number

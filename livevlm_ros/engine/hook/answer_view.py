@@ -43,8 +43,7 @@ class AnswerView:
         self.memory, self.plan, self.arena, self._queries = memory, plan, arena, queries
         self.question_rows, self.room, self.row_weights = question_rows, room, row_weights
         self.evidence_rows, self.record_selection = evidence_rows, record_selection
-        n_short = plan.short_to - plan.short_from
-        self._n_ctx = [n + n_short for n in plan.n_long]
+        self._n_ctx = [n + plan.n_short for n in plan.n_long]
         # layers may read different numbers of tokens (a time window): each layer's context ends
         # right before the question, so the newest memory is as close to it on every layer
         self.context_tokens = max(self._n_ctx)
@@ -107,7 +106,8 @@ class AnswerView:
                 long_idx, long_sink = long_idx[index], long_sink[index]
             if self.record_selection:
                 self.last_selection[layer] = long_idx.cpu()
-        s0, s1 = plan.short_from, plan.short_to
+        # short-term tokens read: a range, or an index where a place leaves gaps
+        short = slice(plan.short_from, plan.short_to) if plan.short_index is None else plan.short_index
         p, n_ctx = mem.prefix_len, self._n_ctx[layer]
         size = (kv.kv_heads, p + n_ctx + n_question + self.room, kv.head_dim)
         if self.arena.capacity >= size[1]:
@@ -123,13 +123,14 @@ class AnswerView:
         at_long, at_short = slice(gap, gap + n_long), slice(gap + n_long, gap + n_ctx)
         rotate_into(keys[:, p:p + n_long], long_k, 0 if index is None else index, cos[at_long], sin[at_long])
         values[:, p:p + n_long] = (long_v if index is None else long_v[:, index]).to(kv.device, non_blocking=True)
-        rotate_into(keys[:, p + n_long:p + n_ctx], mem.short.keys[layer], s0, cos[at_short], sin[at_short])
-        values[:, p + n_long:p + n_ctx] = mem.short.values[layer, :, s0:s1]
+        rotate_into(keys[:, p + n_long:p + n_ctx], mem.short.keys[layer],
+                    plan.short_from if plan.short_index is None else plan.short_index, cos[at_short], sin[at_short])
+        values[:, p + n_long:p + n_ctx] = mem.short.values[layer, :, short]
         self.keys[layer], self.values[layer] = keys, values
         frames = None
         if self.evidence_rows is not None:
-            frame = torch.cat([long_idx.to(kv.device), mem.short.token_idx[layer, s0:s1]]) // mem.tokens_per_frame
-            counts = torch.cat([~long_sink.to(kv.device), torch.ones(s1 - s0, dtype=torch.bool, device=kv.device)])
+            frame = torch.cat([long_idx.to(kv.device), mem.short.token_idx[layer, short]]) // mem.tokens_per_frame
+            counts = torch.cat([~long_sink.to(kv.device), torch.ones(plan.n_short, dtype=torch.bool, device=kv.device)])
             frames = (frame, counts.float())
         return p + n_ctx, frames
 

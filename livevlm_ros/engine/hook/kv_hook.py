@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..memory.region import Region
 from ..memory.retrieval import ContextSelector
 from ..memory.streaming_memory import StreamingMemory
 from .answer_view import AnswerView
@@ -70,12 +71,12 @@ class MemoryKVHook:
 
     # ---- answer -----------------------------------------------------------------------------------
     def begin_answer(self, selector: ContextSelector, question_rows: slice, max_new_tokens: int,
-                     window: tuple[int, int] | None = None, evidence_rows: slice | None = None,
+                     region: Region | None = None, evidence_rows: slice | None = None,
                      row_weights: torch.Tensor | None = None) -> AnswerView:
-        """An answer's first forward (see AnswerView); `window`: the stream tokens [a, b) it may
-        read. Returns the view: `view.start` is the position of the question's first row."""
+        """An answer's first forward (see AnswerView); `region`: what of memory it may read (None:
+        all). Returns the view: `view.start` is the position of the question's first row."""
         self.reset()
-        plan = selector.plan(self.memory, window)
+        plan = selector.plan(self.memory, region)
         self.view = AnswerView(self.memory, self.rope, self._queries, self.arena, plan, question_rows,
                                max_new_tokens, evidence_rows, row_weights, self.record_selection)
         if self.record_selection:

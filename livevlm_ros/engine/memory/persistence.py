@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .kv_buffer import Tokens
+from .poses import Pose, check_pose
 from .streaming_memory import StreamingMemory
 
 FORMAT = "livevlm-memory/1"
@@ -97,6 +98,9 @@ def save_memory(engine, path: str | Path):
     cameras = sorted(set(mem.frame_cameras))
     number = {name: i for i, name in enumerate(cameras)}
     tensors["frame_camera"] = torch.tensor([number[c] for c in mem.frame_cameras], dtype=torch.int32)
+    # where each frame was taken: x, y, z, qx, qy, qz, qw; NaN where unknown
+    tensors["frame_pose"] = torch.tensor([list(p) if p is not None else [math.nan] * 7 for p in mem.frame_poses],
+                                         dtype=torch.float64).reshape(-1, 7)
     meta = dict(identity(engine), next_token=str(mem.next_token), n_sinks=str(mem.n_sinks),
                 cameras=json.dumps(cameras),
                 frames_seen=str(engine.frames_seen),
@@ -194,6 +198,7 @@ def _validated(engine, tensors: dict, meta: dict) -> dict:
     # ---- tensors: names, dtypes, shapes
     names = {f"{tier}.{f}" for tier in TIERS for f in FIELDS} | {"frame_times"}
     names |= set() if no_cameras else {"frame_camera"}
+    names |= {"frame_pose"} & set(tensors)                 # files from before poses have none
     missing, unknown = sorted(names - set(tensors)), sorted(set(tensors) - names)
     _need(not missing, f"it lacks {', '.join(missing)}")
     _need(not unknown, f"it holds tensors a memory file does not have: {', '.join(unknown)}")
@@ -201,7 +206,7 @@ def _validated(engine, tensors: dict, meta: dict) -> dict:
     _need(kv_dtype in KV_DTYPES, f"long.keys is {kv_dtype}, not one of {', '.join(map(str, KV_DTYPES))}")
     dtypes = {f"{tier}.{f}": kv_dtype if f in ("keys", "values") else BOOKKEEPING_DTYPES.get(f)
               for tier in TIERS for f in FIELDS}
-    dtypes.update(frame_times=TIME_DTYPES[unit], frame_camera=torch.int32)
+    dtypes.update(frame_times=TIME_DTYPES[unit], frame_camera=torch.int32, frame_pose=torch.float64)
     for name in sorted(names):
         _need(tensors[name].dtype == dtypes[name], f"{name} is {tensors[name].dtype}, expected {dtypes[name]}"
               + (f" (time_unit {unit!r})" if name == "frame_times" else ""))
@@ -261,6 +266,17 @@ def _validated(engine, tensors: dict, meta: dict) -> dict:
         _need(bool(((index >= 0) & (index < len(cameras))).all()),
               f"frame_camera names a camera outside the {len(cameras)} of the header's list")
         frame_cameras = [cameras[i] for i in index.tolist()]
+    frame_poses = [None] * frames
+    if "frame_pose" in tensors:
+        poses = tensors["frame_pose"]
+        _need(tuple(poses.shape) == (frames, 7), f"frame_pose has shape {list(poses.shape)}, expected [{frames}, 7]")
+        known = ~poses.isnan().any(dim=1)
+        _need(bool(poses[known].isfinite().all()) and bool(poses[~known].isnan().all()),
+              "frame_pose holds a pose that is partly unknown or not finite")
+        try:
+            frame_poses = [check_pose(p) if k else None for p, k in zip(poses.tolist(), known.tolist())]
+        except ValueError as err:
+            _need(False, f"frame_pose: {err}")
 
     if "checksum" in meta:                                 # files from before it have none
         _need(meta["checksum"] == checksum(tensors, meta),
@@ -268,12 +284,12 @@ def _validated(engine, tensors: dict, meta: dict) -> dict:
 
     parts = {tier: Tokens(*(tensors[f"{tier}.{f}"] for f in FIELDS)) for tier in TIERS}
     return {"memory": dict(parts=parts, frame_times=times.tolist(), frame_cameras=frame_cameras,
-                           next_token=next_token, n_sinks=n_sinks),
+                           frame_poses=frame_poses, next_token=next_token, n_sinks=n_sinks),
             "frames_seen": frames_seen, "last_sampled": last_sampled}
 
 
-def _build(engine, parts: dict[str, Tokens], frame_times: list, frame_cameras: list[str], next_token: int,
-           n_sinks: int) -> StreamingMemory:
+def _build(engine, parts: dict[str, Tokens], frame_times: list, frame_cameras: list[str],
+           frame_poses: list[Pose | None], next_token: int, n_sinks: int) -> StreamingMemory:
     """A new memory holding a checked file's content, built beside the engine's own: nothing the
     engine uses changes until it is swapped in."""
     kv, old = engine.model.kv, engine.memory
@@ -285,6 +301,6 @@ def _build(engine, parts: dict[str, Tokens], frame_times: list, frame_cameras: l
         buf.append(Tokens(*(t.to(buf.device, kv.dtype if i < 2 else t.dtype) for i, t in enumerate(tokens.fields()))))
     if mem.page_summaries is not None and mem.long.len:
         mem.page_summaries.append(mem.long.view().keys.to(kv.device))
-    mem.frame_times, mem.frame_cameras = frame_times, frame_cameras
+    mem.frame_times, mem.frame_cameras, mem.frame_poses = frame_times, frame_cameras, frame_poses
     mem.next_token, mem.n_sinks = next_token, n_sinks
     return mem

@@ -21,6 +21,8 @@ from ..models.base import KVShape
 from .compression import KeepAll, make_compression
 from .kv_buffer import KVBuffer, Tokens
 from .pages import PageSummaries
+from .poses import Pose
+from .region import Region
 from .stamps import Stamp
 
 
@@ -41,6 +43,7 @@ class StreamingMemory:
         self.long_capacity: int | None = None
         self.frame_times: list[Stamp] = []     # stamp of every ingested frame, by frame number
         self.frame_cameras: list[str] = []     # and the camera that took it
+        self.frame_poses: list[Pose | None] = []   # and where it was taken (None: unknown)
         self.next_token = 0                     # stream index of the next visual token
         self.n_sinks = 0                        # vision sinks per layer (same on every layer)
 
@@ -82,7 +85,8 @@ class StreamingMemory:
 
     # ---- ingest ---------------------------------------------------------------------------------
     def commit_clip(self, keys_pre: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None,
-                    frame_times: list[Stamp], cameras: list[str] | None = None):
+                    frame_times: list[Stamp], cameras: list[str] | None = None,
+                    poses: list[Pose | None] | None = None):
         """Add a prefilled clip to short-term memory; what leaves it (its oldest tokens, and of a
         batch bigger than short-term memory, the batch's oldest) moves to long-term. Short-term
         memory never holds more than its frames, whatever the batch."""
@@ -96,6 +100,7 @@ class StreamingMemory:
         self.next_token += n
         self.frame_times.extend(frame_times)
         self.frame_cameras.extend(cameras or [""] * len(frame_times))
+        self.frame_poses.extend(poses or [None] * len(frame_times))
         over = self.short.len + n - self.config.short_term_frames * self.tokens_per_frame
         if over <= 0:
             self.short.append(new)
@@ -140,13 +145,10 @@ class StreamingMemory:
         T = self.tokens_per_frame
         return (bisect.bisect_left(self.frame_times, start) * T, bisect.bisect_right(self.frame_times, end) * T)
 
-    def holds(self, a: int, b: int) -> bool:
-        """Does memory keep any token of stream tokens [a, b)? (A device sync: for questions only.)"""
-        first_short = self.next_token - self.short.len
-        if self.short.len and a < self.next_token and b > first_short:
-            return True
-        idx = self.long.view().token_idx
-        return bool(((idx >= a) & (idx < b)).any()) if self.long.len else False
+    def holds(self, region: Region) -> bool:
+        """Does memory keep any token of `region`? (A device sync: for questions only.)"""
+        return any(bool(region.allows(tier.view().token_idx, self.tokens_per_frame).any())
+                   for tier in (self.long, self.short) if tier.len)
 
     def time_span(self) -> tuple[Stamp, Stamp] | None:
         """Stream time (first, last frame timestamp) the memory still holds tokens of."""
