@@ -27,6 +27,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 
 ros_runtime=(ros-rclpy[fastrtps] ros-sensor-msgs ros-std-msgs ros-std-srvs ros-diagnostic-msgs
+             ros-geometry-msgs ros-nav-msgs
              ros-builtin-interfaces ros-rosidl-default-runtime ros-rcl-interfaces ros-rosgraph-msgs
              ros-lifecycle-msgs ros-ament-index-python ros-action-msgs ros-unique-identifier-msgs)
 ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-cmake-core ros-ament-cmake-python

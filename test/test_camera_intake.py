@@ -119,6 +119,22 @@ def test_a_jump_in_the_work_queue_clears_memory_once_and_frees_waiting_questions
     assert kind == "sample" and sample.stamp == ns(1.0) and not reset
 
 
+def test_a_narration_slower_than_its_period_does_not_starve_ingest():
+    """Narration is due again by the time the last one ends: samples waiting still go between them."""
+    intake = CameraIntake([FRONT], params(), clock=Clock())
+    work = WorkQueue(intake, intake.p)
+    work.reopen()
+    for t in (100, 101, 102):
+        work.offer_frame(FRONT, ns(t), "a")
+    picked = []
+    for _ in range(6):
+        work.request(narration=True)                                    # due again at once
+        picked.append(work.next_job(lambda: True)[0])
+    assert picked == ["narration", "sample", "narration", "sample", "narration", "sample"]
+    work.request(narration=True)
+    assert work.next_job(lambda: True)[0] == "narration"                  # nothing waits: narrate
+
+
 def test_closing_the_queue_hands_back_every_waiting_job_and_refuses_with_the_reason():
     intake = CameraIntake([FRONT], params(), clock=Clock())
     work = WorkQueue(intake, intake.p)

@@ -74,6 +74,13 @@ def test_demo_model_knows_the_room_the_door_and_what_is_where_on_held_out_stream
 
 
 @pytest.mark.timeout(150)
+def point(x: float, y: float):
+    from geometry_msgs.msg import PointStamped
+    p = PointStamped()
+    p.header.frame_id, p.point.x, p.point.y = "map", x, y
+    return p
+
+
 def test_demo_bag_through_the_node_answers_and_narrates_right(tmp_path):
     """The README's demo, shortened: the demo bag replayed into the node (demo config, shipped model).
     At the end the robot is in the lab with a green crate on the left; it saw the orange bottle
@@ -103,6 +110,18 @@ def test_demo_bag_through_the_node_answers_and_narrates_right(tmp_path):
             assert answer.success, answer.error_message
             assert world.answer_correct(world.QA("", q, world.ground_truth(states, q)), answer.answer), \
                 (q, answer.answer, world.ground_truth(states, q))
+        # where: evidence carries the robot's pose from the bag's /odom, exactly the world's at that
+        # stamp (frames and poses share stamps); a place reads only frames taken there
+        where = client.query("Where did I last see the orange bottle?", max_new_tokens=16)
+        assert where.success and where.evidence, where.error_message
+        for e in where.evidence:
+            t = e.stamp.sec + e.stamp.nanosec * 1e-9 - start
+            x, y = episode.pose(t)[:2]
+            assert e.pose_known and abs(e.pose.pose.position.x - x) < 1e-6 and abs(e.pose.pose.position.y - y) < 1e-6
+        room = states[-1].room
+        here = client.query("What is on the left?", max_new_tokens=16, near=point(*world.ROOM_XY[room]), radius_m=3.0)
+        assert here.success and here.evidence, here.error_message
+        assert all(episode.state(e.stamp.sec + e.stamp.nanosec * 1e-9 - start).room == room for e in here.evidence)
         seen = len(client.narrations)
         client.wait_for(lambda: len(client.narrations) > seen, 10, "a narration after the bag")
         narration = client.narrations[-1].text

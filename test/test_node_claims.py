@@ -71,7 +71,7 @@ def test_memory_saved_reset_and_loaded_over_ros(client, start, tiny_model_path, 
     assert after.success and after.answer == before.answer
     # evidence stamps are the images' header stamps, bit for bit, also through the file
     exact = {(s // NS, s % NS) for s in stamps}
-    assert {(t.sec, t.nanosec) for t in after.evidence_times} <= exact and after.evidence_times
+    assert {(e.stamp.sec, e.stamp.nanosec) for e in after.evidence} <= exact and after.evidence
     memory_file.write_bytes(memory_file.read_bytes()[:1000])          # a damaged file is refused ...
     refused = trigger(client, "load_memory")
     assert not refused.success and "memory.safetensors" in refused.message

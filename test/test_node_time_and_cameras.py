@@ -58,22 +58,22 @@ def test_windows_and_evidence(client, start, tiny_model_path):  # noqa: F811
 
     whole = ask(client)
     assert whole.success, whole.error_message
-    times = [seconds(t) for t in whole.evidence_times]
+    times = [seconds(e.stamp) for e in whole.evidence]
     assert len(times) == 4 and all(100.0 <= t <= 110.0 for t in times)
-    assert list(whole.evidence_weights) == sorted(whole.evidence_weights, reverse=True)
-    assert set(whole.evidence_cameras) == {"/camera/image_raw"}
+    assert [e.weight for e in whole.evidence] == sorted((e.weight for e in whole.evidence), reverse=True)
+    assert {e.camera for e in whole.evidence} == {"/camera/image_raw"}
 
     # a window that leaves out the frames the question drew on most: other evidence, all inside it
     strongest = times[0]
     window = (101.0, 104.0) if strongest > 104.0 else (106.0, 109.0)
     part = ask(client, window_start=stamp(window[0]), window_end=stamp(window[1]))
     assert part.success, part.error_message
-    part_times = [seconds(t) for t in part.evidence_times]
+    part_times = [seconds(e.stamp) for e in part.evidence]
     assert part_times and all(window[0] <= t <= window[1] for t in part_times)
     assert strongest not in part_times
 
     last = ask(client, last_seconds=2.0)
-    assert last.success and all(108.0 <= seconds(t) <= 110.0 for t in last.evidence_times)
+    assert last.success and all(108.0 <= seconds(e.stamp) <= 110.0 for e in last.evidence)
 
     empty = ask(client, window_start=stamp(200.0), window_end=stamp(300.0))
     assert not empty.success and "keeps nothing from the window" in empty.error_message
@@ -88,7 +88,7 @@ def test_windows_and_evidence(client, start, tiny_model_path):  # noqa: F811
     handle = client.wait_for(lambda: sent.done() and sent.result(), 20, "the goal response")
     got = handle.get_result_async()
     result = client.wait_for(lambda: got.done() and got.result(), 30, "the result")
-    assert result.result.success and [seconds(t) for t in result.result.evidence_times] == part_times
+    assert result.result.success and [seconds(e.stamp) for e in result.result.evidence] == part_times
     assert node.alive()
 
 
@@ -134,7 +134,7 @@ def test_two_cameras_are_kept_apart_and_a_silent_one_is_reported(client, start, 
     assert missed(status) <= lost, status
     assert int(status["frames_sampled"]) >= 9 - lost, status                # 100.0, 100.5, ..., 104.0
     answer = ask(client)
-    assert answer.success and set(answer.evidence_cameras) == set(cameras)
+    assert answer.success and {e.camera for e in answer.evidence} == set(cameras)
 
     # the rear camera stops; the front one goes on: diagnostics names the silent camera (and only
     # it, once the front camera's frames come again: a report made before that names both)

@@ -23,10 +23,10 @@ def test_bag_replays_into_node_and_answers(tmp_path, tiny_model_path, storage, c
     client = Client()
     try:
         client.wait_ready(node)
-        play = subprocess.run([executable("livevlm_replay"), str(bag), "--rate", "2"], capture_output=True, text=True,
-                              timeout=60)
+        play = subprocess.run([executable("livevlm_replay"), str(bag), "--rate", "2", "--topics", topic],
+                              capture_output=True, text=True, timeout=60)
         assert play.returncode == 0, play.stderr
-        assert "published 40 messages" in play.stdout
+        assert "published 40 messages" in play.stdout          # the images alone (the bag has /odom too)
         # sensor-data QoS is best effort: allow a few losses, not many
         client.wait_for(lambda: int(client.node_status()["frames_received"]) >= 36, 10, "the bag's frames")
         # drained: nothing queued and the worker done with the last sample it took (a report made

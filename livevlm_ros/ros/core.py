@@ -33,11 +33,11 @@ from sensor_msgs.msg import CompressedImage, Image
 from livevlm_ros.engine import RUNTIME_OPTIONS, LiveVLMEngine, MemoryFileError
 from livevlm_ros.msg import Narration
 
-from . import diagnostics, parameters
+from . import diagnostics, parameters, robot_poses
 from .camera_intake import CameraIntake
 from .engine_worker import EngineWorker
 from .log_throttle import Throttle
-from .messages import header_stamp_ns, stamp_ns, time_msg
+from .messages import header_stamp_ns, pose_msg, stamp_ns, time_msg
 from .servers import CallerServers
 from .work_queue import WorkQueue
 
@@ -64,6 +64,7 @@ class LiveVLMCore:
         self.worker: EngineWorker | None = None
         self.servers: CallerServers | None = None
         self._subs: list = []
+        self.poses = None                            # robot_poses: where each frame was taken (or None)
         self._life = threading.Lock()                # one transition at a time (a SIGTERM mid-configure)
 
         self._camera_group = MutuallyExclusiveCallbackGroup()
@@ -111,6 +112,7 @@ class LiveVLMCore:
                 self._subs.append(self.node.create_subscription(
                     msg_type, topic, self._guarded(functools.partial(self._on_image, topic)),
                     qos_profile_sensor_data, callback_group=self._camera_group, raw=True))
+            self.poses = robot_poses.make(self.node, self.p, self._camera_group, self._guarded)
             self.state = "active"
             if self.worker is not None:
                 self.work.reopen()
@@ -120,6 +122,9 @@ class LiveVLMCore:
             for sub in self._subs:
                 self.node.destroy_subscription(sub)
             self._subs = []
+            if self.poses is not None:
+                self.poses.destroy()
+                self.poses = None
             if self.state == "active":
                 self.state = "inactive"
             if self.work is not None:
@@ -184,7 +189,8 @@ class LiveVLMCore:
             self._load_memory_file(engine)
             self.engine = engine
             self.worker = EngineWorker(engine, self.work, self.p, self.p["camera_topics"], self._publish_narration,
-                                       self._wake.trigger, self.log, self.throttle)
+                                       self._wake.trigger, self.log, self.throttle, self._pose_at)
+            self.servers.frame_ids = self.worker.frame_ids
             self.serving = True
             self.worker.start()
             if self.state == "active":
@@ -193,6 +199,11 @@ class LiveVLMCore:
                 self.work.close("inactive: activate the node to serve it")
         self.log.info(f"engine ready: {self.p['policy']} policy, model {self.p['model_path']}")
         return True
+
+    def _pose_at(self, stamp: int, frame_id: str):
+        """Where the robot was at `stamp` (the engine worker asks, per frame), or None."""
+        poses = self.poses
+        return None if poses is None else poses.pose_at(stamp, frame_id)
 
     # ---- camera callbacks (executor): a stamp read and a queue push --------------------------------
     def _on_image(self, topic: str, raw: bytes):
@@ -260,6 +271,8 @@ class LiveVLMCore:
             # stamped in camera time, like the frames it describes
             msg.span_start = time_msg(start)
             msg.header.stamp = msg.span_end = time_msg(answer.span[1])
+            poses = self.engine.memory.frame_poses                 # (the worker thread calls this)
+            msg.pose_known, msg.pose = pose_msg(poses[-1] if poses else None, answer.span[1], self.p["fixed_frame"])
         self.narration_pub.publish(msg)
 
     def _detokenize(self, ids) -> str:

@@ -74,6 +74,11 @@ def report(core) -> tuple[int, str, dict]:
     if other_clock:
         warnings.append(f"camera {', '.join(other_clock)} stamps lie behind the newest camera's: another clock? "
                         "its frames join no sample")
+    if core.poses is not None:
+        pose_values, pose_warning = core.poses.status(p["stale_camera_s"])
+        values.update(pose_values)
+        if pose_warning and core.state == "active":
+            warnings.append(pose_warning)
     if values["lag_s"] is not None and values["lag_s"] > p["max_lag_s"]:
         warnings.append(f"engine {values['lag_s']:.1f} s behind the camera")
     dropped = values.get("frames_dropped", 0) - core.dropped_reported

@@ -39,12 +39,14 @@ class WorkerCounts:
 class EngineWorker:
     """Runs `engine` against `work` until stopped. The callbacks are the node's:
     publish_narration(answer), wake() (an answer is ready: wake the executor), log (a Logger),
-    throttle (a Throttle)."""
+    throttle (a Throttle), pose_at(stamp, frame_id) (where a frame was taken, or None)."""
 
     def __init__(self, engine: LiveVLMEngine, work: WorkQueue, params: dict, topics: list[str],
-                 publish_narration, wake, log, throttle):
+                 publish_narration, wake, log, throttle, pose_at=lambda stamp, frame_id: None):
         self.engine, self.work, self.p, self.topics = engine, work, params, topics
         self.publish_narration, self.wake, self.log, self.throttle = publish_narration, wake, log, throttle
+        self.pose_at = pose_at
+        self.frame_ids: dict[str, str] = {}       # camera topic -> its images' header.frame_id
         self.counts = WorkerCounts()
         self.last_error: str | None = None
         self.stats: dict = engine.stats()
@@ -138,10 +140,12 @@ class EngineWorker:
             if topic not in sample.frames:
                 self.counts.camera_misses[topic] = self.counts.camera_misses.get(topic, 0) + 1
                 continue
-            _, raw = sample.frames[topic]
+            stamp, raw = sample.frames[topic]
             try:
                 msg = deserialize_message(raw, self._types[topic]) if isinstance(raw, bytes) else raw
-                self.engine.ingest(to_rgb(msg), sample.stamp, camera=topic)
+                self.frame_ids[topic] = msg.header.frame_id
+                pose = self.pose_at(stamp, msg.header.frame_id)      # at the frame's own stamp
+                self.engine.ingest(to_rgb(msg), sample.stamp, camera=topic, pose=pose)
             except (ImageConversionError, EngineInputError) as err:
                 self.counts.frames_rejected += 1
                 if self.throttle.ok(f"rejected {topic}", 5.0):
@@ -172,7 +176,8 @@ class EngineWorker:
             job.answer = self.engine.ask(
                 job.question, max_new_tokens=job.max_new_tokens, on_token=job.on_token,
                 cancel=lambda: not self._running or job.done.done() or job.cancelled.is_set(),
-                window=self._window(job), evidence=self.p["evidence_frames"])
+                window=self._window(job), evidence=self.p["evidence_frames"],
+                near=job.place[0] if job.place else None, radius_m=job.place[1] if job.place else None)
         except (EngineInputError, EngineResourceError) as err:
             self.counts.queries_refused += 1
             self._finish(job, False, str(err))

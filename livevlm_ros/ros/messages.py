@@ -7,11 +7,14 @@ seconds cannot hold a ROS stamp's nanoseconds: at 1.7e9 s a double resolves ~0.2
 
 from __future__ import annotations
 
+import math
 import struct
 
 from builtin_interfaces.msg import Time
+from geometry_msgs.msg import PoseStamped
 
 from livevlm_ros.action import Ask
+from livevlm_ros.msg import Evidence
 from livevlm_ros.srv import Query
 
 NS = 1_000_000_000
@@ -44,17 +47,34 @@ def header_stamp_ns(raw: bytes) -> int:
     return sec * NS + nanosec
 
 
-def fill_response(response: Query.Response, answer) -> Query.Response:
-    """A Query response from the engine's Answer (success and error are set by the caller)."""
+def pose_msg(pose, stamp: int, frame: str) -> tuple[bool, PoseStamped]:
+    """(known, PoseStamped) of an engine Pose or None (unknown: all zeros)."""
+    msg = PoseStamped()
+    msg.header.stamp, msg.header.frame_id = time_msg(stamp), frame
+    if pose is None:
+        return False, msg
+    p = msg.pose
+    p.position.x, p.position.y, p.position.z = pose.x, pose.y, pose.z
+    p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w = pose.qx, pose.qy, pose.qz, pose.qw
+    return True, msg
+
+
+def evidence_msg(e, frame_ids: dict, fixed_frame: str) -> Evidence:
+    known, pose = pose_msg(e.pose, e.time, fixed_frame)
+    return Evidence(stamp=time_msg(e.time), camera=e.camera, frame_id=frame_ids.get(e.camera, ""),
+                    weight=float(e.weight), pose_known=known, pose=pose)
+
+
+def fill_response(response: Query.Response, answer, frame_ids: dict, fixed_frame: str) -> Query.Response:
+    """A Query response from the engine's Answer (success and error are set by the caller);
+    frame_ids: each camera topic's image frame_id."""
     response.answer = answer.text
     response.time_to_first_token_s = float(answer.ttft_s)
     if answer.span:
         response.span_start, response.span_end = time_msg(answer.span[0]), time_msg(answer.span[1])
     response.pages_used, response.pages_total = answer.pages_used, answer.pages_total
     response.tokens_generated = answer.tokens_generated
-    response.evidence_times = [time_msg(e.time) for e in answer.evidence]
-    response.evidence_weights = [float(e.weight) for e in answer.evidence]
-    response.evidence_cameras = [e.camera for e in answer.evidence]
+    response.evidence = [evidence_msg(e, frame_ids, fixed_frame) for e in answer.evidence]
     return response
 
 
@@ -63,8 +83,7 @@ def ask_result(r: Query.Response) -> Ask.Result:
     return Ask.Result(success=r.success, answer=r.answer, error_message=r.error_message, latency_s=r.latency_s,
                       time_to_first_token_s=r.time_to_first_token_s, span_start=r.span_start, span_end=r.span_end,
                       pages_used=r.pages_used, pages_total=r.pages_total, tokens_generated=r.tokens_generated,
-                      evidence_times=r.evidence_times, evidence_weights=r.evidence_weights,
-                      evidence_cameras=r.evidence_cameras)
+                      evidence=r.evidence)
 
 
 def request_window(request) -> tuple | None:
@@ -76,3 +95,20 @@ def request_window(request) -> tuple | None:
     if start or end:
         return (start or None, end or None)
     return None
+
+
+def request_place(request, fixed_frame: str) -> tuple | str | None:
+    """A Query request's or Ask goal's place: ((x, y[, z]), radius_m), None (radius_m 0: no place),
+    or why it cannot be one."""
+    r, near = request.radius_m, request.near
+    if r == 0:
+        return None
+    if not math.isfinite(r) or r < 0:
+        return f"radius_m must be a finite number > 0 (0 = no place), got {r}"
+    frame = near.header.frame_id.lstrip("/")
+    if frame and frame != fixed_frame:
+        return f"near is in frame {frame!r}, but memory's poses are in fixed_frame {fixed_frame!r}"
+    point = (near.point.x, near.point.y, near.point.z) if request.near_in_3d else (near.point.x, near.point.y)
+    if not all(math.isfinite(v) for v in point):
+        return f"near {point} is not finite"
+    return point, r

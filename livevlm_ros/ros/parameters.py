@@ -53,6 +53,16 @@ NODE_PARAMETERS = [
     ("stale_camera_s", 5.0, "Diagnostics WARN when a camera sent no frame for this long.", _float(0.1)),
     ("max_lag_s", 5.0, "Diagnostics WARN when the engine is this far (camera time) behind the newest frame.",
      _float(0.0)),
+    ("pose_source", "auto", "Where each frame's pose comes from: tf (the transform fixed_frame <- the image's "
+     "frame at its stamp) | topic (pose_topic) | none | auto (tf where tf2_ros is installed, else the topic if "
+     "pose_topic is set). Frames without a pose are unknown, never guessed.", RESTART),
+    ("pose_topic", "", "The robot's pose topic (pose_source topic): nav_msgs/Odometry, geometry_msgs/PoseStamped "
+     "or PoseWithCovarianceStamped (pose_topic_type), in fixed_frame.", RESTART),
+    ("pose_topic_type", "odometry", "odometry | pose_stamped | pose_with_covariance_stamped", RESTART),
+    ("fixed_frame", "map", "The frame poses are in (and places are asked in).", RESTART),
+    ("max_pose_gap_s", 0.5, "A frame between two poses further apart than this, or this much newer than the "
+     "newest, has no pose (interpolated between the two around its stamp, held after the newest, never "
+     "extrapolated).", _float(0.0, 60.0)),
     ("memory_file", "", "safetensors file memory is loaded from at start (if it exists) and saved to on a clean "
      "shutdown and by ~/save_memory; '' = none. A file made for another model or memory setting is refused."),
     ("model_path", "", "Local folder of a from_pretrained Video LLM checkpoint (LLaVA-OneVision).", RESTART),
@@ -87,7 +97,9 @@ NODE_PARAMETERS = [
     ("narration_prompt", _ENGINE_DEFAULTS.narration_prompt, "The question a narration asks."),
 ]
 ENGINE_FIELDS = set(EngineConfig.__dataclass_fields__)
-CHOICES = {"on_time_jump": ("reset", "refuse"), "page_scoring": PAGE_SCORINGS, "launch": LAUNCH_MODES}
+CHOICES = {"on_time_jump": ("reset", "refuse"), "page_scoring": PAGE_SCORINGS, "launch": LAUNCH_MODES,
+           "pose_source": ("auto", "tf", "topic", "none"),
+           "pose_topic_type": ("odometry", "pose_stamped", "pose_with_covariance_stamped")}
 
 
 RESTART_NAMES = {name for name, _, _, *extra in NODE_PARAMETERS if extra and extra[0] is RESTART}
@@ -124,6 +136,8 @@ def invalid(p: dict) -> str | None:
         return "camera_topics is empty"
     if len(set(p["camera_topics"])) != len(p["camera_topics"]):
         return f"camera_topics names a topic twice: {p['camera_topics']}"
+    if p["pose_source"] == "topic" and not p["pose_topic"]:
+        return "pose_source is topic but pose_topic is empty"
     if p["narration_frames"] > p["short_term_frames"]:
         return f"narration_frames ({p['narration_frames']}) must be <= short_term_frames ({p['short_term_frames']})"
     return None

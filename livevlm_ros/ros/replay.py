@@ -1,4 +1,6 @@
-"""Play the image topics of a rosbag2 (sqlite3 or mcap) into ROS, at real or accelerated rate.
+"""Play the image and pose topics of a rosbag2 (sqlite3 or mcap) into ROS, at real or accelerated
+rate: images, nav_msgs/Odometry, geometry_msgs/PoseStamped and PoseWithCovarianceStamped, and
+/tf + /tf_static where tf2_msgs is installed.
 
     livevlm_replay BAG [--rate 1.0] [--topics /camera/image_raw ...] [--remap /a:=/b] [--clock]
 
@@ -18,10 +20,28 @@ from pathlib import Path
 
 import rclpy
 from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image
 
-MSG_TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/CompressedImage": CompressedImage}
+_TF_STATIC_QOS = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)   # as tf2 publishes it
+IMAGE_TYPES = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/CompressedImage": CompressedImage}
+
+
+def _message_types() -> dict:
+    from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+    from nav_msgs.msg import Odometry
+    types = dict(IMAGE_TYPES, **{"nav_msgs/msg/Odometry": Odometry, "geometry_msgs/msg/PoseStamped": PoseStamped,
+                                 "geometry_msgs/msg/PoseWithCovarianceStamped": PoseWithCovarianceStamped})
+    try:
+        from tf2_msgs.msg import TFMessage
+        types["tf2_msgs/msg/TFMessage"] = TFMessage
+    except ImportError:                                   # no tf2_msgs wheel on these machines
+        pass
+    return types
+
+
+MSG_TYPES = _message_types()
 
 
 class BagReplayer(Node):
@@ -46,13 +66,15 @@ class BagReplayer(Node):
         with AnyReader([self.bag]) as reader:
             conns = [c for c in reader.connections if c.msgtype in MSG_TYPES
                      and (not self.topics or c.topic in self.topics)]
-            if not conns:
+            if not any(c.msgtype in IMAGE_TYPES for c in conns):
                 raise SystemExit(f"{self.bag}: no image topics to play (have: "
                                  f"{sorted({c.topic for c in reader.connections})})")
-            pubs = {c.id: self.create_publisher(MSG_TYPES[c.msgtype], self.remap.get(c.topic, c.topic), 10)
+            pubs = {c.id: self.create_publisher(MSG_TYPES[c.msgtype], self.remap.get(c.topic, c.topic),
+                                                _TF_STATIC_QOS if c.topic == "/tf_static" else 10)
                     for c in conns}
             self.get_logger().info(f"playing {len(conns)} topic(s) from {self.bag} at rate {self.rate or 'max'}")
-            self._wait_for_subscribers(list(pubs.values()), self.wait_subscribers)
+            # (the image topics: a pose or tf topic nobody listens to is not waited for)
+            self._wait_for_subscribers([pubs[c.id] for c in conns if c.msgtype in IMAGE_TYPES], self.wait_subscribers)
             wall0 = bag0 = None
             for conn, stamp, raw in reader.messages(connections=conns):
                 if not rclpy.ok():
@@ -87,7 +109,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bag", type=Path)
     ap.add_argument("--rate", type=float, default=1.0, help="playback speed (0 = as fast as possible)")
-    ap.add_argument("--topics", nargs="*", help="image topics to play (default: all image topics)")
+    ap.add_argument("--topics", nargs="*", help="topics to play (default: every image and pose topic)")
     ap.add_argument("--remap", nargs="*", default=[], help="FROM:=TO topic renames")
     ap.add_argument("--clock", action="store_true", help="also publish /clock")
     ap.add_argument("--wait-subscribers", type=float, default=5.0,

@@ -24,7 +24,7 @@ from livevlm_ros.action import Ask
 from livevlm_ros.srv import Query
 
 from . import parameters
-from .messages import ask_result, fill_response, request_window, stamp_ns
+from .messages import ask_result, fill_response, request_place, request_window, stamp_ns
 from .work_queue import ControlJob, QueryJob
 
 # Every request is taken off the wire at once (the callbacks only queue), so the request queue
@@ -45,6 +45,7 @@ class CallerServers:
         self._timers_group, self._steady, self._wake, self._throttle = timers_group, steady_clock, wake, throttle
         self.detokenize = detokenize                # ids -> text, for the Ask feedback
         self.refused = 0                            # questions refused at admission
+        self.frame_ids: dict[str, str] = {}         # camera topic -> image frame_id (the worker's, for evidence)
         self.cancels = 0
         self.timeouts = 0
         self._goals: dict[int, QueryJob] = {}       # id(goal request) -> its queued job
@@ -88,9 +89,12 @@ class CallerServers:
             return "question is empty"
         if not math.isfinite(request.last_seconds) or request.last_seconds < 0:
             return f"last_seconds must be a finite number >= 0, got {request.last_seconds}"
+        place = request_place(request, self.p["fixed_frame"])
+        if isinstance(place, str):
+            return place
         cap = self.p["max_new_tokens"]
         return QueryJob(question, min(request.max_new_tokens or cap, cap), window=request_window(request),
-                        not_before=stamp_ns(request.not_before) or None)
+                        not_before=stamp_ns(request.not_before) or None, place=place)
 
     async def _answered(self, job: QueryJob) -> tuple[bool, str]:
         """Await a queued job without holding an executor thread; a time-out answers it."""
@@ -120,7 +124,7 @@ class CallerServers:
         response.success, response.error_message = await self._answered(job)
         if response.success:
             try:
-                fill_response(response, job.answer)
+                fill_response(response, job.answer, self.frame_ids, self.p["fixed_frame"])
             except Exception as err:               # noqa: BLE001 - the caller hears why, the node goes on
                 response = Query.Response(success=False, error_message=f"internal error: {type(err).__name__}: {err}")
         response.latency_s = time.perf_counter() - job.received

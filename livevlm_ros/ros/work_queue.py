@@ -24,6 +24,7 @@ class QueryJob:
     max_new_tokens: int
     window: tuple | None = None         # (start ns | None, end ns | None), or ("last", ns)
     not_before: int | None = None       # wait (bounded) for a frame stamped at or after this (ns)
+    place: tuple | None = None          # ((x, y[, z]), radius_m): only frames taken there
     received: float = field(default_factory=time.perf_counter)
     fresh_after: int | None = None      # stamp of the newest sample when it arrived: answered after it
     answer: object = None               # the engine's Answer, once answered
@@ -62,6 +63,7 @@ class WorkQueue:
         self.queries: collections.deque[QueryJob] = collections.deque()
         self.control: collections.deque[ControlJob] = collections.deque()
         self.narration_due = False
+        self.narrated_last = False         # the last job picked was a narration (samples go next)
         self.reset_due = False
         self.engine_changes: dict = {}
         self.open = False                  # accepting questions and memory commands
@@ -150,7 +152,8 @@ class WorkQueue:
         """Block until there is work; returns (kind, job, engine changes, reset first) or None when
         `running()` turns false. kind: 'control' | 'query' | 'narration' | 'sample' | 'idle' (only
         changes or a reset to apply). Order: memory commands, questions (after the frames sampled
-        before they came: fresh answers), narration, samples."""
+        before they came: fresh answers), narration, samples; but never two narrations in a row
+        while a sample waits (a narration slower than its period would starve ingest)."""
         with self.lock:
             while True:
                 if not running():
@@ -177,11 +180,13 @@ class WorkQueue:
                 kind, job = self._sample()
                 return (kind, min(job, wait)) if kind == "wait" else (kind, job)
             return "wait", wait
-        if self.narration_due:
-            self.narration_due = False
+        if self.narration_due and not (self.narrated_last and self.intake.queue):
+            self.narration_due, self.narrated_last = False, True
             return "narration", None
         if self.intake.queue:
-            return self._sample()
+            kind, job = self._sample()
+            self.narrated_last &= kind != "sample"
+            return kind, job
         return None, None
 
     def _sample(self):

@@ -3,7 +3,11 @@
 service is asked a few questions. Next to every narration and answer the demo prints the ground
 truth of the synthetic episode the bag was drawn from.
 
-    python -m livevlm_ros.tools.demo [--model DIR] [--bag DIR] [--rate 2]
+    python -m livevlm_ros.tools.demo [--model DIR] [--bag DIR] [--rate 2] [--plot demo_evidence.png]
+
+Each answer's evidence says when and where (the robot's pose from the bag's /odom). For "Where did
+I last see the red toolbox?" the demo draws the floor plan, the robot's path, the evidence poses
+and the true last sighting into a PNG.
 
 The default model is models/livevlm-demo, a small LLaVA-OneVision trained on this synthetic world
 by `train_demo_model.py` (see QUALITY.md for what it can and cannot answer).
@@ -37,6 +41,23 @@ def truth(episode, question: str, t_end: float) -> str:
     return answer or "(no ground truth for this question)"
 
 
+PLOTTED = "Where did I last see the red toolbox?"
+
+
+def plotted(episode, question: str, r, stamp, out: Path):
+    """The evidence picture of one answer (demo_plot.py), with the true last sighting."""
+    from livevlm_ros.tools import synthetic_world as world
+    from livevlm_ros.tools.demo_plot import plot_evidence
+
+    t_end = stamp(r.span_end)
+    states = [episode.state(k / 2.0) for k in range(int(t_end * 2.0) + 1)]
+    last = world.last_seen(states, question.rsplit("the ", 1)[1].rstrip("?"))
+    truth_pose = None if last is None else (last[0] / 2.0, episode.pose(last[0] / 2.0))
+    evidence = [(stamp(e.stamp), (e.pose.pose.position.x, e.pose.pose.position.y) if e.pose_known else None,
+                 e.weight) for e in r.evidence]
+    print(f"        picture: {plot_evidence(episode, t_end, question, evidence, truth_pose, out)}")
+
+
 def main():
     repo = Path(__file__).resolve().parents[2]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,6 +66,7 @@ def main():
                     "(then no ground truth is printed)")
     ap.add_argument("--rate", type=float, default=2.0)
     ap.add_argument("--config", type=Path, default=repo / "config" / "demo.yaml")
+    ap.add_argument("--plot", type=Path, default=Path("demo_evidence.png"), help="the evidence picture (PNG)")
     args = ap.parse_args()
 
     from livevlm_ros.tools import make_demo_bag, synthetic_world
@@ -104,10 +126,14 @@ def main():
                   f"(latency {r.latency_s * 1000:.0f} ms, memory {stamp(r.span_start):.1f}-{stamp(r.span_end):.1f}s, "
                   f"pages {r.pages_used}/{r.pages_total})")
             if r.success:
-                print("        evidence: " + ", ".join(f"{stamp(t):.1f}s ({w:.0%})"
-                                                      for t, w in zip(r.evidence_times, r.evidence_weights)))
+                print("        evidence: " + ", ".join(
+                    f"{stamp(e.stamp):.1f}s ({e.weight:.0%}) at "
+                    + (f"x {e.pose.pose.position.x:.1f}, y {e.pose.pose.position.y:.1f} m" if e.pose_known
+                       else "an unknown pose") for e in r.evidence))
             if episode:
                 print(f"        truth: {truth(episode, q, stamp(r.span_end))}")
+            if episode and r.success and q == PLOTTED:
+                plotted(episode, q, r, stamp, args.plot)
     finally:
         executor.shutdown()
         client.destroy_node()

@@ -10,6 +10,11 @@ of an episode, so "where did I last see it" has one answer. Everything is drawn 
     episode = Episode.generate(seed=7, seconds=60)
     frame = episode.render(t, width=640, height=480)      # RGB uint8, what a camera would publish
     state = episode.state(t)                              # room, door, object per spot (ground truth)
+    pose = episode.pose(t)                                # where the robot is (x, y, z, quaternion)
+
+The rooms lie on a floor plan (ROOM_XY, metres, in the `map` frame). In each visit the robot walks
+across its room, from 2 m west of the room's centre to 2 m east, facing east; between visits it is
+through the door at once (visits are back to back).
 
 `questions()` and `narration()` turn the states of the frames a model saw into question/answer
 pairs with exact answers; training and the benchmark use the same functions.
@@ -36,6 +41,9 @@ OBJECTS = {  # name: (RGB, shape)
     "purple bag": ((128, 40, 160), "bag"),
     "orange bottle": ((246, 128, 16), "bottle"),
 }
+ROOM_XY = {"kitchen": (0.0, 0.0), "lab": (10.0, 0.0), "office": (10.0, 8.0), "hallway": (0.0, 8.0)}
+ROOM_SIZE = 6.0                                              # metres, square, centred on ROOM_XY
+WALK_M = 2.0                                                 # the robot walks centre - 2 m .. centre + 2 m
 SPOTS = ("left", "center", "right")
 SPOT_X = {"left": 1 / 6, "center": 1 / 2, "right": 5 / 6}   # object centre, fraction of the width
 DOOR_CLOSED, DOOR_OPEN = (118, 76, 38), (250, 246, 226)     # open: daylight through the doorway
@@ -116,6 +124,14 @@ class Episode:
             if v.start <= t < v.stop:
                 return v
         return self.visits[-1]
+
+    def pose(self, t: float) -> tuple[float, float, float, float, float, float, float]:
+        """Where the robot is at time t: (x, y, z, qx, qy, qz, qw) in `map`, walking east across
+        its room during each visit."""
+        v = self.visit(t)
+        cx, cy = ROOM_XY[v.room]
+        progress = min(max((t - v.start) / (v.stop - v.start), 0.0), 1.0)
+        return cx - WALK_M + 2 * WALK_M * progress, cy, 0.0, 0.0, 0.0, 0.0, 1.0
 
     def state(self, t: float) -> State:
         v = self.visit(t)

@@ -1,0 +1,146 @@
+"""Where the robot was when a frame was taken, from ROS: a pose topic, or tf2.
+
+  topic  nav_msgs/Odometry, geometry_msgs/PoseStamped or PoseWithCovarianceStamped on `pose_topic`,
+         in `fixed_frame` (a message in another frame is refused and counted), through PoseTrack
+         (pose_track.py: interpolation, gaps, time jumps, unit-tested without DDS). Gives the pose of
+         the frame the messages describe (the robot's base, for odometry), for every camera alike.
+  tf     the transform from `fixed_frame` to each image's header.frame_id at its stamp (the camera's
+         own pose), when tf2_ros is importable. Not exercised here: no tf2_ros wheel exists for these
+         machines (README says so).
+Either way a frame whose pose cannot be had is unknown (None), never guessed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from rclpy.qos import qos_profile_sensor_data
+
+from livevlm_ros.engine.memory.poses import Pose, check_pose
+
+from .messages import stamp_ns
+from .pose_track import PoseTrack
+
+TOPIC_TYPES = ("odometry", "pose_stamped", "pose_with_covariance_stamped")
+
+
+def _message_type(kind: str):
+    if kind == "odometry":
+        from nav_msgs.msg import Odometry
+        return Odometry
+    from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+    return PoseStamped if kind == "pose_stamped" else PoseWithCovarianceStamped
+
+
+def _pose_of(msg) -> Pose:
+    """geometry_msgs/Pose inside any of the three messages -> engine Pose."""
+    p = msg.pose.pose if hasattr(msg.pose, "pose") else msg.pose
+    return Pose(p.position.x, p.position.y, p.position.z,
+                p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w)
+
+
+class TopicPoses:
+    """Poses from a topic: `pose_at(stamp_ns, frame_id)` for the worker thread, fed by a subscription."""
+
+    def __init__(self, node, params: dict, callback_group, guard):
+        self.topic, self.fixed_frame = params["pose_topic"], params["fixed_frame"]
+        self.track = PoseTrack(params["max_pose_gap_s"], params["time_jump_tolerance_s"])
+        self.refused_frame = self.refused_invalid = 0
+        self.last_wall: float | None = None          # steady-clock seconds of the last pose received
+        self._lock = threading.Lock()                # the executor adds, the engine worker reads
+        self._sub = node.create_subscription(_message_type(params["pose_topic_type"]), self.topic,
+                                             guard(self._on_pose), qos_profile_sensor_data,
+                                             callback_group=callback_group)
+        self._node = node
+
+    def _on_pose(self, msg):
+        if msg.header.frame_id.lstrip("/") != self.fixed_frame:
+            self.refused_frame += 1
+            return
+        try:
+            pose = check_pose(_pose_of(msg))
+        except ValueError:
+            self.refused_invalid += 1
+            return
+        with self._lock:
+            self.track.add(stamp_ns(msg.header.stamp), pose)
+            self.last_wall = time.monotonic()
+
+    def pose_at(self, stamp: int, frame_id: str = "") -> Pose | None:
+        with self._lock:
+            return self.track.at(stamp)
+
+    def status(self, stale_s: float) -> tuple[dict, str | None]:
+        """Diagnostics values, and a warning when the topic went quiet (or never spoke)."""
+        with self._lock:
+            c, last = self.track.counts, self.last_wall
+            values = dict(pose_source="topic", pose_topic=self.topic, poses_received=c.poses_received,
+                          frames_with_pose=c.frames_with_pose, frames_without_pose=c.frames_without_pose,
+                          pose_time_jumps=c.pose_time_jumps, poses_unstamped=c.poses_unstamped,
+                          poses_refused=self.refused_frame + self.refused_invalid)
+        quiet = None if last is None else time.monotonic() - last
+        warn = None
+        if quiet is None:
+            warn = f"pose topic {self.topic}: no pose received yet (frames' poses are unknown)"
+        elif quiet > stale_s:
+            warn = f"pose topic {self.topic}: no pose for {quiet:.1f} s (frames' poses are unknown)"
+        if self.refused_frame:
+            warn = (warn + "; " if warn else "") + (f"pose topic {self.topic}: {self.refused_frame} poses not in "
+                                                    f"fixed_frame {self.fixed_frame!r} refused")
+        return values, warn
+
+    def destroy(self):
+        self._node.destroy_subscription(self._sub)
+
+
+class TfPoses:
+    """Poses from tf2: the transform fixed_frame <- the image's frame at its stamp."""
+
+    def __init__(self, node, params: dict):
+        import tf2_ros                               # noqa: F401 - only where it is installed
+
+        self.fixed_frame = params["fixed_frame"]
+        self.buffer = tf2_ros.Buffer()
+        self.listener = tf2_ros.TransformListener(self.buffer, node)
+        self.known = self.unknown = 0
+        self.last_error: str | None = None
+
+    def pose_at(self, stamp: int, frame_id: str = "") -> Pose | None:
+        from rclpy.time import Time
+
+        try:
+            t = self.buffer.lookup_transform(self.fixed_frame, frame_id, Time(nanoseconds=stamp)).transform
+        except Exception as err:                    # noqa: BLE001 - tf2's lookup errors: unknown, never guessed
+            self.unknown += 1
+            self.last_error = f"{type(err).__name__}: {err}"
+            return None
+        self.known += 1
+        return Pose(t.translation.x, t.translation.y, t.translation.z,
+                    t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w)
+
+    def status(self, stale_s: float) -> tuple[dict, str | None]:
+        values = dict(pose_source="tf", frames_with_pose=self.known, frames_without_pose=self.unknown)
+        warn = None if self.last_error is None or self.unknown == 0 else \
+            f"tf {self.fixed_frame}: no transform for {self.unknown} frames (last: {self.last_error})"
+        return values, warn
+
+    def destroy(self):
+        self.listener = None
+
+
+def make(node, params: dict, callback_group, guard):
+    """The pose source `pose_source` names (auto: tf where tf2_ros is importable, else the topic
+    if one is set), or None."""
+    source = params["pose_source"]
+    if source == "auto":
+        try:
+            import tf2_ros  # noqa: F401
+            source = "tf"
+        except ImportError:
+            source = "topic" if params["pose_topic"] else "none"
+    if source == "tf":
+        return TfPoses(node, params)
+    if source == "topic":
+        return TopicPoses(node, params, callback_group, guard)
+    return None
