@@ -28,21 +28,15 @@ from .cuda.decode_step import DecodeStep
 from .cuda.ingest_step import IngestStep
 from .cuda.question_step import QuestionStep
 from .hook.kv_hook import MemoryKVHook
+from .inputs import (EngineInputError, NoFramesError, check_frame, check_order, check_pose, check_question,
+                     check_stamp)
 from .memory import persistence
-from .memory.poses import Pose, check_place, check_pose, frames_near, region_covered
+from .memory.poses import Pose, check_place, frames_near, region_covered
 from .memory.region import Region
 from .memory.retrieval import ContextSelector, RecentFrames, make_selector
 from .memory.stamps import Stamp, seconds
 from .memory.streaming_memory import StreamingMemory
 from .models import VideoLLMAdapter, load_adapter
-
-
-class EngineInputError(ValueError):
-    """A frame or question the engine cannot use; the engine state is unchanged."""
-
-
-class NoFramesError(EngineInputError):
-    """A question arrived before any frame was ingested."""
 
 
 class EngineResourceError(RuntimeError):
@@ -158,9 +152,9 @@ class LiveVLMEngine:
         at one instant share its timestamp; `camera` names the source, which memory keeps per frame
         (answers' evidence says which camera saw it). `pose`: where it was taken (a Pose, or x, y, z
         [, qx, qy, qz, qw] in one fixed frame), or None: unknown; questions about a place use it."""
-        self._check_frame(frame)
+        check_frame(frame)
         timestamp = self._check_stamp(timestamp)
-        pose = self._check_pose(pose)
+        pose = check_pose(pose)
         self._check_order([timestamp])
         if (self._last_sampled is not None and self.config.sample_fps > 0
                 and seconds(timestamp - self._last_sampled) < 1.0 / self.config.sample_fps - 1e-6):
@@ -194,7 +188,7 @@ class LiveVLMEngine:
         timestamps = [self._check_stamp(t) for t in timestamps]
         if poses is not None and len(poses) != len(timestamps):
             raise EngineInputError(f"{len(poses)} poses for {len(timestamps)} frames")
-        poses = [self._check_pose(p) for p in poses] if poses is not None else [None] * len(timestamps)
+        poses = [check_pose(p) for p in poses] if poses is not None else [None] * len(timestamps)
         if not timestamps:
             raise EngineInputError("no timestamps: nothing to ingest")
         if len({type(t) for t in timestamps}) > 1:
@@ -264,7 +258,7 @@ class LiveVLMEngine:
                              frames in both. Frames of unknown pose are outside every place
         evidence             how many frames to name in `Answer.evidence`: those whose tokens drew
                              the most of the question's attention (0 = do not measure it)"""
-        question = self._check_question(question)
+        question = check_question(question, self.model.tokenize, self.config.max_question_tokens)
         self.flush()
         if (near is None) != (radius_m is None):
             raise EngineInputError("a place needs both near and radius_m")
@@ -408,41 +402,9 @@ class LiveVLMEngine:
                  stream_span=self.memory.time_span())
         return s
 
-    # ---- validation ---------------------------------------------------------------------------------
-    def _check_frame(self, frame):
-        if not isinstance(frame, np.ndarray):
-            raise EngineInputError(f"frame must be a numpy array, got {type(frame).__name__}")
-        if frame.dtype != np.uint8:
-            raise EngineInputError(f"frame must be uint8 RGB, got dtype {frame.dtype}")
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 2 or frame.shape[1] < 2:
-            raise EngineInputError(f"frame must be HxWx3 (RGB), got shape {frame.shape}")
-
-    def _check_pose(self, pose) -> Pose | None:
-        try:
-            return check_pose(pose)
-        except (TypeError, ValueError) as err:
-            raise EngineInputError(f"pose: {err}") from None
-
+    # ---- validation (inputs.py) ----------------------------------------------------------------------
     def _check_stamp(self, t, what: str = "timestamp") -> Stamp:
-        """An int (nanoseconds, as ROS stamps are) or a float (seconds), returned as the Python number
-        of the same kind (numpy scalars become one, exactly). Memory holds one kind: comparing or
-        subtracting nanoseconds and seconds would be wrong, so the other kind is refused (until reset)."""
-        if isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)):
-            t = int(t)
-            if not -2 ** 63 <= t < 2 ** 63:
-                raise EngineInputError(f"{what} {t} is out of range for int64 nanoseconds")
-        elif isinstance(t, (float, np.floating)):
-            t = float(t)
-            if not math.isfinite(t):
-                raise EngineInputError(f"{what} {t} is not a finite number of seconds")
-        else:
-            raise EngineInputError(f"{what} must be int nanoseconds or float seconds, got {type(t).__name__}")
-        kind = self._stamp_kind()
-        if kind is not None and type(t) is not kind:
-            unit = {int: "int nanoseconds", float: "float seconds"}
-            raise EngineInputError(f"{what} {t!r} is {unit[type(t)]}, but memory's stamps are {unit[kind]} "
-                                   "(reset() starts a stream of the other kind)")
-        return t
+        return check_stamp(t, self._stamp_kind(), what)
 
     def _stamp_kind(self) -> type | None:
         """int or float: the kind of stamps the stream uses (set by its first), None before any."""
@@ -450,23 +412,9 @@ class LiveVLMEngine:
         return next((type(t) for t in known if t is not None), None)
 
     def _check_order(self, stamps: list[Stamp]):
-        """New frames' stamps (checked by _check_stamp) must be in time order and not older than the
-        newest the stream has had (sampled, waiting for a clip, or in memory); before anything changes."""
         times = self.memory.frame_times
-        newest = max((t for t in (self._last_sampled, times[-1] if times else None) if t is not None), default=None)
-        for before, t in zip([newest] + stamps, stamps):
-            if before is not None and t < before:
-                raise EngineInputError(f"timestamp {seconds(t):.3f} is older than the last frame "
-                                       f"({seconds(before):.3f}); frames must arrive in time order")
-
-    def _check_question(self, question) -> str:
-        if not isinstance(question, str) or not question.strip():
-            raise EngineInputError("question is empty")
-        question = question.strip()
-        n = len(self.model.tokenize(question))
-        if n > self.config.max_question_tokens:
-            raise EngineInputError(f"question is {n} tokens long; the limit is {self.config.max_question_tokens}")
-        return question
+        check_order(stamps, max((t for t in (self._last_sampled, times[-1] if times else None) if t is not None),
+                                default=None))
 
 
 class _device_errors:
