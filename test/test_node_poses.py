@@ -8,9 +8,11 @@ import time
 import pytest
 from geometry_msgs.msg import PointStamped
 from nav_msgs.msg import Odometry
+from rclpy.action import ActionClient
 from rclpy.qos import qos_profile_sensor_data
 
 from ros_harness import client, node_params, start  # noqa: F401,I100 (domain first; fixtures)
+from livevlm_ros.action import Ask
 
 QUESTION = "Where did I last see the red toolbox?"
 
@@ -57,6 +59,15 @@ def test_poses_in_memory_questions_about_a_place_and_a_pose_topic_that_stops(cli
         assert 101.8 <= t <= 104.2 and math.isclose(e.pose.pose.position.x, t - 100.0, abs_tol=1e-6), (t, e.pose)
     whole = client.query(QUESTION)
     assert whole.success and all(e.pose_known for e in whole.evidence)
+
+    # the action takes the same place and returns the same evidence
+    action = ActionClient(client.node, Ask, "/livevlm/ask")
+    client.wait_for(lambda: action.server_is_ready(), 10, "the Ask action server")
+    sent = action.send_goal_async(Ask.Goal(question=QUESTION, near=near(3.0, 0.0), radius_m=1.2))
+    handle = client.wait_for(lambda: sent.done() and sent.result(), 20, "the goal response")
+    got = handle.get_result_async()
+    result = client.wait_for(lambda: got.done() and got.result(), 30, "the result").result
+    assert result.success and [(e.stamp, e.pose) for e in result.evidence] == [(e.stamp, e.pose) for e in a.evidence]
 
     # narration carries the pose of its newest frame
     client.wait_for(lambda: client.narrations and client.narrations[-1].pose_known, 20, "a narration with a pose")
