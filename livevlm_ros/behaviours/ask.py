@@ -11,10 +11,13 @@ preempted (`terminate(INVALID)`, e.g. a parallel branch or a higher-priority bra
 the goal: the node stops the answer at its next token and the engine is free.
 
 Never blocks a tick: the leaf only sends requests and looks at futures. Like py_trees_ros leaves it
-takes the tree's rclpy node in `setup(node=...)`, and whoever owns the tree spins that node (tick the
-tree from a timer on it, as py_trees_ros and `ticking.TreeTicker` do, or spin it in a background
-executor thread): the goal, feedback and result arrive through that node's executor. Feedback
-callbacks only store the latest message; the blackboard is written in `update()`, on the tick.
+takes the tree's rclpy node in `setup(node=...)`, and whoever owns the tree spins that node; the
+goal, feedback and result arrive through that node's executor. Tick the tree from a timer on that
+node, as py_trees_ros and `ticking.TreeTicker` do: ticks and the action client's callbacks then never
+run at once. Ticking from another thread while an executor spins the node is not safe with this
+rclpy: `send_goal_async` registers its future partly outside its lock, and a reply handled in
+between is lost (the leaf then fails "timed out ... (no reply to the goal)"; ros2/rclpy#1123).
+Feedback callbacks only store the latest message; the blackboard is written in `update()`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import time
 
 import py_trees
 from action_msgs.msg import GoalStatus
-from rclpy.action import ActionClient
 
 from livevlm_ros.action import Ask as AskAction
 
+from .action_client import shared_action_client
 from .evidence import evidence_of
 from .goal import ask_goal, check_window, nanoseconds
 
@@ -80,7 +83,7 @@ class Ask(py_trees.behaviour.Behaviour):
         if question_key is not None:
             self.blackboard.register_key(key=question_key, access=py_trees.common.Access.READ)
         self.node = None
-        self._client: ActionClient | None = None
+        self._client = None           # the node's shared Ask client (action_client.py)
         self._run = 0                 # which run of the leaf a late callback belongs to
         self._reset()
 
@@ -99,7 +102,7 @@ class Ask(py_trees.behaviour.Behaviour):
             self.node = kwargs["node"]
         except KeyError as err:
             raise KeyError(f"{self.name}: setup() needs node=<rclpy node> (tree.setup(node=node))") from err
-        self._client = ActionClient(self.node, AskAction, self.action_name)
+        self._client = shared_action_client(self.node, AskAction, self.action_name)
         if self.wait_for_server_s > 0 and not self._client.wait_for_server(timeout_sec=self.wait_for_server_s):
             raise TimeoutError(f"{self.name}: no Ask action server at {self.action_name} "
                                f"after {self.wait_for_server_s} s")
@@ -129,8 +132,9 @@ class Ask(py_trees.behaviour.Behaviour):
         if self._error is not None:
             return self._fail(self._error)
         if time.monotonic() - self._started > self.timeout_s:
+            waiting_for = self._waiting_for()
             self._cancel()
-            return self._fail(f"timed out after {self.timeout_s} s")
+            return self._fail(f"timed out after {self.timeout_s} s ({waiting_for})")
         if not self._sent.done():
             self.feedback_message = "goal sent"
             return Status.RUNNING
@@ -165,6 +169,13 @@ class Ask(py_trees.behaviour.Behaviour):
         self._write(partial_answer=result.answer, answer=result.answer, evidence=evidence_of(result))
         self.feedback_message = result.answer
         return Status.SUCCESS
+
+    def _waiting_for(self) -> str:
+        if not self._sent.done():
+            return "no reply to the goal"
+        if self._feedback is None:
+            return "accepted, no token yet"
+        return f"{self._feedback.tokens_generated} tokens so far"
 
     def _fail(self, reason: str) -> Status:
         self._write(error=reason)
