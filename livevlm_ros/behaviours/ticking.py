@@ -50,7 +50,7 @@ class StatusLines:
         changes = []
         for behaviour in tree.root.iterate():
             status = behaviour.status
-            if self._last.get(behaviour.id) != status:
+            if self._last.get(behaviour.id, Status.INVALID) != status:     # every behaviour starts INVALID
                 note = f" ({behaviour.feedback_message})" if behaviour.feedback_message else ""
                 changes.append(f"{behaviour.name}: {status.value}{note}")
             self._last[behaviour.id] = status
