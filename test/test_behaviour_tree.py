@@ -128,6 +128,16 @@ def test_a_yes_no_answer_is_read_by_its_first_word_and_a_hedge_makes_it_unsure(a
     assert verdict(answer) == said
 
 
+def test_the_node_runs_without_py_trees():
+    """py_trees is optional: the node's modules never import it (nor the leaves)."""
+    import sys
+    code = ("import sys; sys.modules['py_trees'] = None\n"          # `import py_trees` now raises ImportError
+            "import livevlm_ros.ros.main, livevlm_ros.ros.lifecycle_node, livevlm_ros.tools.demo\n"
+            "try:\n    import livevlm_ros.behaviours\nexcept ImportError:\n    print('leaves need py_trees')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "leaves need py_trees", out.stderr
+
+
 # ---- the example tree on the demo model and the demo bag --------------------------------------------------
 @pytest.mark.timeout(240)
 def test_door_open_then_where_is_the_toolbox_then_go_there_gives_the_demo_ground_truth(demo):
