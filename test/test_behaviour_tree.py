@@ -276,7 +276,11 @@ def test_errors_fail_with_the_nodes_reason_and_an_unsure_answer_fails_the_guard(
     assert verdict(answer) == "unsure", answer                  # the premise of this test
     assert check.status == Status.FAILURE and Blackboard.get("/guard/verdict") == "unsure"
     assert Blackboard.get("/guard/error").startswith("unsure answer")
-    # the question from a blackboard key
+    # the question from a blackboard key: none there yet is a failure that says so, no goal sent
+    unplanned = Ask("from the plan", question_key="/plan/question", key="/unplanned", namespace="tiny")
+    ticked(client, unplanned)
+    assert unplanned.status == Status.FAILURE
+    assert Blackboard.get("/unplanned/error") == "no question at blackboard key /plan/question: None"
     Blackboard.set("/plan/question", "What is on the left?")
     ask = Ask("from the plan", question_key="/plan/question", key="/planned", namespace="tiny")
     ticked(client, ask)

@@ -111,9 +111,10 @@ class Ask(py_trees.behaviour.Behaviour):
         self._run += 1
         self._reset()
         self._write(partial_answer="", tokens=0, answer="", evidence=(), result=None, error="")
-        question = self.question if self.question_key is None else self.blackboard.get(self.question_key)
+        question = self.question if self.question_key is None else self._question_on_the_blackboard()
         if not isinstance(question, str) or not question.strip():
-            self._error = f"no question (question_key {self.question_key!r} holds {question!r})"
+            where = "" if self.question_key is None else f" at blackboard key {self.question_key}"
+            self._error = f"no question{where}: {question!r}"
             return
         if self._client is None:
             self._error = "setup(node=...) was not called"
@@ -127,6 +128,12 @@ class Ask(py_trees.behaviour.Behaviour):
                         self.not_before)
         run = self._run
         self._sent = self._client.send_goal_async(goal, feedback_callback=lambda m: self._on_feedback(run, m))
+
+    def _question_on_the_blackboard(self):
+        try:
+            return self.blackboard.get(self.question_key)
+        except KeyError:                                # nothing written there yet
+            return None
 
     def update(self) -> Status:
         if self._error is not None:
