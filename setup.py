@@ -15,7 +15,8 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately not listed: scripts/setup.sh installs the right build only when missing.
     install_requires=["transformers>=5.17,<5.40", "numpy", "opencv-python-headless", "pyyaml"],
-    extras_require={"ros": ["rosbags", "rosbags-image"], "test": ["pytest"]},
+    # py_trees: only for livevlm_ros.behaviours (behaviour-tree leaves); the node runs without it
+    extras_require={"ros": ["rosbags", "rosbags-image"], "bt": ["py_trees>=2.2,<3"], "test": ["pytest", "py_trees>=2.2,<3"]},
     entry_points={
         "console_scripts": [
             "livevlm_node = livevlm_ros.ros.main:main",

@@ -45,7 +45,7 @@ ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-
            ros-fastrtps-cmake-module ros-rmw-implementation-cmake ros-ament-cmake-pytest)
 # pytest < 8.4: launch_testing's plugin (launch_pytest) breaks on 8.4's fixture internals
 python_deps=("transformers>=5.17,<5.40" numpy opencv-python-headless pyyaml rosbags rosbags-image "pytest>=8.3,<8.4"
-             pytest-timeout gguf accelerate matplotlib)
+             pytest-timeout gguf accelerate matplotlib "py_trees>=2.2,<3")
 stamp="$venv/.livevlm_deps"
 want=$(printf '%s\n' "${python_deps[@]}" "${ros_runtime[@]}" "${ros_build[@]}" | sha1sum | cut -c1-12)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -7,6 +7,7 @@ import time
 import pytest
 from action_msgs.msg import GoalStatus
 from rclpy.action import ActionClient
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from ros_harness import client, node_params, ros2, start  # noqa: F401,I100 (domain first; fixtures)
 from livevlm_ros.action import Ask
@@ -14,7 +15,10 @@ from livevlm_ros.action import Ask
 
 @pytest.fixture
 def ask(client):  # noqa: F811 - the fixture from ros_harness
-    return ActionClient(client.node, Ask, "/livevlm/ask")
+    # every reply kept: rclpy's default keeps the last 10, and a burst of 30 goals lost replies
+    keep_all = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
+    return ActionClient(client.node, Ask, "/livevlm/ask", goal_service_qos_profile=keep_all,
+                        result_service_qos_profile=keep_all, cancel_service_qos_profile=keep_all)
 
 
 def wait_ready_with_a_frame(client, node, ask):  # noqa: F811
@@ -102,7 +106,12 @@ def test_thirty_goals_at_once_all_end(client, start, ask, tiny_model_path):  # n
     accepted = [h for h in handles if h.accepted]
     assert 4 <= len(accepted) < 30                                   # the queue's limit, then rejections
     ends = [result_of(client, h) for h in accepted]
-    assert all(e.status == GoalStatus.STATUS_SUCCEEDED and e.result.success for e in ends)
+    # goals accepted together may fill the queue between admission and queueing: those end aborted
+    # "busy" (servers.py); the first four always find room
+    assert all((e.status == GoalStatus.STATUS_SUCCEEDED and e.result.success)
+               or (e.status == GoalStatus.STATUS_ABORTED and "busy" in e.result.error_message) for e in ends), \
+        [(e.status, e.result.error_message) for e in ends]
+    assert sum(e.result.success for e in ends) >= 4
     assert node.alive()
 
 

@@ -112,7 +112,7 @@ class LiveVLMCore:
                 self._subs.append(self.node.create_subscription(
                     msg_type, topic, self._guarded(functools.partial(self._on_image, topic)),
                     qos_profile_sensor_data, callback_group=self._camera_group, raw=True))
-            self.poses = robot_poses.make(self.node, self.p, self._camera_group, self._guarded)
+            self.poses = robot_poses.make(self.node, self.p, self._guarded)
             self.state = "active"
             if self.worker is not None:
                 self.work.reopen()

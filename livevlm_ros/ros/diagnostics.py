@@ -20,6 +20,7 @@ def report(core) -> tuple[int, str, dict]:
                     "engine": "ready" if worker else "failed" if core.engine_error else
                               "loading" if core.loading else "unconfigured",
                     "worker_alive": bool(worker and worker.alive()),
+                    "answering": bool(worker and worker.answering()),
                     "callback_errors": core.callback_errors}
     if work is not None:
         with work.lock:

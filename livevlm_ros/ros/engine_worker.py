@@ -30,6 +30,8 @@ class WorkerCounts:
         self.camera_misses: dict[str, int] = {}   # per camera: samples it had no frame near
         self.queries_answered = 0
         self.queries_refused = 0        # refused by the engine (bad question, empty window, ...)
+        self.answers_cancelled = 0      # answers stopped midway: a goal cancelled, a time-out, a shutdown
+        self.tokens_after_last_cancel = 0   # tokens the last cancelled answer made after its cancel came: 0 or 1
         self.narrations = 0
         self.narrations_preempted = 0   # a waiting question went first; the narration is redone after it
         self.memory_resets = 0          # time jumps and ~/reset_memory
@@ -79,6 +81,10 @@ class EngineWorker:
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def answering(self) -> bool:
+        """Whether a question is being answered now (the engine is busy with it)."""
+        return self._current is not None
 
     def _run(self):
         handlers = {"control": self._control, "query": self._answer, "narration": self._narrate,
@@ -172,9 +178,16 @@ class EngineWorker:
         if job.done.done():                        # timed out or cancelled while waiting
             return
         self._current = job
+        after_cancel = 0                           # tokens made after the cancel came: how fast it took effect
+
+        def on_token(ids, ttft):
+            nonlocal after_cancel
+            after_cancel += job.cancelled.is_set() or job.done.done()
+            if job.on_token is not None:
+                job.on_token(ids, ttft)
         try:
             job.answer = self.engine.ask(
-                job.question, max_new_tokens=job.max_new_tokens, on_token=job.on_token,
+                job.question, max_new_tokens=job.max_new_tokens, on_token=on_token,
                 cancel=lambda: not self._running or job.done.done() or job.cancelled.is_set(),
                 window=self._window(job), evidence=self.p["evidence_frames"],
                 near=job.place[0] if job.place else None, radius_m=job.place[1] if job.place else None)
@@ -183,6 +196,8 @@ class EngineWorker:
             self._finish(job, False, str(err))
             return
         except AnswerCancelled:
+            self.counts.answers_cancelled += 1
+            self.counts.tokens_after_last_cancel = after_cancel
             self._finish(job, False, self._stop_reason if not self._running else "cancelled")
             return
         finally:

@@ -47,6 +47,30 @@ def header_stamp_ns(raw: bytes) -> int:
     return sec * NS + nanosec
 
 
+def pose_from_cdr(raw: bytes, skip_child_frame: bool) -> tuple[int, str, tuple]:
+    """(header stamp ns, header frame_id, (x, y, z, qx, qy, qz, qw)) of a serialized (plain CDR)
+    geometry_msgs/PoseStamped or PoseWithCovarianceStamped, or nav_msgs/Odometry
+    (`skip_child_frame`: its child_frame_id string comes before the pose), read without building
+    the message (an Odometry is 90 numbers; a robot sends 50 a second). Offsets count from the end
+    of the 4-byte encapsulation header; the pose's doubles are 8-aligned. ValueError where the bytes
+    are not plain CDR or too short (the caller deserializes those)."""
+    if len(raw) < 16 or raw[0] != 0 or raw[1] not in (0, 1):
+        raise ValueError("not plain CDR")
+    order = "<" if raw[1] else ">"
+    data = memoryview(raw)[4:]
+    sec, nanosec, n = struct.unpack_from(order + "iII", data, 0)
+    frame = bytes(data[12:12 + n]).rstrip(b"\0").decode("utf-8", "replace")
+    at = 12 + n
+    if skip_child_frame:
+        at = -(-at // 4) * 4
+        (n,) = struct.unpack_from(order + "I", data, at)
+        at += 4 + n
+    at = -(-at // 8) * 8
+    if len(data) < at + 56:
+        raise ValueError("too short for a pose")
+    return sec * NS + nanosec, frame, struct.unpack_from(order + "7d", data, at)
+
+
 def pose_msg(pose, stamp: int, frame: str) -> tuple[bool, PoseStamped]:
     """(known, PoseStamped) of an engine Pose or None (unknown: all zeros)."""
     msg = PoseStamped()

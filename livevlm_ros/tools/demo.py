@@ -3,11 +3,13 @@
 service is asked a few questions. Next to every narration and answer the demo prints the ground
 truth of the synthetic episode the bag was drawn from.
 
-    python -m livevlm_ros.tools.demo [--model DIR] [--bag DIR] [--rate 2] [--plot demo_evidence.png]
+    python -m livevlm_ros.tools.demo [--model DIR] [--bag DIR] [--rate 2] [--plot demo_evidence.png] [--no-tree]
 
 Each answer's evidence says when and where (the robot's pose from the bag's /odom). For "Where did
 I last see the red toolbox?" the demo draws the floor plan, the robot's path, the evidence poses
-and the true last sighting into a PNG.
+and the true last sighting into a PNG. After the questions it ticks the example behaviour tree
+(livevlm_ros/behaviours/example_tree.py: door open? -> where did I last see the red toolbox? -> go
+there) at 10 Hz, one line per tick that changes a status; skipped when py_trees is not installed.
 
 The default model is models/livevlm-demo, a small LLaVA-OneVision trained on this synthetic world
 by `train_demo_model.py` (see QUALITY.md for what it can and cannot answer).
@@ -67,6 +69,7 @@ def main():
     ap.add_argument("--rate", type=float, default=2.0)
     ap.add_argument("--config", type=Path, default=repo / "config" / "demo.yaml")
     ap.add_argument("--plot", type=Path, default=Path("demo_evidence.png"), help="the evidence picture (PNG)")
+    ap.add_argument("--no-tree", action="store_true", help="do not run the example behaviour tree")
     args = ap.parse_args()
 
     from livevlm_ros.tools import make_demo_bag, synthetic_world
@@ -134,6 +137,8 @@ def main():
                 print(f"        truth: {truth(episode, q, stamp(r.span_end))}")
             if episode and r.success and q == PLOTTED:
                 plotted(episode, q, r, stamp, args.plot)
+        if not args.no_tree:
+            run_example_tree(client, stamp)
     finally:
         executor.shutdown()
         client.destroy_node()
@@ -141,6 +146,31 @@ def main():
         node.terminate()
         node.wait(15)
         scratch.cleanup()
+
+
+def run_example_tree(node, stamp, timeout_s: float = 60.0):
+    """Tick the example tree at 10 Hz from a timer on `node` (spun by the demo's executor thread)."""
+    try:
+        import py_trees
+    except ImportError:
+        print("[tree] py_trees is not installed: no behaviour-tree example (pip install py_trees)")
+        return
+    from livevlm_ros.behaviours import StatusLines, TreeTicker
+    from livevlm_ros.behaviours.example_tree import find_the_toolbox
+
+    tree = py_trees.trees.BehaviourTree(find_the_toolbox())
+    tree.setup(node=node)
+    time.sleep(1.0)                 # new action client: let discovery match the replies' reader
+    tree.add_post_tick_handler(StatusLines())
+    ticker = TreeTicker(tree, node, period_s=0.1)
+    ticker.finished.wait(timeout_s)
+    ticker.close()
+    target = py_trees.blackboard.Blackboard.storage.get("/go_there/target")
+    if target is not None:
+        where = ("an unknown pose" if target.pose is None else
+                 f"x {target.pose.pose.position.x:.1f}, y {target.pose.pose.position.y:.1f} m")
+        print(f"[tree] go there: {target.answer!r}, seen last by {target.camera} at {stamp(target.stamp):.1f}s, "
+              f"from {where}")
 
 
 if __name__ == "__main__":
