@@ -203,6 +203,21 @@ def test_bounded_answer_equals_offline_forward_over_what_was_kept(one_layer_mode
     torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
 
 
+def offline_logits(path, engine, frames) -> torch.Tensor:
+    """The reference: transformers' own forward over [prefix, these frames' visual tokens, newline,
+    question], run by a second instance of the checkpoint; the logits of its last row."""
+    ref = load_reference(path)
+    with torch.inference_mode():
+        T, a = engine.model.tokens_per_frame, engine.model
+        feats = [ref.model.get_video_features(a.preprocess([f])[None]) for f in frames]
+        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, x_hidden(ref))[:T] for x in feats])
+        embed = ref.model.get_input_embeddings()
+        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
+        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
+        seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
+        return ref(inputs_embeds=seq).logits[0, -1].float()
+
+
 @pytest.mark.parametrize("window, inside", [((1.5, 3.5), [2, 3]), ((2.5, 4.5), [3, 4]), ((None, 0.0), [0])])
 def test_windowed_answer_equals_offline_forward_over_the_windows_frames(one_layer_model, frames, window, inside):
     """A time window reads only the frames taken in it (the cases cover long-term memory, both
@@ -214,17 +229,8 @@ def test_windowed_answer_equals_offline_forward_over_the_windows_frames(one_laye
     for i, f in enumerate(video):
         engine.ingest(f, float(i))
     answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True, window=window)
-    ref = load_reference(one_layer_model)
-    with torch.inference_mode():
-        T, a = engine.model.tokens_per_frame, engine.model
-        feats = [ref.model.get_video_features(a.preprocess([video[i]])[None]) for i in inside]
-        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, x_hidden(ref))[:T] for x in feats])
-        embed = ref.model.get_input_embeddings()
-        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
-        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
-        seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
-        logits = ref(inputs_embeds=seq).logits[0, -1]
-    torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(answer.first_logits, offline_logits(one_layer_model, engine, [video[i] for i in inside]),
+                               atol=2e-5, rtol=1e-4)
 
 
 # where the robot was for each of 6 frames: back and forth between x = 0 and x = 3 (a place then
@@ -252,17 +258,8 @@ def test_place_answer_equals_offline_forward_over_the_places_frames(one_layer_mo
                         evidence=6)
     assert sorted(e.time for e in answer.evidence) == [float(i) for i in inside]
     assert all(e.pose[:3] == WALK[int(e.time)] for e in answer.evidence)
-    ref = load_reference(one_layer_model)
-    with torch.inference_mode():
-        T, a = engine.model.tokens_per_frame, engine.model
-        feats = [ref.model.get_video_features(a.preprocess([video[i]])[None]) for i in inside]
-        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, x_hidden(ref))[:T] for x in feats])
-        embed = ref.model.get_input_embeddings()
-        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
-        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
-        seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
-        logits = ref(inputs_embeds=seq).logits[0, -1]
-    torch.testing.assert_close(answer.first_logits, logits.float(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(answer.first_logits, offline_logits(one_layer_model, engine, [video[i] for i in inside]),
+                               atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("launch", ["eager", "static"])
