@@ -28,7 +28,6 @@ from rclpy.clock import Clock, ClockType
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.serialization import deserialize_message
-from sensor_msgs.msg import CompressedImage, Image
 
 from livevlm_ros.engine import RUNTIME_OPTIONS, LiveVLMEngine, MemoryFileError
 from livevlm_ros.msg import Narration
@@ -37,7 +36,7 @@ from . import diagnostics, parameters, robot_poses
 from .camera_intake import CameraIntake
 from .engine_worker import EngineWorker
 from .log_throttle import Throttle
-from .messages import header_stamp_ns, pose_msg, stamp_ns, time_msg
+from .messages import header_stamp_ns, image_type, pose_msg, stamp_ns, time_msg
 from .servers import CallerServers
 from .work_queue import WorkQueue
 
@@ -105,8 +104,7 @@ class LiveVLMCore:
 
     def activate(self):
         with self._life:
-            self._types = {t: CompressedImage if t.rstrip("/").endswith("compressed") else Image
-                           for t in self.p["camera_topics"]}
+            self._types = {t: image_type(t) for t in self.p["camera_topics"]}
             for topic, msg_type in self._types.items():
                 # raw: the callback gets the serialized bytes; only sampled frames are deserialized
                 self._subs.append(self.node.create_subscription(

@@ -14,12 +14,12 @@ import time
 import traceback
 
 from rclpy.serialization import deserialize_message
-from sensor_msgs.msg import CompressedImage, Image
 
 from livevlm_ros.engine import (AnswerCancelled, EngineInputError, EngineResourceError, LiveVLMEngine,
                                 MemoryFileError, NoFramesError)
 
 from .image_conversion import ImageConversionError, to_rgb
+from .messages import image_type
 from .work_queue import ControlJob, QueryJob, WorkQueue
 
 
@@ -56,7 +56,7 @@ class EngineWorker:
         self._stop_reason = ""
         self._current: QueryJob | None = None     # the question being answered
         self._thread: threading.Thread | None = None
-        self._types = {t: CompressedImage if t.rstrip("/").endswith("compressed") else Image for t in topics}
+        self._types = {t: image_type(t) for t in topics}
 
     # ---- life ----------------------------------------------------------------------------------
     def start(self):

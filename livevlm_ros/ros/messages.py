@@ -12,6 +12,7 @@ import struct
 
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import PoseStamped
+from sensor_msgs.msg import CompressedImage, Image
 
 from livevlm_ros.action import Ask
 from livevlm_ros.msg import Evidence
@@ -30,6 +31,12 @@ def time_msg(ns: int) -> Time:
 
 def seconds_ns(seconds: float) -> int:
     return round(seconds * NS)
+
+
+def image_type(topic: str):
+    """The message type a camera topic carries: sensor_msgs/CompressedImage for a name ending in
+    `compressed`, else sensor_msgs/Image."""
+    return CompressedImage if topic.rstrip("/").endswith("compressed") else Image
 
 
 def header_stamp_ns(raw: bytes) -> int:

@@ -12,6 +12,8 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from livevlm_ros.engine import EngineConfig
 from livevlm_ros.engine.config import LAUNCH_MODES, PAGE_SCORINGS, POLICIES
 
+from .robot_poses import TOPIC_TYPES
+
 _ENGINE_DEFAULTS = EngineConfig()
 _BIG = 1_000_000
 
@@ -58,7 +60,7 @@ NODE_PARAMETERS = [
      "pose_topic is set). Frames without a pose are unknown, never guessed.", RESTART),
     ("pose_topic", "", "The robot's pose topic (pose_source topic): nav_msgs/Odometry, geometry_msgs/PoseStamped "
      "or PoseWithCovarianceStamped (pose_topic_type), in fixed_frame.", RESTART),
-    ("pose_topic_type", "odometry", "odometry | pose_stamped | pose_with_covariance_stamped", RESTART),
+    ("pose_topic_type", "odometry", " | ".join(TOPIC_TYPES), RESTART),
     ("fixed_frame", "map", "The frame poses are in (and places are asked in).", RESTART),
     ("max_pose_gap_s", 0.5, "A frame between two poses further apart than this, or this much newer than the "
      "newest, has no pose (interpolated between the two around its stamp, held after the newest, never "
@@ -99,7 +101,7 @@ NODE_PARAMETERS = [
 ENGINE_FIELDS = set(EngineConfig.__dataclass_fields__)
 CHOICES = {"on_time_jump": ("reset", "refuse"), "page_scoring": PAGE_SCORINGS, "launch": LAUNCH_MODES,
            "pose_source": ("auto", "tf", "topic", "none"),
-           "pose_topic_type": ("odometry", "pose_stamped", "pose_with_covariance_stamped")}
+           "pose_topic_type": TOPIC_TYPES}
 
 
 RESTART_NAMES = {name for name, _, _, *extra in NODE_PARAMETERS if extra and extra[0] is RESTART}

@@ -26,7 +26,7 @@ from livevlm_ros.engine.memory.poses import Pose, check_pose
 from .messages import pose_from_cdr, stamp_ns
 from .pose_track import PoseTrack
 
-TOPIC_TYPES = ("odometry", "pose_stamped", "pose_with_covariance_stamped")
+TOPIC_TYPES = ("odometry", "pose_stamped", "pose_with_covariance_stamped")   # pose_topic_type: _message_type
 
 
 def _message_type(kind: str):
