@@ -41,6 +41,7 @@ class EngineConfig:
     model_path: str = ""                 # local folder with a from_pretrained checkpoint
     device: str = "cpu"                  # "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"               # "float32" | "bfloat16" | "float16"
+    frame_pixels: int = 0                # pixels a frame is resized to (Qwen families); 0 = the family's default
 
     # --- stream ------------------------------------------------------------------------------
     sample_fps: float = 1.0              # frames per second kept from the stream (0 = keep every frame)
@@ -97,6 +98,7 @@ class EngineConfig:
         need(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         need(self.dtype in ("float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}")
         need(self.sample_fps >= 0, "sample_fps must be >= 0")
+        need(self.frame_pixels >= 0, "frame_pixels must be >= 0 (0 = the model family's default)")
         need(self.frames_per_clip >= 1, "frames_per_clip must be >= 1")
         need(self.short_term_frames >= 1, "short_term_frames must be >= 1")
         need(self.vision_sinks >= 0, "vision_sinks must be >= 0")

@@ -1,0 +1,126 @@
+"""Where memory's tokens sit in a context: the positions their pre-RoPE keys are rotated to.
+
+Memory keeps pre-RoPE keys, so every forward places them afresh (Position-agnostic KV Retrieval).
+How depends on the family's rotary embedding:
+
+  SlotPositions   1-D RoPE (LLaVA-OneVision, text LMs). A context's memory tokens sit at
+                  consecutive positions right after the prefix, whatever their place in the stream:
+                  the paper's re-assignment, and the positions stay bounded by the budget.
+  GridPositions   multimodal RoPE (Qwen2.5-VL, Qwen3-VL): a position is (time, row, column). A
+                  token keeps its row and column inside its frame (spatial layout), and its frame
+                  gets a fresh *ordinal*: its rank among the frames memory still holds tokens of. With
+                  nothing dropped, the ordinals are the frame numbers and the positions are exactly
+                  those the model's own `get_rope_index` gives the whole video; with a bounded memory
+                  they stay bounded by the frames memory holds, not by the stream's length, and time
+                  order is kept. Every layer places the same frame at the same time, so a question
+                  sees one timeline on all layers (layers keep different tokens under VSB).
+
+A family's grid is two small tables: `offsets` [3, tokens_per_frame], each token's position
+relative to its frame's start, and `frame_step` [3], how far one frame's start is from the next
+(Qwen2.5-VL: one video block, time advancing by `tokens_per_second` x seconds per frame; Qwen3-VL:
+one block per frame, wrapped in <|vision_start|> .. <|vision_end|>, each the next text run).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Rope = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class SlotPositions:
+    by_token = False
+
+    def place(self, memory, rope: Rope, start: int, n_context: int) -> "SlotPlacement":
+        return SlotPlacement(rope, start, n_context, memory.kv.device)
+
+
+class SlotPlacement:
+    """Memory tokens at start .. start + n_context - 1; text and new tokens after them."""
+    by_token = False
+
+    def __init__(self, rope: Rope, start: int, n_context: int, device):
+        self._cos, self._sin = rope(torch.arange(start, start + n_context, device=device))
+        self.end = start + n_context
+        self._device = device
+
+    def rope(self, layer: int, token_idx: torch.Tensor | None, at: slice):
+        return self._cos[at], self._sin[at]
+
+    def new_tokens(self, n: int) -> torch.Tensor:
+        return torch.arange(self.end, self.end + n, device=self._device)
+
+
+class GridPositions:
+    by_token = True
+
+    def __init__(self, offsets: torch.Tensor, frame_step: tuple[float, float, float],
+                 end_after: Callable[[int], int]):
+        """offsets [3, tokens_per_frame] (long); frame_step: per axis, how far frame k+1's start
+        is from frame k's (positions are floor(k * step)); end_after(K): where text resumes after
+        K frames, relative to the block's start."""
+        self.offsets, self.frame_step, self.end_after = offsets, frame_step, end_after
+        self.tokens_per_frame = offsets.shape[1]
+
+    def place(self, memory, rope: Rope, start: int, n_context: int) -> "GridPlacement":
+        return GridPlacement(self, rope, start, memory.kept_frames())
+
+    def positions(self, start: int, ordinals: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """[3, n] positions of tokens: their frame's ordinal and their cell in the frame."""
+        step = torch.tensor(self.frame_step, dtype=torch.float32, device=ordinals.device)[:, None]
+        frame_start = (ordinals.float()[None] * step).long()       # as get_rope_index: floor(k * interval)
+        return start + frame_start + self.offsets.to(ordinals.device)[:, cells]
+
+
+class GridPlacement:
+    """Memory's frames at ordinals 0 .. K-1 from `start`; a new clip's frames at K, K+1, ..."""
+    by_token = True
+
+    def __init__(self, grid: GridPositions, rope: Rope, start: int, kept_frames: torch.Tensor):
+        self.grid, self._rope, self.start, self.kept = grid, rope, start, kept_frames
+        self.end = start + grid.end_after(len(kept_frames))
+
+    def rope(self, layer: int, token_idx: torch.Tensor, at: slice):
+        T = self.grid.tokens_per_frame
+        token_idx = token_idx.to(self.kept.device)
+        ordinals = torch.searchsorted(self.kept, token_idx // T)
+        return self._rope(self.grid.positions(self.start, ordinals, token_idx % T))
+
+    def new_tokens(self, n: int) -> torch.Tensor:
+        T = self.grid.tokens_per_frame
+        if n % T:
+            raise ValueError(f"{n} new tokens are not whole frames of {T}")
+        cells = torch.arange(n, device=self.kept.device)
+        return self.grid.positions(self.start, len(self.kept) + cells // T, cells % T)
+
+
+def grid_of_one_block(rows: int, cols: int, interval: float, text_after_time: bool) -> GridPositions:
+    """Qwen2.5-VL: all frames one video block; frame k at time floor(k * interval), its tokens at
+    (time, row, col). Text after the block resumes at max(rows, cols) (transformers >= 5.x) or, as
+    in the original release, one past the largest position (`text_after_time`)."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    offsets = torch.stack([torch.zeros(rows * cols, dtype=torch.long), r.reshape(-1), c.reshape(-1)])
+    span = max(rows, cols)
+
+    def end_after(k: int) -> int:
+        if k == 0:
+            return 0
+        if text_after_time:
+            return max(math.floor((k - 1) * interval), span - 1) + 1
+        return span
+    return GridPositions(offsets, (interval, 0.0, 0.0), end_after)
+
+
+def grid_of_wrapped_frames(rows: int, cols: int) -> GridPositions:
+    """Qwen3-VL: each frame its own block, <|vision_start|> grid <|vision_end|>: the start token at
+    s, the grid at (s + 1, s + 1 + row, s + 1 + col), the end token at s + 1 + max(rows, cols), and
+    the next frame's start token right after it."""
+    span = max(rows, cols)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    grid = torch.stack([torch.zeros(rows * cols, dtype=torch.long), r.reshape(-1), c.reshape(-1)]) + 1
+    first, last = torch.zeros(3, 1, dtype=torch.long), torch.full((3, 1), 1 + span)
+    step = float(span + 2)
+    return GridPositions(torch.cat([first, grid, last], dim=1), (step, step, step), lambda k: int(k * step))
