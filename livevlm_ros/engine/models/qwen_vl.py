@@ -23,6 +23,7 @@ pre-RoPE keys memory stores are k_norm's output (and queries q_norm's).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 from ..hook.positions import grid_of_one_block, grid_of_wrapped_frames
 from .base import DTYPES, ModelLoadError, TransformersLanguageModel, VideoLLMAdapter
 
-DEFAULT_FRAME_PIXELS = 392 * 392          # Qwen2.5-VL: 14 x 14 tokens a frame, as LLaVA-OneVision's 196
+DEFAULT_GRID = 14         # tokens per side of a frame by default: 196, as LLaVA-OneVision's 384-px frame
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -50,6 +51,7 @@ class _QwenVL(TransformersLanguageModel, VideoLLMAdapter):
         self.patch, self.merge = vision.patch_size, vision.spatial_merge_size
         self.temporal_patch = vision.temporal_patch_size
         unit = self.patch * self.merge                     # pixels a token covers, per side
+        frame_pixels = frame_pixels or (DEFAULT_GRID * unit) ** 2     # Qwen2.5-VL 392 px, Qwen3-VL 448 px
         side = max(unit, round(math.sqrt(frame_pixels) / unit) * unit)
         self.frame_size = (side, side)
         self.grid = (side // self.patch, side // self.patch)                # patches
@@ -61,7 +63,7 @@ class _QwenVL(TransformersLanguageModel, VideoLLMAdapter):
         self._visual = model.model.visual
 
     @classmethod
-    def from_pretrained(cls, path: Path, device: str, dtype: str, frame_pixels: int = DEFAULT_FRAME_PIXELS,
+    def from_pretrained(cls, path: Path, device: str, dtype: str, frame_pixels: int = 0,
                         sample_fps: float = 1.0, **_):
         import transformers
         from transformers import AutoTokenizer
@@ -121,14 +123,16 @@ class Qwen2_5_VLAdapter(_QwenVL):
         cfg = model.config
         m = cfg.vision_config.spatial_merge_size
         ids = torch.tensor([[cfg.vision_start_token_id] + [cfg.video_token_id] * 8 + [cfg.vision_end_token_id]])
-        types = (ids == cfg.video_token_id).int() * 2
-        pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, video_grid_thw=torch.tensor([[2, 2 * m, 2 * m]]),
-                                            second_per_grid_ts=torch.tensor([10.0]))
+        kwargs = dict(video_grid_thw=torch.tensor([[2, 2 * m, 2 * m]]), second_per_grid_ts=torch.tensor([10.0]))
+        if "mm_token_type_ids" in inspect.signature(model.model.get_rope_index).parameters:     # 5.24; not 5.17
+            kwargs["mm_token_type_ids"] = (ids == cfg.video_token_id).int() * 2
+        pos, _ = model.model.get_rope_index(ids, **kwargs)
         return int(pos[0, 0, -1]) - 1 != 2
 
     @torch.inference_mode()
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._visual(pixels, grid_thw=self._grid_thw(pixels)).pooler_output
+        out = self._visual(pixels, grid_thw=self._grid_thw(pixels))
+        return out if torch.is_tensor(out) else out.pooler_output        # transformers < 5.2x: a tensor
 
 
 class Qwen3VLAdapter(_QwenVL):
@@ -158,10 +162,10 @@ class Qwen3VLAdapter(_QwenVL):
         tokens and the end marker; the DeepStack features ride along in the same row (zeros at the
         markers, where adding them changes nothing), so a frame's tokens stay one tensor."""
         out = self._visual(pixels, grid_thw=self._grid_thw(pixels))
+        merged, deepstack = out if isinstance(out, tuple) else (out.pooler_output, out.deepstack_features)
         grid = self.rows * self.cols
-        frames = out.pooler_output.shape[0] // grid
-        hidden = out.pooler_output.shape[-1]
-        rows = torch.cat([out.pooler_output] + list(out.deepstack_features), dim=-1).view(frames, grid, -1)
+        frames, hidden = merged.shape[0] // grid, merged.shape[-1]
+        rows = torch.cat([merged] + list(deepstack), dim=-1).view(frames, grid, -1)
         marks = torch.zeros(2, rows.shape[-1], dtype=rows.dtype, device=rows.device)
         marks[:, :hidden] = self._marks
         return torch.cat([marks[:1].expand(frames, 1, -1), rows, marks[1:].expand(frames, 1, -1)], dim=1
