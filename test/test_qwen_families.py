@@ -264,18 +264,24 @@ def test_the_family_comes_from_config_json_and_others_are_named(tmp_path, qwen_m
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_fixed_shape_decode_step_answers_as_eager_decoding(qwen_models, family):
-    """Answer tokens are text at 1-D positions after the multimodal context: the fixed-shape decode
-    step (replayed from a CUDA graph on a GPU; 'static' runs it kernel by kernel) gives the eager
-    path's tokens. A clip's and a question's prefill stay eager: their positions rank the frames
-    memory holds, a number that changes from clip to clip."""
-    tokens = {}
+def test_the_fixed_shape_steps_answer_as_the_eager_path(qwen_models, family):
+    """The question's prefill padded to a fixed shape, with memory's multimodal positions computed
+    on the device (what a CUDA graph records and replays after later clips), and the fixed-shape
+    decode step: 'static' runs them kernel by kernel; their logits, tokens and evidence equal the
+    eager path's, on a memory whose held frames changed clip after clip (a sliding window)."""
+    out = {}
     for launch in ("eager", "static"):
-        engine = make_engine(qwen_models[family, 2], budget_tokens=200, vision_sinks=4, page_tokens=4,
-                             retrieval_ratio=0.5, frames_per_clip=2, launch=launch)
-        assert (engine.decode_step is None) == (launch == "eager")
-        assert engine.ingest_step is None and engine.question_step is None
-        stream(engine, video(8))
-        tokens[launch] = engine.ask(QUESTION, max_new_tokens=8).token_ids
-    assert len(tokens["eager"]) >= 2
-    assert tokens["static"] == tokens["eager"]
+        engine = make_engine(qwen_models[family, 2], policy="sliding_window", budget_tokens=200, vision_sinks=4,
+                             page_tokens=4, retrieval_ratio=0.5, frames_per_clip=2, launch=launch)
+        assert (engine.decode_step is None) == (launch == "eager") == (engine.question_step is None)
+        assert engine.ingest_step is None            # the vision towers' window layout is made on the host
+        answers = []
+        for i, f in enumerate(video(12)):
+            engine.ingest(f, i / FPS)
+            if i in (5, 11):
+                answers.append(engine.ask(QUESTION, max_new_tokens=8, return_logits=True, evidence=3))
+        out[launch] = answers
+    for eager, static in zip(out["eager"], out["static"]):
+        torch.testing.assert_close(static.first_logits, eager.first_logits, atol=2e-5, rtol=1e-4)
+        assert static.token_ids == eager.token_ids and len(eager.token_ids) >= 2
+        assert [e.time for e in static.evidence] == [e.time for e in eager.evidence]

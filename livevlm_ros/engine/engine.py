@@ -112,12 +112,11 @@ class LiveVLMEngine:
         self.ingest_step = self.question_step = self.decode_step = None
         if mode != "eager":
             capture = mode == "graph"
-            # Multimodal positions rank the frames memory holds, a number that changes from clip to
-            # clip: a clip's or a question's prefill cannot replay at one fixed shape, and runs
-            # eagerly. Answer tokens are text, one position after the other: their step replays.
+            # The Qwen vision towers lay out their attention windows on the host (not capturable):
+            # with multimodal positions a clip's prefill runs eagerly; questions and answers replay.
             if slots:
                 self.ingest_step = IngestStep(self.hook, capture)
-                self.question_step = QuestionStep(self.model, self.hook, capture)
+            self.question_step = QuestionStep(self.model, self.hook, capture)
             self.decode_step = DecodeStep(self.model, self.hook, capture)
 
     def reset(self):
@@ -247,7 +246,7 @@ class LiveVLMEngine:
         replay it from a graph."""
         n = embeds.shape[0]
         place = self.hook.place_memory(self.memory.attendable_len())
-        positions = torch.arange(place.end, place.end + n, device=embeds.device) if text else place.new_tokens(n)
+        positions = place.text(n) if text else place.new_tokens(n)
         window = self.config.observation_window or self.model.tokens_per_frame
         self.hook.begin_ingest(place, n, window if score else None)
         try:
@@ -350,8 +349,8 @@ class LiveVLMEngine:
                 else:
                     view = self.hook.begin_answer(selector, rows, limit, region, rows if evidence else None)
                     if self.decode_step is not None:
-                        self.hook.reserve_arena(self.memory.prefix_len + view.context_tokens + n + limit)
-                    positions = torch.arange(view.start, view.start + n, device=embeds.device)
+                        self.hook.reserve_arena(view.context_end + n + limit)
+                    positions = view.place.text(n)
                     hidden = self.model.run_language_model(embeds[None], positions, self.hook)
                     logits = self.model.logits(hidden[:, -1])[0]
                 start = view.start
@@ -370,7 +369,7 @@ class LiveVLMEngine:
                     if cancel is not None and cancel():
                         raise AnswerCancelled(f"cancelled after {len(out)} tokens")
                     token = self._next_token(token, start + n + step, step == 0)
-                context_tokens = self.memory.prefix_len + view.context_tokens
+                context_tokens = view.context_end
                 found = self._evidence(view, evidence) if evidence else []
             finally:
                 self.hook.reset()

@@ -49,7 +49,7 @@ class AnswerView:
         # right before the question, so the newest memory is as close to it on every layer
         self.context_tokens = max(self._n_ctx)
         self.place = place_memory(self.context_tokens)          # hook/positions.py
-        self.start = self.place.end                           # position of the first question row
+        self.context_end = memory.prefix_len + self.context_tokens   # rows before the question's
         self.evidence = None
         if evidence_rows is not None:
             # per frame number, over all layers: attention drawn, and tokens that drew it (sized in
@@ -62,6 +62,11 @@ class AnswerView:
         self.lengths: dict[int, int] = {}
         self.padding = 0                              # trailing rows of the first forward that were padding
         self.last_selection: dict[int, torch.Tensor] = {}
+
+    @property
+    def start(self) -> int:
+        """Position of the first question row (multimodal positions: read from the device)."""
+        return self.place.end_int()
 
     def pages(self) -> tuple[int, int]:
         return self.plan.pages_used, self.plan.pages_total

@@ -47,28 +47,33 @@ class SlotPlacement:
         self.end = start + n_context
         self._device = device
 
+    def end_int(self) -> int:
+        return self.end
+
     def rope(self, layer: int, token_idx: torch.Tensor | None, at: slice):
         return self._cos[at], self._sin[at]
 
     def new_tokens(self, n: int) -> torch.Tensor:
         return torch.arange(self.end, self.end + n, device=self._device)
 
+    text = new_tokens                     # text right after memory: the same next positions
+
 
 class GridPositions:
     by_token = True
 
     def __init__(self, offsets: torch.Tensor, frame_step: tuple[float, float, float],
-                 end_after: Callable[[int], int]):
+                 end_after: Callable[[torch.Tensor], torch.Tensor]):
         """offsets [3, tokens_per_frame] (long); frame_step: per axis, how far frame k+1's start
         is from frame k's (positions are floor(k * step)); end_after(K): where text resumes after
-        K frames, relative to the block's start."""
+        K frames, relative to the block's start (K and the result: device scalars)."""
         self.offsets, self.frame_step, self.end_after = offsets, frame_step, end_after
         self.tokens_per_frame = offsets.shape[1]
 
     def place(self, memory, rope: Rope, start: int, n_context: int) -> "GridPlacement":
-        return GridPlacement(self, rope, start, memory.kept_frames())
+        return GridPlacement(self, rope, start, memory)
 
-    def positions(self, start: int, ordinals: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    def positions(self, start, ordinals: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """[3, n] positions of tokens: their frame's ordinal and their cell in the frame."""
         step = torch.tensor(self.frame_step, dtype=torch.float32, device=ordinals.device)[:, None]
         frame_start = (ordinals.float()[None] * step).long()       # as get_rope_index: floor(k * interval)
@@ -76,25 +81,45 @@ class GridPositions:
 
 
 class GridPlacement:
-    """Memory's frames at ordinals 0 .. K-1 from `start`; a new clip's frames at K, K+1, ..."""
+    """Memory's frames at ordinals 0 .. K-1 from `start`; a new clip's frames at K, K+1, ...
+
+    Everything is computed on the device at shapes fixed by memory's lengths (no host sync), so a
+    CUDA graph can record it and replay it after later clips changed which frames memory holds:
+    the frames of every token memory holds, sorted; a frame's rank is the number of distinct
+    frames before it. `end` (where text resumes) is a device scalar; `end_int()` reads it."""
     by_token = True
 
-    def __init__(self, grid: GridPositions, rope: Rope, start: int, kept_frames: torch.Tensor):
-        self.grid, self._rope, self.start, self.kept = grid, rope, start, kept_frames
-        self.end = start + grid.end_after(len(kept_frames))
+    def __init__(self, grid: GridPositions, rope: Rope, start: int, memory):
+        self.grid, self._rope, self.start = grid, rope, start
+        T, device = grid.tokens_per_frame, memory.kv.device
+        held = [t.token_idx[:, :t.len].reshape(-1).to(device) for t in (memory.long, memory.short) if t.len]
+        frames = (torch.cat(held) if held else torch.empty(0, dtype=torch.long, device=device)) // T
+        self._frames = frames.sort().values
+        first = torch.ones_like(self._frames, dtype=torch.bool)
+        first[1:] = self._frames[1:] != self._frames[:-1]
+        self._rank = first.cumsum(0) - 1                       # rank of each sorted entry's frame
+        self.frames_held = first.sum()                         # K, on the device
+        self.end = start + grid.end_after(self.frames_held)
+
+    def end_int(self) -> int:
+        return int(self.end)
 
     def rope(self, layer: int, token_idx: torch.Tensor, at: slice):
         T = self.grid.tokens_per_frame
-        token_idx = token_idx.to(self.kept.device)
-        ordinals = torch.searchsorted(self.kept, token_idx // T)
+        token_idx = token_idx.to(self._frames.device)
+        ordinals = self._rank[torch.searchsorted(self._frames, token_idx // T)]
         return self._rope(self.grid.positions(self.start, ordinals, token_idx % T))
 
     def new_tokens(self, n: int) -> torch.Tensor:
         T = self.grid.tokens_per_frame
         if n % T:
             raise ValueError(f"{n} new tokens are not whole frames of {T}")
-        cells = torch.arange(n, device=self.kept.device)
-        return self.grid.positions(self.start, len(self.kept) + cells // T, cells % T)
+        cells = torch.arange(n, device=self._frames.device)
+        return self.grid.positions(self.start, self.frames_held + cells // T, cells % T)
+
+    def text(self, n: int) -> torch.Tensor:
+        """n text tokens where text resumes after memory (all three axes alike)."""
+        return self.end + torch.arange(n, device=self._frames.device)
 
 
 def grid_of_one_block(rows: int, cols: int, interval: float, text_after_time: bool) -> GridPositions:
@@ -105,12 +130,13 @@ def grid_of_one_block(rows: int, cols: int, interval: float, text_after_time: bo
     offsets = torch.stack([torch.zeros(rows * cols, dtype=torch.long), r.reshape(-1), c.reshape(-1)])
     span = max(rows, cols)
 
-    def end_after(k: int) -> int:
-        if k == 0:
-            return 0
+    def end_after(k: torch.Tensor) -> torch.Tensor:
         if text_after_time:
-            return max(math.floor((k - 1) * interval), span - 1) + 1
-        return span
+            last = ((k - 1).float() * interval).floor().long()
+            after = torch.clamp(last, min=span - 1) + 1
+        else:
+            after = torch.full_like(k, span)
+        return torch.where(k > 0, after, 0)              # no frame yet (the prefix): text goes on
     return GridPositions(offsets, (interval, 0.0, 0.0), end_after)
 
 
@@ -123,4 +149,4 @@ def grid_of_wrapped_frames(rows: int, cols: int) -> GridPositions:
     grid = torch.stack([torch.zeros(rows * cols, dtype=torch.long), r.reshape(-1), c.reshape(-1)]) + 1
     first, last = torch.zeros(3, 1, dtype=torch.long), torch.full((3, 1), 1 + span)
     step = float(span + 2)
-    return GridPositions(torch.cat([first, grid, last], dim=1), (step, step, step), lambda k: int(k * step))
+    return GridPositions(torch.cat([first, grid, last], dim=1), (step, step, step), lambda k: k * int(step))

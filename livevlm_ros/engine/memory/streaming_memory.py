@@ -46,7 +46,6 @@ class StreamingMemory:
         self.frame_poses: list[Pose | None] = []   # and where it was taken (None: unknown)
         self.next_token = 0                     # stream index of the next visual token
         self.n_sinks = 0                        # vision sinks per layer (same on every layer)
-        self._kept_frames: torch.Tensor | None = None   # cache of kept_frames(), until the next clip
 
     # ---- set-up -------------------------------------------------------------------------------
     def set_prefix(self, keys_rot: torch.Tensor, values: torch.Tensor):
@@ -93,7 +92,6 @@ class StreamingMemory:
         memory never holds more than its frames, whatever the batch."""
         L, n = keys_pre.shape[0], keys_pre.shape[2]
         dev = keys_pre.device
-        self._kept_frames = None
         idx = torch.arange(self.next_token, self.next_token + n, device=dev).expand(L, -1)
         if scores is None:
             scores = torch.zeros(L, n, device=dev)
@@ -129,15 +127,6 @@ class StreamingMemory:
                                                     left_short_term)
             if keep is not None:
                 self.long.keep(keep)
-
-    def kept_frames(self) -> torch.Tensor:
-        """The frame numbers memory holds any token of, on any layer, ascending (on the device).
-        Multimodal positions rank frames by it (hook/positions.py). One device sync per clip."""
-        if self._kept_frames is None:
-            tiers = [t.view().token_idx.reshape(-1).to(self.kv.device) for t in (self.long, self.short) if t.len]
-            idx = torch.cat(tiers) if tiers else torch.empty(0, dtype=torch.long, device=self.kv.device)
-            self._kept_frames = torch.unique(idx // self.tokens_per_frame)
-        return self._kept_frames
 
     # ---- bookkeeping ------------------------------------------------------------------------------
     @property
