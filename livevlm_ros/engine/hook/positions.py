@@ -68,16 +68,21 @@ class GridPositions:
         is from frame k's (positions are floor(k * step)); end_after(K): where text resumes after
         K frames, relative to the block's start (K and the result: device scalars)."""
         self.offsets, self.frame_step, self.end_after = offsets, frame_step, end_after
+        self._step = torch.tensor(frame_step, dtype=torch.float32)[:, None]
         self.tokens_per_frame = offsets.shape[1]
+
+    def to(self, device) -> "GridPositions":
+        """Its tables on the model's device (a graph being recorded may not copy from the host)."""
+        self.offsets, self._step = self.offsets.to(device), self._step.to(device)
+        return self
 
     def place(self, memory, rope: Rope, start: int, n_context: int) -> "GridPlacement":
         return GridPlacement(self, rope, start, memory)
 
     def positions(self, start, ordinals: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """[3, n] positions of tokens: their frame's ordinal and their cell in the frame."""
-        step = torch.tensor(self.frame_step, dtype=torch.float32, device=ordinals.device)[:, None]
-        frame_start = (ordinals.float()[None] * step).long()       # as get_rope_index: floor(k * interval)
-        return start + frame_start + self.offsets.to(ordinals.device)[:, cells]
+        frame_start = (ordinals.float()[None] * self._step).long()     # as get_rope_index: floor(k * interval)
+        return start + frame_start + self.offsets[:, cells]
 
 
 class GridPlacement:

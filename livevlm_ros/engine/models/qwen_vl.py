@@ -114,7 +114,8 @@ class Qwen2_5_VLAdapter(_QwenVL):
         seconds = 1.0 / (sample_fps or 2.0)
         self.frame_seconds = seconds
         interval = model.config.vision_config.tokens_per_second * seconds
-        self.positions = grid_of_one_block(self.rows, self.cols, interval, self._text_after_time(model))
+        self.positions = grid_of_one_block(self.rows, self.cols, interval, self._text_after_time(model)).to(
+            self.kv.device)
 
     @staticmethod
     def _text_after_time(model) -> bool:
@@ -142,7 +143,7 @@ class Qwen3VLAdapter(_QwenVL):
     def __init__(self, model, tokenizer, processor_config, frame_pixels, sample_fps):
         super().__init__(model, tokenizer, processor_config, frame_pixels, sample_fps)
         self.tokens_per_frame = self.rows * self.cols + 2         # <|vision_start|> grid <|vision_end|>
-        self.positions = grid_of_wrapped_frames(self.rows, self.cols)
+        self.positions = grid_of_wrapped_frames(self.rows, self.cols).to(self.kv.device)
         marks = self.tokenize("<|vision_start|><|vision_end|>")
         self._marks = self.embed_tokens(torch.tensor(marks))      # [2, hidden]
         self._deepstack = len(model.config.vision_config.deepstack_visual_indexes)
