@@ -105,7 +105,7 @@ class AnswerView:
         long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
         if index is not None:
             index = index.to(long_k.device)
-        if self.record_selection or self.evidence_rows is not None or self.place.by_token:
+        if self.record_selection or self.evidence_rows is not None:    # which tokens were read: on request
             long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
             if index is not None:
                 long_idx, long_sink = long_idx[index], long_sink[index]
@@ -125,11 +125,10 @@ class AnswerView:
         # gathered and rotated in one pass (rope.rotate_into); the context ends right before the question
         gap = self.context_tokens - n_ctx
         at_long, at_short = slice(gap, gap + n_long), slice(gap + n_long, gap + n_ctx)
-        by_token = self.place.by_token               # positions from the tokens themselves, not their slots
-        cos, sin = self.place.rope(layer, long_idx if by_token else None, at_long)
+        cos, sin = self.place.rope(layer, mem.long, slice(0, long_k.shape[1]) if index is None else index, at_long)
         rotate_into(keys[:, p:p + n_long], long_k, 0 if index is None else index, cos, sin)
         values[:, p:p + n_long] = (long_v if index is None else long_v[:, index]).to(kv.device, non_blocking=True)
-        cos, sin = self.place.rope(layer, mem.short.token_idx[layer, short] if by_token else None, at_short)
+        cos, sin = self.place.rope(layer, mem.short, short, at_short)
         rotate_into(keys[:, p + n_long:p + n_ctx], mem.short.keys[layer],
                     plan.short_from if plan.short_index is None else plan.short_index, cos, sin)
         values[:, p + n_long:p + n_ctx] = mem.short.values[layer, :, short]

@@ -47,8 +47,7 @@ class IngestView:
         start = p
         for buf in self._parts:
             stop = start + buf.len
-            tokens = buf.token_idx[layer, :buf.len] if self.place.by_token else None
-            cos, sin = self.place.rope(layer, tokens, slice(start - p, stop - p))
+            cos, sin = self.place.rope(layer, buf, slice(0, buf.len), slice(start - p, stop - p))
             rotate_into(keys[:, start:stop], buf.keys[layer], 0, cos, sin)
             values[:, start:stop] = buf.values[layer, :, :buf.len]
             start = stop

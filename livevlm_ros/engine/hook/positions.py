@@ -40,7 +40,6 @@ class SlotPositions:
 
 class SlotPlacement:
     """Memory tokens at start .. start + n_context - 1; text and new tokens after them."""
-    by_token = False
 
     def __init__(self, rope: Rope, start: int, n_context: int, device):
         self._cos, self._sin = rope(torch.arange(start, start + n_context, device=device))
@@ -50,7 +49,8 @@ class SlotPlacement:
     def end_int(self) -> int:
         return self.end
 
-    def rope(self, layer: int, token_idx: torch.Tensor | None, at: slice):
+    def rope(self, layer: int, tier, rows, at: slice):
+        """cos/sin for the context slots `at` (whichever tokens fill them)."""
         return self._cos[at], self._sin[at]
 
     def new_tokens(self, n: int) -> torch.Tensor:
@@ -92,7 +92,6 @@ class GridPlacement:
     CUDA graph can record it and replay it after later clips changed which frames memory holds:
     the frames of every token memory holds, sorted; a frame's rank is the number of distinct
     frames before it. `end` (where text resumes) is a device scalar; `end_int()` reads it."""
-    by_token = True
 
     def __init__(self, grid: GridPositions, rope: Rope, start: int, memory):
         self.grid, self._rope, self.start = grid, rope, start
@@ -105,15 +104,25 @@ class GridPlacement:
         self._rank = first.cumsum(0) - 1                       # rank of each sorted entry's frame
         self.frames_held = first.sum()                         # K, on the device
         self.end = start + grid.end_after(self.frames_held)
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def end_int(self) -> int:
         return int(self.end)
 
-    def rope(self, layer: int, token_idx: torch.Tensor, at: slice):
-        T = self.grid.tokens_per_frame
-        token_idx = token_idx.to(self._frames.device)
-        ordinals = self._rank[torch.searchsorted(self._frames, token_idx // T)]
-        return self._rope(self.grid.positions(self.start, ordinals, token_idx % T))
+    def rope(self, layer: int, tier, rows, at: slice):
+        """cos/sin of `rows` (a slice or an index) of a memory tier's tokens on `layer`. The first
+        call for a tier computes them for all its tokens on every layer at once: one batch of
+        kernels per forward instead of one per layer (a question at 7B shapes: 28 layers)."""
+        if id(tier) not in self._tables:
+            T, (L, n) = self.grid.tokens_per_frame, (tier.token_idx.shape[0], tier.len)
+            idx = tier.token_idx[:, :n].to(self._frames.device).reshape(-1)
+            ordinals = self._rank[torch.searchsorted(self._frames, idx // T)]
+            cos, sin = self._rope(self.grid.positions(self.start, ordinals, idx % T))
+            self._tables[id(tier)] = cos.view(L, n, cos.shape[-1]), sin.view(L, n, sin.shape[-1])
+        cos, sin = self._tables[id(tier)]
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(cos.device)
+        return cos[layer, rows], sin[layer, rows]
 
     def new_tokens(self, n: int) -> torch.Tensor:
         T = self.grid.tokens_per_frame
