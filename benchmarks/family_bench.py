@@ -8,7 +8,7 @@ LiveVLM policy with a 12,288-token memory and 8-frame clips. Per model: tokens a
 frame at the default frame size, ingest per frame (frames through the vision tower and the
 prefill, memory full), time to first token and decode tokens/s against a full memory, device
 memory after 1,000 and after 3,600 frames (flat = bounded), and, for the Qwen families, that the
-answer's tokens from the CUDA-graph decode step equal the eager path's. Ratios against
+answers and memory from the replayed steps equal those of the same steps run kernel by kernel. Ratios against
 LLaVA-OneVision-7B of the same run are printed last. gpu_bench.py keeps the LLaVA-only parts
 (transformers baselines, capacity, kernels); this file is where families are compared.
 """
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_bench import (bench_matmul_and_copy, free, gpu_mem, log, random_frames, reset_peak,  # noqa: E402
-                       simulate_fill, sync, time_answer)
+from gpu_bench import (bench_matmul_and_copy, check_ingest_replay, free, gpu_mem, log,  # noqa: E402
+                       random_frames, reset_peak, simulate_fill, sync, time_answer)
 from gpu_bench import build_adapter as build_llava  # noqa: E402
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
 from livevlm_ros.engine.models.qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter  # noqa: E402
@@ -82,9 +82,12 @@ def build(name: str, device: str, dtype: torch.dtype, frame_pixels: int = 0):
     text.update(max_position_embeddings=128_000, tie_word_embeddings=False)
     tok = build_tokenizer()
     ids = {n: tok.convert_tokens_to_ids(f"<|{n}|>") for n in ("image_pad", "video_pad", "vision_start", "vision_end")}
-    Config, Model, Adapter = ((transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
-                               Qwen2_5_VLAdapter) if family == "qwen2_5_vl" else
-                              (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, Qwen3VLAdapter))
+    if family == "qwen2_5_vl":
+        Config, Model, Adapter = (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
+                                  Qwen2_5_VLAdapter)
+    else:
+        Config, Model, Adapter = (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration,
+                                  Qwen3VLAdapter)
     cfg = Config(text_config=text, vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
                  image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
                  vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
@@ -161,6 +164,12 @@ def measure(name: str, adapter, budget: int, frames_n: int, long_frames: int) ->
                    question_replays=replays, question_capture_error=error)
         log(f"{name}: graph replay tokens == static tokens: {graph == static} ({replays} question replays)")
     free(engine)
+    if adapter.positions.by_token:
+        # clips whose prefill replays (the tower eager) leave the memory the same steps run kernel by
+        # kernel leave, bit for bit, over a stream that fills memory
+        checks = {}
+        check_ingest_replay(adapter, checks, 8, 160 if T > 100 else 48)
+        out["ingest_replay_check"] = checks["ingest"]["replay_check_clip8"]
     return out
 
 
@@ -174,8 +183,8 @@ def summary(results: dict) -> str:
             continue
         tx = r["ttft_ms"] / base["ttft_ms"] if base and "ttft_ms" in base else float("nan")
         dx = base["decode_tok_s"] / r["decode_tok_s"] if base and "decode_tok_s" in base else float("nan")
-        lines.append(f"{name:16s} {r['tokens_per_frame']:9d}  {r['kv_mb_per_frame']:11.3f}  {r['ingest_ms_per_frame']:15.1f}"
-                     f"  {r['ttft_ms']:7.1f}  {r['decode_tok_s']:12.1f}  {tx:6.2f}  {dx:8.2f}")
+        lines.append(f"{name:16s} {r['tokens_per_frame']:9d}  {r['kv_mb_per_frame']:11.3f}  "
+                     f"{r['ingest_ms_per_frame']:15.1f}  {r['ttft_ms']:7.1f}  {r['decode_tok_s']:12.1f}  {tx:6.2f}  {dx:8.2f}")
     return "\n".join(lines)
 
 

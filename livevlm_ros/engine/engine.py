@@ -106,16 +106,12 @@ class LiveVLMEngine:
         same fixed shapes, kernel by kernel (the CPU tests check them against 'eager'); 'eager':
         shapes as they come."""
         mode = self.config.launch
-        slots = not self.model.positions.by_token
         if mode == "auto":
             mode = "graph" if self.model.kv.device.type == "cuda" and self.config.bounded else "eager"
         self.ingest_step = self.question_step = self.decode_step = None
         if mode != "eager":
             capture = mode == "graph"
-            # The Qwen vision towers lay out their attention windows on the host (not capturable):
-            # with multimodal positions a clip's prefill runs eagerly; questions and answers replay.
-            if slots:
-                self.ingest_step = IngestStep(self.hook, capture)
+            self.ingest_step = IngestStep(self.hook, capture)
             self.question_step = QuestionStep(self.model, self.hook, capture)
             self.decode_step = DecodeStep(self.model, self.hook, capture)
 
@@ -188,10 +184,15 @@ class LiveVLMEngine:
         with _device_errors("ingest a clip"):
             pixels = self.model.preprocess(list(frames))
 
-            def clip_forward(pixels):
-                return self._prefill(self.model.encode_frames(pixels), self.compression.needs_scores)
-            prefill = self.ingest_step.run(pixels, clip_forward) if self.ingest_step else clip_forward(pixels)
-            self._commit(prefill, list(times), list(cameras), list(poses))
+            def prefill(embeds):
+                return self._prefill(embeds, self.compression.needs_scores)
+            if self.ingest_step is None:
+                out = prefill(self.model.encode_frames(pixels))
+            elif self.model.tower_replays:              # the tower and the prefill in one graph
+                out = self.ingest_step.run(pixels, lambda pixels: prefill(self.model.encode_frames(pixels)))
+            else:                                       # the tower eagerly, the prefill replayed
+                out = self.ingest_step.run(self.model.encode_frames(pixels), prefill)
+            self._commit(out, list(times), list(cameras), list(poses))
 
     def ingest_embeddings(self, embeds: torch.Tensor, timestamps: list[Stamp], poses: list | None = None):
         """Prefill precomputed token embeddings [n_frames * tokens_per_frame, hidden] as frames,

@@ -26,7 +26,8 @@ class IngestStep:
 
     def run(self, pixels: torch.Tensor, forward: Callable[[torch.Tensor], tuple]) -> tuple:
         """forward(pixels) -> the prefill's outputs, read before the next clip (a replay
-        overwrites them)."""
+        overwrites them). `pixels` is the step's input: a clip's pixels, or (a family whose vision
+        tower cannot be recorded) the tower's output, the step then being the prefill alone."""
         rec = self.recorded
         if not rec.capture:
             return forward(pixels)

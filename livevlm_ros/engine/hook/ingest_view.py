@@ -2,8 +2,9 @@
 
 Each layer's `update` gets the clip's post-RoPE keys and hands back [prefix | memory | clip]: the
 prefix as stored (post-RoPE), memory's pre-RoPE keys rotated to where `place` puts them (right
-after the prefix; hook/positions.py), then the clip. Along the way the view keeps what memory will store of the clip: its pre-RoPE keys,
-exactly as each layer's key projection made them (the hook captures them), and its values.
+after the prefix; hook/positions.py), then the clip. Along the way the view keeps what memory will
+store of the clip: its pre-RoPE keys, exactly as each layer's key projection made them (the hook
+captures them), and its values.
 
 For VSB it also measures the vision-to-vision attention the clip's last `window` tokens paid every
 token, once each layer's attention has run (hook/attention.py calls back with the rows' queries,

@@ -23,7 +23,6 @@ one block per frame, wrapped in <|vision_start|> .. <|vision_end|>, each the nex
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch

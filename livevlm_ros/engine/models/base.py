@@ -49,6 +49,7 @@ class VideoLLMAdapter(abc.ABC):
     stop_token_ids: tuple[int, ...]
     positions = SlotPositions()          # where memory's tokens sit in a context (hook/positions.py)
     video_start = ""                     # text the prefix ends with, right before the video
+    tower_replays = True                 # the vision tower can be recorded in a CUDA graph
 
     # ---- vision -------------------------------------------------------------------------------
     @abc.abstractmethod

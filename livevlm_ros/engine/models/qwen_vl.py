@@ -41,6 +41,9 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 class _QwenVL(TransformersLanguageModel, VideoLLMAdapter):
     model_class: str
+    # the towers lay out attention windows and sequence lengths on the host (.tolist(), .item()):
+    # a clip's tower runs eagerly, its language-model prefill replays (cuda/ingest_step.py)
+    tower_replays = False
 
     def __init__(self, model, tokenizer, processor_config: dict, frame_pixels: int, sample_fps: float):
         self.model = model.eval()
