@@ -184,7 +184,8 @@ def summary(results: dict) -> str:
         tx = r["ttft_ms"] / base["ttft_ms"] if base and "ttft_ms" in base else float("nan")
         dx = base["decode_tok_s"] / r["decode_tok_s"] if base and "decode_tok_s" in base else float("nan")
         lines.append(f"{name:16s} {r['tokens_per_frame']:9d}  {r['kv_mb_per_frame']:11.3f}  "
-                     f"{r['ingest_ms_per_frame']:15.1f}  {r['ttft_ms']:7.1f}  {r['decode_tok_s']:12.1f}  {tx:6.2f}  {dx:8.2f}")
+                     f"{r['ingest_ms_per_frame']:15.1f}  {r['ttft_ms']:7.1f}  {r['decode_tok_s']:12.1f}  "
+                     f"{tx:6.2f}  {dx:8.2f}")
     return "\n".join(lines)
 
 
