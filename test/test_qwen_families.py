@@ -285,3 +285,31 @@ def test_the_fixed_shape_steps_answer_as_the_eager_path(qwen_models, family):
         torch.testing.assert_close(static.first_logits, eager.first_logits, atol=2e-5, rtol=1e-4)
         assert static.token_ids == eager.token_ids and len(eager.token_ids) >= 2
         assert [e.time for e in static.evidence] == [e.time for e in eager.evidence]
+
+
+@pytest.mark.parametrize("policy", ["rekv", "full"])
+def test_unbounded_and_offloaded_memory_place_only_what_they_read(qwen_models, policy):
+    """ReKV (long-term memory in host memory) and full cache on a Qwen model: answers run with
+    evidence, and the positions of what an answer reads are computed for those tokens only, never
+    as a table of the whole tier (which grows with the stream there)."""
+    engine = make_engine(qwen_models["qwen2_5_vl", 2], policy=policy, budget_tokens=None, retrieval_ratio=1.0,
+                         frames_per_clip=2)
+    stream(engine, video(8))
+    assert engine.stats()["long_term_tokens"] > 0
+    place = engine.hook.place_memory(engine.memory.attendable_len())
+    answer = engine.ask(QUESTION, max_new_tokens=2, return_logits=True, evidence=2)
+    assert answer.tokens_generated >= 1 and answer.evidence
+    view_tables = []
+    original = type(place).rope
+
+    def spy(self, layer, tier, rows, at):
+        out = original(self, layer, tier, rows, at)
+        view_tables.append(len(self._tables))
+        return out
+    type(place).rope = spy
+    try:
+        again = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
+    finally:
+        type(place).rope = original
+    assert view_tables and max(view_tables) == 0
+    torch.testing.assert_close(again.first_logits, answer.first_logits)

@@ -95,7 +95,11 @@ class GridPlacement:
     def __init__(self, grid: GridPositions, rope: Rope, start: int, memory):
         self.grid, self._rope, self.start = grid, rope, start
         T, device = grid.tokens_per_frame, memory.kv.device
-        held = [t.token_idx[:, :t.len].reshape(-1).to(device) for t in (memory.long, memory.short) if t.len]
+        # the frames of the tokens held: short-term memory and an uncompressed long-term tier hold
+        # the same tokens on every layer (layer 0 tells them); a compressed tier, its own per layer
+        long_layers = 1 if memory.policy.keeps_all else memory.long.token_idx.shape[0]
+        held = [t.token_idx[:layers, :t.len].reshape(-1).to(device)
+                for t, layers in ((memory.long, long_layers), (memory.short, 1)) if t.len]
         frames = (torch.cat(held) if held else torch.empty(0, dtype=torch.long, device=device)) // T
         self._frames = frames.sort().values
         first = torch.ones_like(self._frames, dtype=torch.bool)
@@ -104,24 +108,36 @@ class GridPlacement:
         self.frames_held = first.sum()                         # K, on the device
         self.end = start + grid.end_after(self.frames_held)
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bounded = memory.config.bounded
 
     def end_int(self) -> int:
         return int(self.end)
 
     def rope(self, layer: int, tier, rows, at: slice):
-        """cos/sin of `rows` (a slice or an index) of a memory tier's tokens on `layer`. The first
-        call for a tier computes them for all its tokens on every layer at once: one batch of
-        kernels per forward instead of one per layer (a question at 7B shapes: 28 layers)."""
+        """cos/sin of `rows` (a slice or an index) of a memory tier's tokens on `layer`. For a
+        bounded tier on the device, the first call computes them for all its tokens on every layer
+        at once: one batch of kernels per forward instead of one per layer (a question at 7B
+        shapes: 28 layers), its size bounded by the budget. An unbounded or offloaded tier (full
+        cache, ReKV) would make that table grow with the stream: there only the rows read are
+        placed, layer by layer."""
+        if not (self._bounded and tier.keys.device == self._frames.device):
+            idx = tier.token_idx[layer, :tier.len]
+            idx = idx[rows.to(idx.device) if isinstance(rows, torch.Tensor) else rows]
+            return self._rope(self._positions(idx.to(self._frames.device)))
         if id(tier) not in self._tables:
-            T, (L, n) = self.grid.tokens_per_frame, (tier.token_idx.shape[0], tier.len)
-            idx = tier.token_idx[:, :n].to(self._frames.device).reshape(-1)
-            ordinals = self._rank[torch.searchsorted(self._frames, idx // T)]
-            cos, sin = self._rope(self.grid.positions(self.start, ordinals, idx % T))
+            L, n = tier.token_idx.shape[0], tier.len
+            cos, sin = self._rope(self._positions(tier.token_idx[:, :n].reshape(-1)))
             self._tables[id(tier)] = cos.view(L, n, cos.shape[-1]), sin.view(L, n, sin.shape[-1])
         cos, sin = self._tables[id(tier)]
         if isinstance(rows, torch.Tensor):
             rows = rows.to(cos.device)
         return cos[layer, rows], sin[layer, rows]
+
+    def _positions(self, token_idx: torch.Tensor) -> torch.Tensor:
+        """[3, n] positions of memory tokens given their stream indices."""
+        T = self.grid.tokens_per_frame
+        ordinals = self._rank[torch.searchsorted(self._frames, token_idx // T)]
+        return self.grid.positions(self.start, ordinals, token_idx % T)
 
     def new_tokens(self, n: int) -> torch.Tensor:
         T = self.grid.tokens_per_frame

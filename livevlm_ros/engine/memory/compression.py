@@ -20,6 +20,7 @@ from .kv_buffer import Tokens
 
 class CompressionPolicy(abc.ABC):
     needs_scores = False
+    keeps_all = False        # nothing is ever dropped: every layer holds the same tokens
 
     @abc.abstractmethod
     def select(self, cand: Tokens, capacity: int | None, n_sink: int,
@@ -28,6 +29,7 @@ class CompressionPolicy(abc.ABC):
 
 class KeepAll(CompressionPolicy):
     """Full cache / ReKV: nothing is ever dropped."""
+    keeps_all = True
 
     def select(self, cand, capacity, n_sink, stream_tokens):
         return None, n_sink

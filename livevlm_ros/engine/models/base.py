@@ -169,16 +169,10 @@ class TransformersLanguageModel:
     @torch.inference_mode()
     def run_language_model(self, embeds, positions, kv_hook):
         # only the language model switches to our attention and fused layers, only for this call
-        embeds, extra = self._language_model_inputs(embeds)
         with attention.in_use(self._lm.config), self._fused_layers:
             out = self._lm(inputs_embeds=embeds, position_ids=positions.unsqueeze(-2), use_cache=True,
-                           **{self._cache_kwarg: kv_hook}, **extra)
+                           **{self._cache_kwarg: kv_hook})
         return out.last_hidden_state
-
-    def _language_model_inputs(self, embeds: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The embeddings the language model takes, and the extra inputs that go with them (Qwen3-VL:
-        DeepStack features, carried in the same rows as the frame's tokens)."""
-        return embeds, {}
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,13 @@ class Qwen3VLAdapter(_QwenVL):
         self.positions = grid_of_wrapped_frames(self.rows, self.cols).to(self.kv.device)
         marks = self.tokenize("<|vision_start|><|vision_end|>")
         self._marks = self.embed_tokens(torch.tensor(marks))      # [2, hidden]
-        self._deepstack = len(model.config.vision_config.deepstack_visual_indexes)
+        # DeepStack: early vision layers' features are added to the first decoder layers' output at
+        # the frame's tokens. transformers adds them through a boolean mask (a device sync, which a
+        # CUDA graph cannot record); a forward hook adds them to every row instead, zeros at the
+        # markers, which is the same sum.
+        self._deepstack_now: list[torch.Tensor] | None = None
+        for i in range(min(len(model.config.vision_config.deepstack_visual_indexes), len(self._lm.layers))):
+            self._lm.layers[i].register_forward_hook(self._add_deepstack(i))
 
     def query_projections(self) -> list[torch.nn.Module]:
         return [layer.self_attn.q_norm for layer in self._lm.layers]
@@ -175,13 +181,23 @@ class Qwen3VLAdapter(_QwenVL):
         return torch.cat([marks[:1].expand(frames, 1, -1), rows, marks[1:].expand(frames, 1, -1)], dim=1
                          ).reshape(frames * (grid + 2), -1)
 
-    def _language_model_inputs(self, embeds: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def run_language_model(self, embeds, positions, kv_hook):
         hidden = self._lm.config.hidden_size
-        if embeds.shape[-1] == hidden:                       # text: nothing rides along
-            return embeds, {}
-        layers = list(embeds[0, :, hidden:].split(hidden, dim=-1))
-        mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-        return embeds[..., :hidden], {"visual_pos_masks": mask, "deepstack_visual_embeds": layers}
+        if embeds.shape[-1] > hidden:                        # a frame's tokens: DeepStack rides along
+            self._deepstack_now = embeds[0, :, hidden:].split(hidden, dim=-1)
+        try:
+            return super().run_language_model(embeds[..., :hidden], positions, kv_hook)
+        finally:
+            self._deepstack_now = None
+
+    def _add_deepstack(self, layer: int):
+        def hook(module, args, output):
+            if self._deepstack_now is None:
+                return output
+            if isinstance(output, tuple):                    # transformers versions differ here
+                return (output[0] + self._deepstack_now[layer],) + output[1:]
+            return output + self._deepstack_now[layer]
+        return hook
 
 
 def patchify(pixels: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
