@@ -113,7 +113,7 @@ def measure(name: str, adapter, budget: int, frames_n: int, long_frames: int) ->
     kv = adapter.kv
     out = dict(tokens_per_frame=T, frame_size=list(adapter.frame_size), kv_bytes_per_token=kv.bytes_per_token(),
                kv_mb_per_frame=kv.bytes_per_token() * T / 1e6, layers=kv.layers, kv_heads=kv.kv_heads,
-               head_dim=kv.head_dim,
+               head_dim=kv.head_dim, text_after_time=getattr(adapter, "text_after_time", None),
                lm_weight_bytes=sum(p.numel() * p.element_size() for p in adapter._lm.parameters()))
     frames = random_frames(16)
     engine = make_engine(adapter, budget)

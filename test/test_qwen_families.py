@@ -43,13 +43,13 @@ def make_engine(path: str, **options) -> LiveVLMEngine:
     return LiveVLMEngine(EngineConfig(**{**base, **options}))
 
 
-def stream(engine: LiveVLMEngine, frames: list[np.ndarray]):
+def stream(engine: LiveVLMEngine, frames: list[np.ndarray], fps: float = FPS):
     for i, f in enumerate(frames):
-        engine.ingest(f, i / FPS)
+        engine.ingest(f, i / fps)
     engine.flush()
 
 
-def reference_inputs(engine: LiveVLMEngine, family: str, frames: list[np.ndarray]) -> dict:
+def reference_inputs(engine: LiveVLMEngine, family: str, frames: list[np.ndarray], fps: float = FPS) -> dict:
     """What transformers takes for this prompt and video: the image processor's pixel values (one
     temporal pair per frame), the token ids with the video's placeholders, their modality types."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -76,13 +76,13 @@ def reference_inputs(engine: LiveVLMEngine, family: str, frames: list[np.ndarray
                   pixel_values_videos=pixels["pixel_values"],
                   video_grid_thw=torch.tensor([[len(frames), int(grid[0, 1]), int(grid[0, 2])]]))
     if family == "qwen2_5_vl":
-        inputs["second_per_grid_ts"] = torch.tensor([1.0 / FPS])       # one frame a temporal patch
+        inputs["second_per_grid_ts"] = torch.tensor([1.0 / fps])       # one frame a temporal patch
     return inputs
 
 
-def reference_logits(engine, family, frames) -> torch.Tensor:
+def reference_logits(engine, family, frames, fps: float = FPS) -> torch.Tensor:
     with torch.inference_mode():
-        return engine.model.model(**reference_inputs(engine, family, frames)).logits[0, -1].float()
+        return engine.model.model(**reference_inputs(engine, family, frames, fps)).logits[0, -1].float()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,6 +97,21 @@ def test_unbounded_memory_equals_transformers(qwen_models, family, policy, frame
     assert engine.stats()["long_term_tokens"] > 0, "the test must exercise long-term memory"
     answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
     torch.testing.assert_close(answer.first_logits, reference_logits(engine, family, frames), atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fps", [3.0, 0.5])
+def test_qwen25_time_axis_follows_the_frame_rate(qwen_models, fps):
+    """Qwen2.5-VL's time ids are floor(k x tokens_per_second / fps): at 3 fps a fractional step
+    (2/3: 0, 0, 1, 2, 2, ...), at 0.5 fps a step of 4; both equal transformers' own positions for
+    a video at that rate."""
+    engine = make_engine(qwen_models["qwen2_5_vl", 2], policy="full", budget_tokens=None, frames_per_clip=2,
+                         sample_fps=fps)
+    frames = video(7)
+    stream(engine, frames, fps)
+    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
+    torch.testing.assert_close(answer.first_logits, reference_logits(engine, "qwen2_5_vl", frames, fps),
+                               atol=5e-5, rtol=1e-4)
+    assert (answer.first_logits - reference_logits(engine, "qwen2_5_vl", frames, FPS)).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -185,7 +200,6 @@ def test_stored_keys_rotate_to_the_models_own_keys_at_3d_positions(qwen_models, 
     n = 12
     x = torch.randn(1, n, lm.config.hidden_size)
     pos = torch.stack([torch.arange(n) * 3, torch.arange(n) % 4 + 5, torch.arange(n) // 4 + 5])   # [3, n]
-    attn = lm.layers[0].self_attn
     captured = {}
     hook = a.key_projections()[0].register_forward_hook(lambda m, i, o: captured.setdefault("pre", o))
     from transformers import DynamicCache
@@ -202,7 +216,6 @@ def test_stored_keys_rotate_to_the_models_own_keys_at_3d_positions(qwen_models, 
     torch.testing.assert_close(apply_rope(out, cos, -sin), pre, atol=1e-5, rtol=1e-5)
     cos2, sin2 = a.rope(torch.stack([pos[0], pos[2], pos[1]]))                   # rows and columns swapped
     assert (apply_rope(pre, cos2, sin2) - post).abs().max() > 1e-2
-    assert attn is not None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -233,14 +246,16 @@ def test_time_windows_evidence_narration_and_memory_files(qwen_models, family, t
                            retrieval_ratio=0.5, frames_per_clip=2)
     stream(stranger, video(3))
     before = stranger.stats()
-    with pytest.raises(MemoryFileError):
+    with pytest.raises(MemoryFileError) as err:
         stranger.load_memory(path)
+    names = {"qwen2_5_vl": "Qwen2_5_VLAdapter", "qwen3_vl": "Qwen3VLAdapter"}
+    assert names[family] in str(err.value) and names[other] in str(err.value)
     assert stranger.stats() == before
 
 
 def test_an_odd_frame_count_and_one_frame_clips_take_the_same_memory(qwen_models):
-    """Each frame is its own temporal pair: a clip of 3 frames gives the same memory as 3 clips of
-    one (clips are prefilled against memory either way, so only the tower's input may differ)."""
+    """Each frame is its own temporal pair: a clip of 3 frames gives the tower's tokens and the
+    memory of 3 clips of one (no frame is paired with its neighbour or left out)."""
     path = qwen_models["qwen2_5_vl", 2]
     frames = video(3)
     a = make_engine(path, policy="full", budget_tokens=None, frames_per_clip=3)
@@ -251,6 +266,11 @@ def test_an_odd_frame_count_and_one_frame_clips_take_the_same_memory(qwen_models
                                torch.cat([b.model.encode_frames(b.model.preprocess([f])) for f in frames]),
                                atol=1e-5, rtol=1e-5)
     assert a.memory.frames_ingested == b.memory.frames_ingested == 3
+    for tier in ("long", "short"):
+        x, y = getattr(a.memory, tier).view(), getattr(b.memory, tier).view()
+        assert torch.equal(x.token_idx, y.token_idx)
+        torch.testing.assert_close(x.keys, y.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x.values, y.values, atol=1e-5, rtol=1e-5)
 
 
 def test_the_family_comes_from_config_json_and_others_are_named(tmp_path, qwen_models):
@@ -313,3 +333,16 @@ def test_unbounded_and_offloaded_memory_place_only_what_they_read(qwen_models, p
         type(place).rope = original
     assert view_tables and max(view_tables) == 0
     torch.testing.assert_close(again.first_logits, answer.first_logits)
+
+
+def test_text_resumes_where_each_transformers_rule_puts_it():
+    """After K frames of a 4 x 4 grid, time step 2.5: transformers 5.x resumes text at the
+    spatial span (4); the original Qwen2-VL release one past the largest position, max(floor((K - 1) x 2.5), 3) + 1. No frame yet: at the start."""
+    from livevlm_ros.engine.hook.positions import grid_of_one_block, grid_of_wrapped_frames
+
+    spatial, original = grid_of_one_block(4, 4, 2.5, False), grid_of_one_block(4, 4, 2.5, True)
+    for k, after_original in ((0, 0), (1, 4), (2, 4), (3, 6), (5, 11)):
+        assert int(original.end_after(torch.tensor(k))) == after_original
+        assert int(spatial.end_after(torch.tensor(k))) == (4 if k else 0)
+    wrapped = grid_of_wrapped_frames(4, 4)                 # <|vision_start|> 4x4 <|vision_end|>: 6 a frame
+    assert [int(wrapped.end_after(torch.tensor(k))) for k in (0, 1, 3)] == [0, 6, 18]

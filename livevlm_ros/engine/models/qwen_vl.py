@@ -117,8 +117,8 @@ class Qwen2_5_VLAdapter(_QwenVL):
         seconds = 1.0 / (sample_fps or 2.0)
         self.frame_seconds = seconds
         interval = model.config.vision_config.tokens_per_second * seconds
-        self.positions = grid_of_one_block(self.rows, self.cols, interval, self._text_after_time(model)).to(
-            self.kv.device)
+        self.text_after_time = self._text_after_time(model)        # which rule this transformers follows
+        self.positions = grid_of_one_block(self.rows, self.cols, interval, self.text_after_time).to(self.kv.device)
 
     @staticmethod
     def _text_after_time(model) -> bool:
