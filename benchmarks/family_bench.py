@@ -31,6 +31,7 @@ from gpu_bench import (bench_matmul_and_copy, check_ingest_replay, free, gpu_mem
                        random_frames, reset_peak, simulate_fill, sync, time_answer)
 from gpu_bench import build_adapter as build_llava  # noqa: E402
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
+from livevlm_ros.engine.cuda.kernels.fused_layers import FusedLayers  # noqa: E402
 from livevlm_ros.engine.models.qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter  # noqa: E402
 from livevlm_ros.tools.make_tiny_qwen import build_tokenizer  # noqa: E402
 
@@ -158,8 +159,24 @@ def measure(name: str, adapter, budget: int, frames_n: int, long_frames: int) ->
         graph = [engine.ask(q, max_new_tokens=16).token_ids for _ in range(3)][-1]     # recorded, replayed
         step = engine.question_step and engine.question_step.recorded
         replays, error = (step.replays, step.capture_error) if step else (0, None)
+        first = engine.ask(q, max_new_tokens=1, return_logits=True).first_logits
         engine.reconfigure(launch="static")
         static = engine.ask(q, max_new_tokens=16).token_ids
+        # and against the ordinary path (other attention shapes, transformers' own norms and MLPs
+        # instead of the fused kernels): equal within bf16 rounding, not bit for bit
+        engine.reconfigure(launch="eager")
+        fused, plain = adapter._fused_layers, FusedLayers.__new__(FusedLayers)
+        plain._swaps = []                              # transformers' own RMSNorm, MLP and RoPE
+        adapter._fused_layers = plain
+        try:
+            eager = engine.ask(q, max_new_tokens=1, return_logits=True).first_logits
+        finally:
+            adapter._fused_layers = fused
+        out.update(graph_vs_eager_max_abs_logit_diff=float((first - eager).abs().max()),
+                   graph_vs_eager_logit_scale=float(eager.abs().max()),
+                   graph_vs_eager_same_first_token=int(first.argmax()) == int(eager.argmax()))
+        log(f"{name}: first-token logits, graph vs eager: max |diff| {out['graph_vs_eager_max_abs_logit_diff']:.4f} "
+            f"(logits up to {out['graph_vs_eager_logit_scale']:.2f}), same token: {out['graph_vs_eager_same_first_token']}")
         out.update(graph_equals_static=graph == static, graph_tokens=graph, static_tokens=static,
                    question_replays=replays, question_capture_error=error)
         log(f"{name}: graph replay tokens == static tokens: {graph == static} ({replays} question replays)")
@@ -176,16 +193,16 @@ def measure(name: str, adapter, budget: int, frames_n: int, long_frames: int) ->
 def summary(results: dict) -> str:
     rows = results["models"]
     base = rows.get("llava-ov-7b") or rows.get("llava-tiny")
-    lines = ["model            tok/frame  KV MB/frame  ingest ms/frame  TTFT ms  decode tok/s  TTFT x  decode x"]
+    lines = ["model            tok/frame  KV MB/frame  ingest ms/frame  TTFT ms  decode tok/s  TTFT/base  decode/base"]
     for name, r in rows.items():
         if "error" in r:
             lines.append(f"{name:16s} failed: {r['error'][:80]}")
             continue
         tx = r["ttft_ms"] / base["ttft_ms"] if base and "ttft_ms" in base else float("nan")
-        dx = base["decode_tok_s"] / r["decode_tok_s"] if base and "decode_tok_s" in base else float("nan")
+        dx = r["decode_tok_s"] / base["decode_tok_s"] if base and "decode_tok_s" in base else float("nan")
         lines.append(f"{name:16s} {r['tokens_per_frame']:9d}  {r['kv_mb_per_frame']:11.3f}  "
                      f"{r['ingest_ms_per_frame']:15.1f}  {r['ttft_ms']:7.1f}  {r['decode_tok_s']:12.1f}  "
-                     f"{tx:6.2f}  {dx:8.2f}")
+                     f"{tx:9.2f}  {dx:11.2f}")
     return "\n".join(lines)
 
 
