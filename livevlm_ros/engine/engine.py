@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import EngineConfig
+from .config import ConfigError, EngineConfig
 from .cuda.decode_step import DecodeStep
 from .cuda.ingest_step import IngestStep
 from .cuda.question_step import QuestionStep
@@ -81,7 +81,12 @@ class Answer:
 class LiveVLMEngine:
     def __init__(self, config: EngineConfig, adapter: VideoLLMAdapter | None = None):
         self.config = config.validate()
-        self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, **config.extra)
+        self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, config.weights,
+                                             **config.extra)
+        loaded = getattr(self.model, "weights", "bf16")
+        if loaded != config.weights:
+            raise ConfigError(f"weights {config.weights} asked for, but the adapter given holds {loaded} weights "
+                              f"(quantize it with models.quantize.apply, or load it through the engine)")
         self.selector = make_selector(config)
         self.hook = MemoryKVHook(self.model.rope, self.model.query_projections(), self.model.key_projections())
         self._make_steps()

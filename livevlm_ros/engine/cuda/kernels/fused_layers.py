@@ -100,9 +100,13 @@ def _merge_gate_up(mlp) -> torch.Tensor | None:
     """One weight for the gate and up products, [2 * inter, hidden], the two Linear weights becoming
     views of its halves (same values, no extra memory once the old ones are freed). One product
     reads both at once: an answer token at 7B shapes took 110 us for it instead of 2 x 65.5 (H100).
-    None where the two are not plain bias-free Linears of one dtype and device."""
+    None where the two are not plain bias-free Linears of one dtype and device, or where their
+    weights are quantized (torchao tensor subclasses, quantize.py): a concatenation would turn them
+    back into a full-size plain tensor, so the MLP then runs its two quantized products apart."""
     g, u = mlp.gate_proj, mlp.up_proj
+    plain = (torch.Tensor, torch.nn.Parameter)
     if not (type(g) is type(u) is torch.nn.Linear and g.bias is None and u.bias is None
+            and type(g.weight) in plain and type(u.weight) in plain
             and g.weight.shape[1] == u.weight.shape[1] and g.weight.dtype == u.weight.dtype
             and g.weight.device == u.weight.device):
         return None
