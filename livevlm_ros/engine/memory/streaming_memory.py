@@ -29,6 +29,8 @@ from .stamps import Stamp
 class StreamingMemory:
     def __init__(self, kv: KVShape, config: EngineConfig, tokens_per_frame: int):
         self.kv, self.config, self.tokens_per_frame = kv, config, tokens_per_frame
+        if config.kv_dtype != "bf16":
+            raise ValueError(f"kv_dtype {config.kv_dtype}: 8-bit memory is not implemented yet")
         self.policy = make_compression(config)
         offload = config.long_term_tier == "cpu"
         if offload and not isinstance(self.policy, KeepAll):
