@@ -81,6 +81,8 @@ def apply(adapter, weights: str) -> int:
                              f"quantized (int4 needs input sizes divisible by {INT4_GROUP})")
     adapter.weights = weights
     adapter.rebuild_fused_layers()        # the gate/up merge was made from the unquantized weights
+    if adapter.kv.device.type == "cuda":
+        torch.cuda.empty_cache()          # the full-size weights' blocks go back to the device, not the cache
     return quantized
 
 
