@@ -23,6 +23,7 @@ from livevlm_ros.engine.cuda.kernels import attention_received, clip_attention, 
 from livevlm_ros.engine.cuda.kernels import fused_layers, page_kernels, rotate_rows  # noqa: E402
 from livevlm_ros.engine.hook import rope  # noqa: E402
 from livevlm_ros.engine.hook.attention import causal_tail  # noqa: E402
+from livevlm_ros.engine.memory import kv_quant  # noqa: E402
 
 failed = []
 
@@ -79,6 +80,7 @@ def main():
         check(f"page_kernels.summarize mean, {name}", (mean - grouped.float().mean(3)).abs().max().item(), tol)
         check(f"page_kernels.summarize min/max, {name}",
               max((low - grouped.amin(3)).abs().max().item(), (high - grouped.amax(3)).abs().max().item()), 0.0)
+        check_int8_readers(dt, name, tol)
 
         Hq, Hkv, cap = 28, 4, 700
         q = torch.randn(1, 1, Hq * D).to(dt).view(1, 1, Hq, D).transpose(1, 2)
@@ -122,15 +124,41 @@ def main():
     sys.exit(1 if failed else 0)
 
 
-def _summarize(keys, order, pages, P):
+def _summarize(keys, order, pages, P, scale=None, dtype=None):
     """page_kernels.summarize's kernel call without its CUDA check."""
     L, H, _, D = keys.shape
+    bound = keys.dtype if scale is None else dtype
     mean = torch.empty(L, H, pages, D)
-    low, high = torch.empty(L, H, pages, D, dtype=keys.dtype), torch.empty(L, H, pages, D, dtype=keys.dtype)
+    low, high = torch.empty(L, H, pages, D, dtype=bound), torch.empty(L, H, pages, D, dtype=bound)
     page_kernels._summarize_kernel[(L * H, -(-pages // page_kernels._PAGES_PER_PROGRAM))](
-        keys, order, mean, low, high, pages, H, keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0),
-        P=P, D=D, PB=page_kernels._PAGES_PER_PROGRAM)
+        keys, order, mean, low, high, keys if scale is None else scale, pages, H, keys.stride(0), keys.stride(1),
+        keys.stride(2), order.stride(0), *((0, 0, 0) if scale is None else scale.stride()),
+        P=P, D=D, PB=page_kernels._PAGES_PER_PROGRAM, SCALED=scale is not None)
     return mean, low, high
+
+
+def check_int8_readers(dt, name, tol):
+    """kv_dtype int8 (memory/kv_quant.py): the rotation and the page summaries dequantize int8 rows
+    as they read them; the reference dequantizes with torch first, in float32."""
+    H, N, D, n = 4, 300, 128, 77
+    q8, scale = kv_quant.quantize_rows(torch.randn(H, N, D) * 3)
+    cos, sin = rope_tables(n, D, dt)
+    idx = torch.randperm(N)[:n]
+    out = torch.zeros(H, n, D, dtype=dt)
+    rotate_rows.rotate_rows(out, q8, idx, cos, sin, scale)
+    ref = rope.apply_rope(kv_quant.dequantize_rows(q8[:, idx], scale[:, idx], torch.float32), cos.float(), sin.float())
+    check(f"rope.rotate_into, int8 rows dequantized, {name}", (out.float() - ref.to(dt).float()).abs().max().item(),
+          3 * tol)
+    L, P, pages = 2, 16, 20
+    keys8, kscale = kv_quant.quantize_rows(torch.randn(L, H, 400, D))
+    order = torch.stack([torch.randperm(400) for _ in range(L)])
+    index = order[:, None, :pages * P, None].expand(L, H, pages * P, D)
+    grouped = kv_quant.dequantize_rows(keys8.gather(2, index), kscale.gather(2, index[..., 0]), torch.float32)
+    grouped = grouped.view(L, H, pages, P, D)
+    mean, low, high = _summarize(keys8, order, pages, P, kscale, dt)
+    check(f"page_kernels.summarize mean, int8 keys, {name}", (mean - grouped.mean(3)).abs().max().item(), 1e-5)
+    check(f"page_kernels.summarize min/max, int8 keys, {name}",
+          max((low - grouped.amin(3).to(dt)).abs().max().item(), (high - grouped.amax(3).to(dt)).abs().max().item()), 0.0)
 
 
 if __name__ == "__main__":

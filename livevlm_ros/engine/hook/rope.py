@@ -32,14 +32,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rotate_into(out: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | int, cos: torch.Tensor,
-                sin: torch.Tensor):
+                sin: torch.Tensor, scale: torch.Tensor | None = None):
     """out[h, j] = RoPE(src[h, row j], cos[j], sin[j]) for out [H, n, D], src [H, N, D], cos/sin
-    [n, D]; `rows`: an index tensor [n] into src's N, or an int, the first of n consecutive rows."""
+    [n, D]; `rows`: an index tensor [n] into src's N, or an int, the first of n consecutive rows.
+    `scale` [H, N] float32: src is int8 (memory/kv_quant.py), dequantized as it is read; then
+    the rotation is computed in float32 and rounded once on every path."""
     n = out.shape[1]
     if n == 0:
         return
-    if rotate_rows.fits(out, src, cos, sin) and (isinstance(rows, int) or rows.device == out.device):
-        rotate_rows.rotate_rows(out, src, rows, cos, sin)
+    if rotate_rows.fits(out, src, cos, sin, scale) and (isinstance(rows, int) or rows.device == out.device):
+        rotate_rows.rotate_rows(out, src, rows, cos, sin, scale)
         return
     picked = src[:, rows:rows + n] if isinstance(rows, int) else src[:, rows]
-    out.copy_(apply_rope(picked.to(out.device, non_blocking=True), cos, sin))
+    picked = picked.to(out.device, non_blocking=True)
+    if scale is None:
+        out.copy_(apply_rope(picked, cos, sin))
+        return
+    s = scale[:, rows:rows + n] if isinstance(rows, int) else scale[:, rows]
+    x = picked.float() * s.to(out.device, non_blocking=True)[..., None]
+    out.copy_(apply_rope(x, cos.float(), sin.float()))

@@ -26,15 +26,24 @@ class PageSummary:
         return PageSummary(keys.sum(3, dtype=torch.float32) / keys.shape[3], keys.amin(3), keys.amax(3))
 
     @staticmethod
-    def in_time_order(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int) -> "PageSummary":
+    def in_time_order(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int,
+                      scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> "PageSummary":
         """keys [L, H, N, D] pre-RoPE, page p of layer l = keys at order[l, p * page_tokens:(p + 1) *
-        page_tokens]: one kernel on CUDA (page_kernels.py), else gathered into time order first."""
-        fused = summarize(keys, order, pages, page_tokens)
+        page_tokens]: one kernel on CUDA (page_kernels.py), else gathered into time order first.
+        With `scale` [L, H, N]: int8 keys (kv_quant.py), dequantized where they are read, to `dtype`
+        (the gathered pages only, never the whole tier)."""
+        fused = summarize(keys, order, pages, page_tokens, scale, dtype)
         if fused is not None:
             return PageSummary(*fused)
         L, H, _, D = keys.shape
         index = order[:, None, :pages * page_tokens, None].expand(L, H, pages * page_tokens, D)
-        return PageSummary.of(keys.gather(2, index).view(L, H, pages, page_tokens, D))
+        picked = keys.gather(2, index)
+        if scale is None:
+            return PageSummary.of(picked.view(L, H, pages, page_tokens, D))
+        # as the kernel: dequantized and reduced in float32, the bounds rounded once to dtype
+        picked = picked.float() * scale.gather(2, index[..., 0])[..., None]
+        s = PageSummary.of(picked.view(L, H, pages, page_tokens, D))
+        return PageSummary(s.mean, s.low.to(dtype), s.high.to(dtype))
 
     def layer(self, i: int) -> "PageSummary":
         return PageSummary(self.mean[i], self.low[i], self.high[i])
