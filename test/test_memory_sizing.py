@@ -23,7 +23,9 @@ def allocated_memory_bytes(engine) -> int:
     for buf in (m.long, m.short):
         total += sum(t.numel() * t.element_size() for t in (buf.keys, buf.values, buf.token_idx, buf.score,
                                                               buf.score_sum, buf.sink))
-        total += sum(t.numel() * t.element_size() for t in getattr(buf, "scales", ()))
+        if buf.quantized:
+            total += sum(t.numel() * t.element_size() for t in (buf.key_scale, buf.value_scale, buf.key_channel,
+                                                                  buf.value_channel))
     total += sum(t.numel() * t.element_size() for t in (m.prefix_keys, m.prefix_values))
     arena = engine.hook.arena
     if arena.keys is not None:
@@ -31,11 +33,12 @@ def allocated_memory_bytes(engine) -> int:
     return total
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
-def test_sized_memory_fits_the_budget_and_uses_it(tiny_model_path, frames, weights):
+@pytest.mark.parametrize("weights, kv_dtype", [("bf16", "bf16"), ("int8", "bf16"), ("bf16", "int8")])
+def test_sized_memory_fits_the_budget_and_uses_it(tiny_model_path, frames, weights, kv_dtype):
     budget_gb = 0.004
     engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights=weights, gpu_memory_budget_gb=budget_gb,
-                                        budget_tokens=None, page_tokens=4, vision_sinks=4, sample_fps=0))
+                                        kv_dtype=kv_dtype, budget_tokens=None, page_tokens=4, vision_sinks=4,
+                                        sample_fps=0))
     s = engine.sizing
     assert engine.config.budget_tokens == s.budget_tokens == engine.stats()["budget_tokens_sized"]
     assert s.weights_bytes == module_bytes(engine.model.model)
@@ -50,7 +53,14 @@ def test_sized_memory_fits_the_budget_and_uses_it(tiny_model_path, frames, weigh
     assert used <= s.budget_bytes - s.working_bytes, (used, s.arithmetic())
     # the sizing spends the budget: one more token of every kind would not have fitted
     assert s.budget_bytes - s.working_bytes - s.weights_bytes - (s.budget_tokens + s.fixed_tokens + 1) * s.bytes_per_token < 0
-    assert "GB budget" in stats["memory_sizing"] and stats["weights"] == weights
+    assert "GB budget" in stats["memory_sizing"] and stats["weights"] == weights and stats["kv_dtype"] == kv_dtype
+
+
+def test_int8_kv_holds_more_tokens_in_the_same_budget(tiny_model_path):
+    sized = {kv: LiveVLMEngine(EngineConfig(model_path=tiny_model_path, kv_dtype=kv, gpu_memory_budget_gb=0.004,
+                                            page_tokens=4, vision_sinks=4, sample_fps=0)).sizing for kv in ("bf16", "int8")}
+    assert sized["int8"].bytes_per_token < sized["bf16"].bytes_per_token
+    assert sized["int8"].budget_tokens > sized["bf16"].budget_tokens
 
 
 def test_int8_weights_leave_more_tokens_in_the_same_budget(tiny_model_path):

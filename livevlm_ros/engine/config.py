@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 PAGE_SCORINGS = ("quest", "softmax_mean", "softmax_max")    # see retrieval.page_scores
 LAUNCH_MODES = ("auto", "eager", "static", "graph")          # see graphs.py
 WEIGHTS = ("bf16", "int8", "int4")                           # see models/quantize.py
-KV_DTYPES = ("bf16", "int8")                                 # see memory/kv_quant.py
+KV_DTYPES = ("bf16", "int8")                                 # see memory/kv_quant.py (fp8: not implemented)
 
 POLICIES = {
     # name:            (compression,      retrieval, long_term)
@@ -104,6 +104,8 @@ class EngineConfig:
         need(self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         need(self.kv_dtype in KV_DTYPES, f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}"
              + (" (fp8 is not implemented)" if self.kv_dtype == "fp8" else ""))
+        need(self.kv_dtype == "bf16" or self.long_term_tier == "gpu",
+             "kv_dtype int8 is for a long-term tier on the device; the rekv policy offloads it to host memory")
         if self.gpu_memory_budget_gb is not None:
             need(self.gpu_memory_budget_gb > 0, "gpu_memory_budget_gb must be positive or None")
             need(self.compression != "keep_all",

@@ -19,7 +19,6 @@ import torch
 
 from ..memory.streaming_memory import StreamingMemory
 from .received import attention_received
-from .rope import rotate_into
 
 
 class IngestView:
@@ -48,8 +47,9 @@ class IngestView:
         cos, sin = self._mem_rope
         for buf in self._parts:
             stop = start + buf.len
-            rotate_into(keys[:, start:stop], buf.keys[layer], 0, cos[start - p:stop - p], sin[start - p:stop - p])
-            values[:, start:stop] = buf.values[layer, :, :buf.len]
+            # dequantized here where the tier is int8: one layer's rows at a time (kv_buffer.py)
+            buf.read_keys(keys[:, start:stop], layer, 0, cos[start - p:stop - p], sin[start - p:stop - p])
+            buf.read_values(values[:, start:stop], layer, 0)
             start = stop
         keys[:, start:], values[:, start:] = k_new[0], v_new[0]
         self.keys_rot.append(k_new[0])

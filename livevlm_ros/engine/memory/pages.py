@@ -27,12 +27,15 @@ class PageSummary:
 
     @staticmethod
     def in_time_order(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int,
-                      scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> "PageSummary":
+                      scale: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                      channel: torch.Tensor | None = None) -> "PageSummary":
         """keys [L, H, N, D] pre-RoPE, page p of layer l = keys at order[l, p * page_tokens:(p + 1) *
         page_tokens]: one kernel on CUDA (page_kernels.py), else gathered into time order first.
-        With `scale` [L, H, N]: int8 keys (kv_quant.py), dequantized where they are read, to `dtype`
-        (the gathered pages only, never the whole tier)."""
-        fused = summarize(keys, order, pages, page_tokens, scale, dtype)
+        With `scale` [L, H, N] and `channel` [L, H, D]: int8 keys (kv_quant.py), dequantized where
+        they are read, to `dtype` (the gathered pages only, never the whole tier)."""
+        if scale is not None and channel is None:
+            channel = torch.ones(keys.shape[0], keys.shape[1], keys.shape[3], device=keys.device)
+        fused = summarize(keys, order, pages, page_tokens, scale, dtype, channel)
         if fused is not None:
             return PageSummary(*fused)
         L, H, _, D = keys.shape
@@ -41,7 +44,7 @@ class PageSummary:
         if scale is None:
             return PageSummary.of(picked.view(L, H, pages, page_tokens, D))
         # as the kernel: dequantized and reduced in float32, the bounds rounded once to dtype
-        picked = picked.float() * scale.gather(2, index[..., 0])[..., None]
+        picked = picked.float() * scale.gather(2, index[..., 0])[..., None] * channel[:, :, None]
         s = PageSummary.of(picked.view(L, H, pages, page_tokens, D))
         return PageSummary(s.mean, s.low.to(dtype), s.high.to(dtype))
 

@@ -94,8 +94,10 @@ class MemorySizing:
                 "memory_sizing": self.arithmetic()}
 
 
-def size_memory(config, adapter, prefix_tokens: int) -> MemorySizing:
-    """budget_tokens for config.gpu_memory_budget_gb; BudgetError (with the arithmetic) if too small."""
+def size_memory(config, adapter, prefix_tokens: int, weights_bytes: int | None = None) -> MemorySizing:
+    """budget_tokens for config.gpu_memory_budget_gb; BudgetError (with the arithmetic) if too small.
+    weights_bytes: measured from the adapter unless given (benchmarks/robot_recipe.py computes it
+    for models it does not load)."""
     kv = adapter.kv
     T = adapter.tokens_per_frame
     elt = torch.empty((), dtype=kv.dtype).element_size()
@@ -112,7 +114,7 @@ def size_memory(config, adapter, prefix_tokens: int) -> MemorySizing:
                        + 9 / 8 * (config.max_question_tokens + config.max_new_tokens + short) * dense_kv)
                      // per_token)
     fixed_tokens = int(fixed_tokens)
-    weights = measured_weights_bytes(adapter)
+    weights = measured_weights_bytes(adapter) if weights_bytes is None else weights_bytes
     working = working_space_bytes(adapter, clip, config.max_question_tokens, elt)
     budget = int(config.gpu_memory_budget_gb * GB)
     min_tokens = prefix_tokens + short + config.vision_sinks + config.page_tokens

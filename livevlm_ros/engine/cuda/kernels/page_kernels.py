@@ -19,11 +19,13 @@ from .triton_lang import tl, triton
 
 
 def summarize(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int,
-              scale: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+              scale: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+              channel: torch.Tensor | None = None):
     """keys [L, H, N, D] (a tier, pre-RoPE), order [L, >= pages * page_tokens] positions into N in
     time order -> (mean float32, low, high), each [L, H, pages, D]: page p of layer l holds the
-    tokens order[l, p * page_tokens:(p + 1) * page_tokens]. With `scale` [L, H, N] float32 the keys
-    are int8 (memory/kv_quant.py), dequantized as they are read, and low/high come out in `dtype`.
+    tokens order[l, p * page_tokens:(p + 1) * page_tokens]. With `scale` [L, H, N] and `channel`
+    [L, H, D] (float32, contiguous) the keys are int8 (memory/kv_quant.py), dequantized as they are
+    read, and low/high come out in `dtype`.
     None where the kernel does not apply (retrieval.PageSummary.in_time_order then gathers and
     reduces with torch)."""
     L, H, _, D = keys.shape
@@ -38,8 +40,8 @@ def summarize(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: 
         order = order if order.stride(1) == 1 else order.contiguous()
         scaled = scale is not None
         _summarize_kernel[(L * H, -(-pages // _PAGES_PER_PROGRAM))](
-            keys, order, mean, low, high, scale if scaled else keys, pages, H, keys.stride(0), keys.stride(1),
-            keys.stride(2), order.stride(0), *(scale.stride() if scaled else (0, 0, 0)),
+            keys, order, mean, low, high, scale if scaled else keys, channel if scaled else keys, pages, H,
+            keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0), *(scale.stride() if scaled else (0, 0, 0)),
             P=P, D=D, PB=_PAGES_PER_PROGRAM, SCALED=scaled)
     return mean, low, high
 
@@ -66,7 +68,7 @@ def _fits(keys, P) -> bool:
 
 if triton is not None:
     @triton.jit(do_not_specialize=["pages"])
-    def _summarize_kernel(k_ptr, order_ptr, mean_ptr, low_ptr, high_ptr, scale_ptr, pages, H, sk_l, sk_h, sk_n,
+    def _summarize_kernel(k_ptr, order_ptr, mean_ptr, low_ptr, high_ptr, scale_ptr, channel_ptr, pages, H, sk_l, sk_h, sk_n,
                           so_l, ss_l, ss_h, ss_n, P: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
                           SCALED: tl.constexpr):
         """One program per (layer and head, block of PB pages)."""
@@ -81,7 +83,8 @@ if triton is not None:
                     mask=live[:, None, None], other=0.0)                      # [PB, P, D]
         if SCALED:                                   # int8 keys: dequantized here, in float32
             scale = tl.load(scale_ptr + layer * ss_l + h * ss_h + pos * ss_n, mask=live[:, None], other=0.0)
-            x = x.to(tl.float32) * scale[:, :, None]
+            channel = tl.load(channel_ptr + (layer * H + h) * D + d)
+            x = x.to(tl.float32) * scale[:, :, None] * channel[None, None, :]
         out = (lh * pages + page)[:, None] * D + d[None, :]
         tl.store(mean_ptr + out, tl.sum(x.to(tl.float32), axis=1) / P, mask=live[:, None])
         tl.store(low_ptr + out, tl.min(x, axis=1).to(low_ptr.dtype.element_ty), mask=live[:, None])
