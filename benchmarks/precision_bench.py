@@ -79,7 +79,7 @@ def engine_for(adapter, weights, kv_dtype, budget, launch="auto", **kw):
 
 def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_frames) -> dict:
     """One freshly built model at `weights`; a row per kv_dtype."""
-    rows = {}
+    rows, firsts = {}, {}
     t0 = time.time()
     adapter = build_adapter(shape, device, dtype)
     try:
@@ -114,6 +114,8 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
             engine.reconfigure(launch="auto")
             replayed = engine.ask("Where did I last see the red toolbox, and was the door on the left open?",
                                   max_new_tokens=8)
+            first = engine.ask("Where did I last see the red toolbox?", max_new_tokens=1,
+                               return_logits=True).first_logits.float()
             sync()
             allocated, peak = gpu_mem()
             stats = engine.stats()
@@ -124,6 +126,12 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
                                   launch=engine.config.launch,
                                   decode_graph=engine.decode_step is not None and engine.decode_step.graph is not None,
                                   replay_equals_static=static.token_ids == replayed.token_ids)
+            firsts[kv_dtype] = first
+            if kv_dtype != "bf16" and "bf16" in firsts:   # the same frames, the same weights: what 8 bits change
+                ref = firsts["bf16"]
+                rows[kv_dtype].update(first_logits_max_rel_diff_vs_kv_bf16=((first - ref).abs().max()
+                                                                            / ref.abs().max()).item(),
+                                      same_first_token_as_kv_bf16=bool(first.argmax() == ref.argmax()))
             log(f"{shape} weights={weights} kv={kv_dtype}: ttft {ttft * 1e3:.1f} ms, decode {tps:.0f} tok/s, ingest "
                 f"{ingest_ms:.1f} ms/frame, allocated {allocated / 1e9:.2f} GB (peak {peak / 1e9:.2f}), device used "
                 f"{device_used_bytes() / 1e9:.2f} GB, replay==static {static.token_ids == replayed.token_ids}")
@@ -158,6 +166,36 @@ def bench_sized(shape, device, dtype, weights, budget_gb, frames) -> dict:
         f"{allocated / 1e9:.2f} GB, peak {peak / 1e9:.2f} GB, device used {device_used_bytes() / 1e9:.2f} GB")
     free(engine, adapter)
     return out
+
+
+def check_int8_linear(results):
+    """weights int8 on the GPU: the few-rows kernel (cuda/kernels/int8_linear.py) against torchao's
+    own product on a 7B MLP's gate projection (3,584 -> 18,944), 1 and 16 rows: the largest
+    difference relative to the output's largest, and microseconds a call each (the kernel reads one
+    byte a weight; torchao converts the weight to bf16 first)."""
+    import triton.testing as tt
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from livevlm_ros.engine.cuda.kernels import int8_linear
+
+    out = {}
+    lin = torch.nn.Linear(3584, 18944, bias=False, device="cuda", dtype=torch.bfloat16)
+    dense_weight = lin.weight.detach().clone()
+    quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
+    for rows in (1, 16):
+        x = torch.randn(rows, 3584, device="cuda", dtype=torch.bfloat16)
+        ours = int8_linear.int8_linear(x, lin.weight)
+        theirs = torch.nn.functional.linear(x, lin.weight)
+        rel = ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item()
+        us = {name: tt.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3 for name, fn in (
+            ("kernel", lambda: int8_linear.int8_linear(x, lin.weight)),
+            ("torchao", lambda: torch.nn.functional.linear(x, lin.weight)),
+            ("bf16", lambda: torch.nn.functional.linear(x, dense_weight)))}
+        out[f"rows{rows}"] = dict(max_rel_diff_vs_torchao=rel, us=us)
+        log(f"int8_linear {rows} rows: max rel diff vs torchao {rel:.2e}; us kernel {us['kernel']:.1f}, "
+            f"torchao {us['torchao']:.1f}, bf16 {us['bf16']:.1f}")
+    results["int8_linear_check"] = out
+    free(lin)
 
 
 def table(results) -> str:
@@ -195,6 +233,12 @@ def main():
                    transformers=transformers.__version__, torchao=torchao_from, command=" ".join(sys.argv), rows={})
     log(json.dumps(results))
     frames = random_frames(16)
+    if device == "cuda":
+        try:
+            check_int8_linear(results)
+        except Exception as err:                   # noqa: BLE001 - the rows still run
+            results["int8_linear_check"] = f"{type(err).__name__}: {err}"
+            log(f"!! int8_linear check: {traceback.format_exc()}")
     for shape in shapes:
         budget = BUDGET if shape != "tiny" else 34 + 2 * 16 + 256
         results["rows"][shape] = {}
