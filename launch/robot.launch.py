@@ -31,7 +31,9 @@ from lifecycle_msgs.msg import Transition
 
 OVERRIDABLE = {"model_path": "Local model folder", "device": "Torch device (cuda, cpu, ...)",
                "policy": "livevlm | full | sliding_window | rekv",
-               "camera_topics": "Comma-separated image topics"}
+               "camera_topics": "Comma-separated image topics",
+               "frames_per_clip": "Frames prefilled together", "frame_pixels": "Qwen families: pixels a frame"}
+INTEGERS = ("frames_per_clip", "frame_pixels")
 
 
 def _node(context):
@@ -39,7 +41,9 @@ def _node(context):
     for name in OVERRIDABLE:
         value = LaunchConfiguration(name).perform(context)
         if value:
-            overrides[name] = [t.strip() for t in value.split(",") if t.strip()] if name == "camera_topics" else value
+            if name == "camera_topics":
+                value = [t.strip() for t in value.split(",") if t.strip()]
+            overrides[name] = int(value) if name in INTEGERS else value
     flag = lambda name: LaunchConfiguration(name).perform(context).lower() == "true"  # noqa: E731
     transport = []
     if flag("large_images") and not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):

@@ -52,7 +52,7 @@ def robot_launch(tmp_path, parameters: dict, **arguments) -> LaunchDescription:
 @launch_pytest.fixture
 def robot(tiny_model_path, tmp_path):
     return robot_launch(tmp_path, dict(sample_fps=5.0, frame_queue_size=64, narration_period_s=1.0, max_new_tokens=4),
-                        model_path=tiny_model_path, namespace="robot1", use_sim_time="true")
+                        model_path=tiny_model_path, namespace="robot1", use_sim_time="true", frame_pixels="12544")
 
 
 @pytest.mark.launch(fixture=robot)
@@ -66,6 +66,8 @@ def test_robot_launch_with_namespace_config_and_sim_time(bag):
                                                 "--spin-time", "3")
         assert "Integer value is: 130" in ros2("param", "get", "/robot1/livevlm", "budget_tokens", "--no-daemon",
                                                "--spin-time", "3")
+        assert "Integer value is: 12544" in ros2("param", "get", "/robot1/livevlm", "frame_pixels", "--no-daemon",
+                                                 "--spin-time", "3")     # an integer argument (LLaVA ignores it)
         # a bag with its own clock, on the node's relative camera topic under the namespace
         play = subprocess.run([executable("livevlm_replay"), str(bag), "--rate", "2", "--clock",
                                "--remap", "/camera/image_raw:=/robot1/camera/image_raw"],

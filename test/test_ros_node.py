@@ -56,6 +56,35 @@ def test_query_narration_and_status_while_frames_stream(client, start, tiny_mode
     assert node.alive()
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_qwen_checkpoint_serves_the_same_interfaces(client, start, tmp_path, family):
+    """The node picks the family from the folder's config.json: a Qwen checkpoint streams, answers
+    with evidence, narrates and reports its frame arithmetic, over real DDS."""
+    from livevlm_ros.tools.make_tiny_qwen import build
+
+    path = str(build(family, tmp_path / family, seed=1, layers=2))
+    tpf = 16 + (2 if family == "qwen3_vl" else 0)              # 112 px: a 4 x 4 grid (+ Qwen3's two markers)
+    node = start(params(path, frame_pixels=112 * 112, budget_tokens=40 + 2 * tpf + 64))
+    client.wait_ready(node)
+    stop = threading.Event()
+    streamer = threading.Thread(target=publish_for, args=(client, 30.0), kwargs={"stop": stop})
+    streamer.start()
+    try:
+        client.wait_for(lambda: int(client.node_status()["frames_ingested"]) >= 8, 40, "8 ingested frames")
+        answer = client.query("Where did I last see the red toolbox?")
+        assert answer.success, answer.error_message
+        assert answer.tokens_generated >= 1 and len(answer.evidence) >= 1
+        client.wait_for(lambda: len(client.narrations) >= 1, 20, "a narration")
+        status = client.node_status()
+        assert int(status["tokens_per_frame"]) == tpf
+        assert int(status["device_tokens"]) <= 40 + 2 * tpf + 64
+    finally:
+        stop.set()
+        streamer.join()
+    assert node.alive()
+
+
 @pytest.mark.timeout(120)
 def test_malformed_input_is_refused_and_counted_node_keeps_running(client, start, tiny_model_path):
     node = start(params(tiny_model_path, camera_topics=["/camera/image_raw", "/camera/image_raw/compressed"],

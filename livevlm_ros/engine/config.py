@@ -43,6 +43,7 @@ class EngineConfig:
     model_path: str = ""                 # local folder with a from_pretrained checkpoint
     device: str = "cpu"                  # "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"               # "float32" | "bfloat16" | "float16"
+    frame_pixels: int = 0                # pixels a frame is resized to (Qwen families); 0 = the family's default
     weights: str = "bf16"                # language-model weights: bf16 (= at `dtype`, not quantized) | int8 | int4
     kv_dtype: str = "bf16"               # long-term KV: bf16 (= at `dtype`) | int8 (per-token-and-head scales)
     gpu_memory_budget_gb: float | None = None   # if set, budget_tokens is sized from it (memory/sizing.py)
@@ -111,6 +112,7 @@ class EngineConfig:
             need(self.compression != "keep_all",
                  "gpu_memory_budget_gb sizes a bounded memory: the policy must compress (livevlm or sliding_window)")
         need(self.sample_fps >= 0, "sample_fps must be >= 0")
+        need(self.frame_pixels >= 0, "frame_pixels must be >= 0 (0 = the model family's default)")
         need(self.frames_per_clip >= 1, "frames_per_clip must be >= 1")
         need(self.short_term_frames >= 1, "short_term_frames must be >= 1")
         need(self.vision_sinks >= 0, "vision_sinks must be >= 0")

@@ -83,7 +83,7 @@ class LiveVLMEngine:
     def __init__(self, config: EngineConfig, adapter: VideoLLMAdapter | None = None):
         self.config = config.validate()
         self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, config.weights,
-                                             **config.extra)
+                                             **self._model_options())
         loaded = getattr(self.model, "weights", "bf16")
         if loaded != config.weights:
             raise ConfigError(f"weights {config.weights} asked for, but the adapter given holds {loaded} weights "
@@ -94,7 +94,8 @@ class LiveVLMEngine:
             self.sizing = size_memory(config, self.model, prefix)
             self.config = config = config.replace(budget_tokens=self.sizing.budget_tokens)
         self.selector = make_selector(config)
-        self.hook = MemoryKVHook(self.model.rope, self.model.query_projections(), self.model.key_projections())
+        self.hook = MemoryKVHook(self.model.rope, self.model.query_projections(), self.model.key_projections(),
+                                 self.model.positions)
         self._make_steps()
         try:
             self.reset()                  # makes the memory (allocated once here, not twice)
@@ -102,18 +103,30 @@ class LiveVLMEngine:
             self.hook.close()             # the model may outlive a failed engine: leave it unhooked
             raise
 
+    def _model_options(self) -> dict:
+        """What an adapter may need to know of the stream: the frame rate (Qwen2.5-VL's time axis)
+        and the pixels a frame is resized to (0: the family's default)."""
+        options = {"sample_fps": self.config.sample_fps}
+        if self.config.frame_pixels:
+            options["frame_pixels"] = self.config.frame_pixels
+        return {**options, **self.config.extra}
+
     def _make_steps(self):
         """`launch`: how a clip's prefill, a question's prefill and each answer token run. 'graph':
         at fixed shapes, replayed from CUDA graphs once memory is full (graphs.py); 'static': the
         same fixed shapes, kernel by kernel (the CPU tests check them against 'eager'); 'eager':
         shapes as they come."""
         mode = self.config.launch
+        slots = not self.model.positions.by_token
         if mode == "auto":
             mode = "graph" if self.model.kv.device.type == "cuda" and self.config.bounded else "eager"
         self.ingest_step = self.question_step = self.decode_step = None
         if mode != "eager":
             capture = mode == "graph"
-            self.ingest_step = IngestStep(self.hook, capture)
+            # The Qwen vision towers lay out their attention windows on the host (not capturable):
+            # with multimodal positions a clip's prefill runs eagerly; questions and answers replay.
+            if slots:
+                self.ingest_step = IngestStep(self.hook, capture)
             self.question_step = QuestionStep(self.model, self.hook, capture)
             self.decode_step = DecodeStep(self.model, self.hook, capture)
 
@@ -225,25 +238,28 @@ class LiveVLMEngine:
         self.memory.commit_clip(keys_pre, values, scores, times, cameras, poses)
 
     def _prefill_prefix(self):
-        ids = torch.tensor(self.model.tokenize(self.config.system_prompt), dtype=torch.long)
+        # a family whose video sits between markers ends the prefix with the opening one
+        ids = torch.tensor(self.model.tokenize(self.config.system_prompt + self.model.video_start),
+                           dtype=torch.long)
         if len(ids) == 0:                 # no system prompt: an empty prefix, nothing to run
             kv = self.model.kv
             empty = torch.empty(kv.layers, kv.kv_heads, 0, kv.head_dim, dtype=kv.dtype, device=kv.device)
             self.memory.set_prefix(empty, empty.clone())
             return
-        _, keys_rot, values, _ = self._prefill(self.model.embed_tokens(ids), score=False)
+        _, keys_rot, values, _ = self._prefill(self.model.embed_tokens(ids), score=False, text=True)
         self.memory.set_prefix(torch.stack(keys_rot), values)
 
     @torch.inference_mode()
-    def _prefill(self, embeds: torch.Tensor, score: bool):
-        """New tokens after prefix + memory -> their pre-RoPE keys [L, H, n, D], post-RoPE keys (per
-        layer), values, and (score) the attention every token drew from the observation window
-        [L, p + memory + n]. Changes nothing: ingest_step.py may replay it from a graph."""
-        start = self.memory.prefix_len + self.memory.attendable_len()
+    def _prefill(self, embeds: torch.Tensor, score: bool, text: bool = False):
+        """New tokens after prefix + memory (frames; `text`: the prefix's text) -> their pre-RoPE
+        keys [L, H, n, D], post-RoPE keys (per layer), values, and (score) the attention every token
+        drew from the observation window [L, p + memory + n]. Changes nothing: ingest_step.py may
+        replay it from a graph."""
         n = embeds.shape[0]
-        positions = torch.arange(start, start + n, device=embeds.device)
+        place = self.hook.place_memory(self.memory.attendable_len())
+        positions = place.text(n) if text else place.new_tokens(n)
         window = self.config.observation_window or self.model.tokens_per_frame
-        self.hook.begin_ingest(positions, window if score else None)
+        self.hook.begin_ingest(place, n, window if score else None)
         try:
             self.model.run_language_model(embeds[None], positions, self.hook)
         except BaseException:
@@ -344,8 +360,8 @@ class LiveVLMEngine:
                 else:
                     view = self.hook.begin_answer(selector, rows, limit, region, rows if evidence else None)
                     if self.decode_step is not None:
-                        self.hook.reserve_arena(view.start + n + limit)
-                    positions = torch.arange(view.start, view.start + n, device=embeds.device)
+                        self.hook.reserve_arena(view.context_end + n + limit)
+                    positions = view.place.text(n)
                     hidden = self.model.run_language_model(embeds[None], positions, self.hook)
                     logits = self.model.logits(hidden[:, -1])[0]
                 start = view.start
@@ -364,7 +380,7 @@ class LiveVLMEngine:
                     if cancel is not None and cancel():
                         raise AnswerCancelled(f"cancelled after {len(out)} tokens")
                     token = self._next_token(token, start + n + step, step == 0)
-                context_tokens = start
+                context_tokens = view.context_end
                 found = self._evidence(view, evidence) if evidence else []
             finally:
                 self.hook.reset()

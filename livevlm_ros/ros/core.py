@@ -195,7 +195,11 @@ class LiveVLMCore:
                 self.work.reopen()
             else:
                 self.work.close("inactive: activate the node to serve it")
-        self.log.info(f"engine ready: {self.p['policy']} policy, model {self.p['model_path']}")
+        m, stats = self.engine.model, self.engine.stats()
+        h, w = m.frame_size
+        self.log.info(f"engine ready: {self.p['policy']} policy, {m.model_type} model {self.p['model_path']}: "
+                      f"{h}x{w} px and {m.tokens_per_frame} tokens a frame, budget {stats['budget_tokens']} tokens "
+                      f"({stats['prefix_tokens']} of them the prompt)")
         return True
 
     def _pose_at(self, stamp: int, frame_id: str):

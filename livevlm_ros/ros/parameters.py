@@ -67,7 +67,11 @@ NODE_PARAMETERS = [
      "extrapolated).", _float(0.0, 60.0)),
     ("memory_file", "", "safetensors file memory is loaded from at start (if it exists) and saved to on a clean "
      "shutdown and by ~/save_memory; '' = none. A file made for another model or memory setting is refused."),
-    ("model_path", "", "Local folder of a from_pretrained Video LLM checkpoint (LLaVA-OneVision).", RESTART),
+    ("model_path", "", "Local folder of a from_pretrained Video LLM checkpoint: LLaVA-OneVision, Qwen2.5-VL or "
+     "Qwen3-VL (the family is read from its config.json).", RESTART),
+    ("frame_pixels", _ENGINE_DEFAULTS.frame_pixels, "Qwen families: pixels a frame is resized to (a square whose side "
+     "is a multiple of the tokens' pixel size), which fixes tokens per frame; 0 = 196 tokens a frame "
+     "(Qwen2.5-VL 392 px, Qwen3-VL 448 px). LLaVA-OneVision takes its own 384 px.", {**RESTART, **_int(0, 1 << 26)}),
     ("device", _ENGINE_DEFAULTS.device, "Torch device: cpu, cuda, cuda:1, ...", RESTART),
     ("dtype", _ENGINE_DEFAULTS.dtype, "float32 | bfloat16 | float16", RESTART),
     ("weights", _ENGINE_DEFAULTS.weights, "Language-model weights: bf16 (not quantized: at dtype) | int8 | int4 "
@@ -159,6 +163,7 @@ def engine_config(p: dict) -> EngineConfig:
     config["budget_tokens"] = None if config["budget_tokens"] < 0 else config["budget_tokens"]
     config["gpu_memory_budget_gb"] = config["gpu_memory_budget_gb"] or None     # 0 = not set
     config["sample_fps"] = 0.0                     # the node samples by header stamp itself
+    config["extra"] = {"sample_fps": p["sample_fps"]}   # but a model's time axis (Qwen2.5-VL) needs the rate
     return EngineConfig.from_dict(config)
 
 

@@ -54,7 +54,7 @@ class _Recorded:
 class QuestionStep:
     def __init__(self, model, hook, capture: bool):
         self.model, self.hook = model, hook
-        # question key -> _Recorded; seen: question key -> start, of questions run kernel by kernel
+        # question key -> _Recorded; seen: question key -> context end, of questions run kernel by kernel
         self.recorded = StepGraphs("question prefill", capture)
 
     def run(self, selector, embeds: torch.Tensor, rows: slice, max_new_tokens: int, evidence: bool):
@@ -83,7 +83,7 @@ class QuestionStep:
             if made is not None:
                 graph, view = made
                 recorded = rec.graphs[key] = _Recorded(graph, inputs, view)
-        if recorded is not None and hook.arena.capacity >= recorded.view.start + bucket + max_new_tokens:
+        if recorded is not None and hook.arena.capacity >= recorded.view.context_end + bucket + max_new_tokens:
             for static, new in zip((recorded.inputs.embeds, recorded.inputs.last, recorded.inputs.row_weights),
                                    (inputs.embeds, inputs.last, inputs.row_weights)):
                 static.copy_(new)
@@ -95,7 +95,7 @@ class QuestionStep:
             view = self._forward(selector, inputs, rows, max_new_tokens, evidence)
             if hook.arena.generation != generation:
                 rec.graphs.clear()             # the arena grew: every graph must be recorded again
-            rec.seen[key] = view.start
+            rec.seen[key] = view.context_end
             logits = inputs.logits
         view.padding = bucket - n              # decoding goes on from the last real row
         return view, logits
@@ -115,8 +115,8 @@ class QuestionStep:
         hook, bucket = self.hook, inputs.embeds.shape[0]
         view = hook.begin_answer(selector, rows, max_new_tokens, None, rows if evidence else None,
                                  row_weights=inputs.row_weights)
-        hook.reserve_arena(view.start + bucket + max_new_tokens)   # no-op while recording: reserved before
-        positions = torch.arange(view.start, view.start + bucket, device=inputs.embeds.device)
+        hook.reserve_arena(view.context_end + bucket + max_new_tokens)   # no-op while recording: reserved before
+        positions = view.place.text(bucket)              # on the device: a replay computes them afresh
         hidden = self.model.run_language_model(inputs.embeds[None], positions, hook)
         inputs.logits = self.model.logits(hidden[0].index_select(0, inputs.last))[0]
         return view

@@ -3,7 +3,8 @@
 On a layer's first call the view asks the plan which long-term tokens this layer reads (PaR scores
 pages with the question's pre-RoPE queries, which the hook captured; a time window narrows the
 candidates), and assembles [prefix | those tokens | short-term memory] in one buffer with room for
-the question and the answer, re-rotated to positions that end right before the question. Later
+the question and the answer, re-rotated to where hook/positions.py places them (1-D: positions
+that end right before the question). Later
 calls (the rest of the question's forward, then eagerly decoded tokens) append to it. A CUDA decode
 step appends in the arena instead (arena.py), from where the view's prefill left each layer.
 
@@ -32,7 +33,7 @@ from .rope import rotate_into
 
 
 class AnswerView:
-    def __init__(self, memory: StreamingMemory, rope, queries: dict[int, torch.Tensor], arena: AnswerArena,
+    def __init__(self, memory: StreamingMemory, place_memory, queries: dict[int, torch.Tensor], arena: AnswerArena,
                  plan: RetrievalPlan, question_rows: slice, room: int, evidence_rows: slice | None = None,
                  row_weights: torch.Tensor | None = None, record_selection: bool = False):
         """question_rows: rows of the first forward that are the question's own tokens (they score
@@ -47,9 +48,8 @@ class AnswerView:
         # layers may read different numbers of tokens (a time window): each layer's context ends
         # right before the question, so the newest memory is as close to it on every layer
         self.context_tokens = max(self._n_ctx)
-        p = memory.prefix_len
-        self._ctx_rope = rope(torch.arange(p, p + self.context_tokens, device=kv.device))
-        self.start = p + self.context_tokens                  # position of the first question row
+        self.place = place_memory(self.context_tokens)          # hook/positions.py
+        self.context_end = memory.prefix_len + self.context_tokens   # rows before the question's
         self.evidence = None
         if evidence_rows is not None:
             # per frame number, over all layers: attention drawn, and tokens that drew it (sized in
@@ -62,6 +62,11 @@ class AnswerView:
         self.lengths: dict[int, int] = {}
         self.padding = 0                              # trailing rows of the first forward that were padding
         self.last_selection: dict[int, torch.Tensor] = {}
+
+    @property
+    def start(self) -> int:
+        """Position of the first question row (multimodal positions: read from the device)."""
+        return self.place.end_int()
 
     def pages(self) -> tuple[int, int]:
         return self.plan.pages_used, self.plan.pages_total
@@ -99,7 +104,7 @@ class AnswerView:
         index = plan.long_index(layer, q, self.row_weights)
         if index is not None:
             index = index.to(mem.long.device)
-        if self.record_selection or self.evidence_rows is not None:    # which tokens were read: on request
+        if self.record_selection or self.evidence_rows is not None or self.place.by_token:
             long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
             if index is not None:
                 long_idx, long_sink = long_idx[index], long_sink[index]
@@ -117,14 +122,16 @@ class AnswerView:
         n_long = len(index) if index is not None else mem.long.len
         keys[:, :p], values[:, :p] = mem.prefix_keys[layer], mem.prefix_values[layer]
         # gathered and rotated in one pass (rope.rotate_into); the context ends right before the question
-        cos, sin = self._ctx_rope
         gap = self.context_tokens - n_ctx
         at_long, at_short = slice(gap, gap + n_long), slice(gap + n_long, gap + n_ctx)
+        by_token = self.place.by_token               # positions from the tokens themselves, not their slots
+        cos, sin = self.place.rope(layer, long_idx if by_token else None, at_long)
         # int8 long-term rows are dequantized in the same pass (kv_buffer.read_keys / read_values)
-        mem.long.read_keys(keys[:, p:p + n_long], layer, 0 if index is None else index, cos[at_long], sin[at_long])
+        mem.long.read_keys(keys[:, p:p + n_long], layer, 0 if index is None else index, cos, sin)
         mem.long.read_values(values[:, p:p + n_long], layer, 0 if index is None else index)
+        cos, sin = self.place.rope(layer, mem.short.token_idx[layer, short] if by_token else None, at_short)
         rotate_into(keys[:, p + n_long:p + n_ctx], mem.short.keys[layer],
-                    plan.short_from if plan.short_index is None else plan.short_index, cos[at_short], sin[at_short])
+                    plan.short_from if plan.short_index is None else plan.short_index, cos, sin)
         values[:, p + n_long:p + n_ctx] = mem.short.values[layer, :, short]
         self.keys[layer], self.values[layer] = keys, values
         frames = None

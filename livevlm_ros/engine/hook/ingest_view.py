@@ -1,8 +1,8 @@
 """One clip's prefill against memory, as the model's attention layers see it.
 
 Each layer's `update` gets the clip's post-RoPE keys and hands back [prefix | memory | clip]: the
-prefix as stored (post-RoPE), memory's pre-RoPE keys rotated to the positions right after it, then
-the clip. Along the way the view keeps what memory will store of the clip: its pre-RoPE keys,
+prefix as stored (post-RoPE), memory's pre-RoPE keys rotated to where `place` puts them (right
+after the prefix; hook/positions.py), then the clip. Along the way the view keeps what memory will store of the clip: its pre-RoPE keys,
 exactly as each layer's key projection made them (the hook captures them), and its values.
 
 For VSB it also measures the vision-to-vision attention the clip's last `window` tokens paid every
@@ -22,13 +22,13 @@ from .received import attention_received
 
 
 class IngestView:
-    def __init__(self, memory: StreamingMemory, rope, keys_pre: dict[int, torch.Tensor],
-                 new_positions: torch.Tensor, window: int | None):
+    def __init__(self, memory: StreamingMemory, place, keys_pre: dict[int, torch.Tensor], n: int,
+                 window: int | None):
+        """place: where memory's tokens sit (hook/positions.py); n: new tokens."""
         kv = memory.kv
-        self.memory, self._keys_pre_captured = memory, keys_pre
-        p, n_att, n = memory.prefix_len, memory.attendable_len(), new_positions.shape[0]
+        self.memory, self._keys_pre_captured, self.place = memory, keys_pre, place
+        p, n_att = memory.prefix_len, memory.attendable_len()
         self._parts = [b for b in memory.attendable_buffers() if b.len]
-        self._mem_rope = rope(torch.arange(p, p + n_att, device=kv.device))
         # one [prefix | memory | new] buffer, reused by every layer: the device runs layer i's
         # attention before layer i+1's update overwrites it (same stream, in order)
         self._keys = torch.empty(kv.kv_heads, p + n_att + n, kv.head_dim, dtype=kv.dtype, device=kv.device)
@@ -44,11 +44,12 @@ class IngestView:
         if p:
             keys[:, :p], values[:, :p] = mem.prefix_keys[layer], mem.prefix_values[layer]
         start = p
-        cos, sin = self._mem_rope
         for buf in self._parts:
             stop = start + buf.len
+            tokens = buf.token_idx[layer, :buf.len] if self.place.by_token else None
+            cos, sin = self.place.rope(layer, tokens, slice(start - p, stop - p))
             # dequantized here where the tier is int8: one layer's rows at a time (kv_buffer.py)
-            buf.read_keys(keys[:, start:stop], layer, 0, cos[start - p:stop - p], sin[start - p:stop - p])
+            buf.read_keys(keys[:, start:stop], layer, 0, cos, sin)
             buf.read_values(values[:, start:stop], layer, 0)
             start = stop
         keys[:, start:], values[:, start:] = k_new[0], v_new[0]

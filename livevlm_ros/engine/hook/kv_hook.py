@@ -22,12 +22,15 @@ from ..memory.streaming_memory import StreamingMemory
 from .answer_view import AnswerView
 from .arena import AnswerArena
 from .ingest_view import IngestView
+from .positions import SlotPositions
 
 
 class MemoryKVHook:
-    def __init__(self, rope, query_modules: list[torch.nn.Module], key_modules: list[torch.nn.Module]):
+    def __init__(self, rope, query_modules: list[torch.nn.Module], key_modules: list[torch.nn.Module],
+                 positions=None):
         self.memory: StreamingMemory | None = None      # set by the engine (LiveVLMEngine._use_memory)
         self.rope = rope
+        self.positions = positions or SlotPositions()
         self.view: IngestView | AnswerView | AnswerArena | None = None
         self.arena = AnswerArena()
         self._queries: dict[int, torch.Tensor] = {}
@@ -56,11 +59,15 @@ class MemoryKVHook:
         self._keys_pre.clear()
 
     # ---- ingest -----------------------------------------------------------------------------------
-    def begin_ingest(self, new_positions: torch.Tensor, observation_window: int | None):
-        """A prefill of new tokens at `new_positions`, after prefix + attendable memory; with an
-        observation window, VSB's scores are measured."""
+    def place_memory(self, n_context: int):
+        """Where a context of memory's tokens sits, right after the prefix (hook/positions.py)."""
+        return self.positions.place(self.memory, self.rope, self.memory.prefix_len, n_context)
+
+    def begin_ingest(self, place, n_new: int, observation_window: int | None):
+        """A prefill of n_new tokens after prefix + attendable memory, which sits where `place`
+        (place_memory) puts it; with an observation window, VSB's scores are measured."""
         self.reset()
-        self.view = IngestView(self.memory, self.rope, self._keys_pre, new_positions, observation_window)
+        self.view = IngestView(self.memory, place, self._keys_pre, n_new, observation_window)
 
     def finish_ingest(self) -> tuple:
         """IngestView.finish's outputs; the hook leaves ingest."""
@@ -77,7 +84,7 @@ class MemoryKVHook:
         all). Returns the view: `view.start` is the position of the question's first row."""
         self.reset()
         plan = selector.plan(self.memory, region)
-        self.view = AnswerView(self.memory, self.rope, self._queries, self.arena, plan, question_rows,
+        self.view = AnswerView(self.memory, self.place_memory, self._queries, self.arena, plan, question_rows,
                                max_new_tokens, evidence_rows, row_weights, self.record_selection)
         if self.record_selection:
             self.last_selection = self.view.last_selection

@@ -57,7 +57,7 @@ def identity(engine) -> dict[str, str]:
     """What a memory is only valid for. The weight fingerprint is taken at bf16 precision, so the
     same checkpoint loaded as float32 or bfloat16 agrees."""
     kv, cfg = engine.model.kv, engine.config
-    probe = engine.model.key_projections()[0].weight[:4].detach().to(torch.bfloat16).float().cpu()
+    probe = engine.model.weight_probe().detach().to(torch.bfloat16).float().cpu()
     return {
         "format": FORMAT,
         "model": f"{type(engine.model).__name__} layers={kv.layers} kv_heads={kv.kv_heads} head_dim={kv.head_dim} "

@@ -8,10 +8,11 @@ from pathlib import Path
 from . import quantize
 from .base import KVShape, ModelLoadError, VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter
 from .text_lm import TextLMAdapter
 
 ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
-    LlavaOnevisionAdapter.model_type: LlavaOnevisionAdapter,
+    adapter.model_type: adapter for adapter in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 }
 TEXT_MODEL_TYPES = ("llama", "qwen2", "mistral")      # text-only decoders: benchmarks, not the node
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..hook import attention
+from ..hook.positions import SlotPositions
 from ..cuda.kernels.fused_layers import FusedLayers
 
 
@@ -41,19 +42,24 @@ class KVShape:
 
 
 class VideoLLMAdapter(abc.ABC):
+    model_type: str                      # the checkpoint's config.json `model_type` (memory files name it)
     kv: KVShape
     tokens_per_frame: int
     frame_size: tuple[int, int]          # (height, width) the vision tower takes
     stop_token_ids: tuple[int, ...]
+    positions = SlotPositions()          # where memory's tokens sit in a context (hook/positions.py)
+    video_start = ""                     # text the prefix ends with, right before the video
 
     # ---- vision -------------------------------------------------------------------------------
     @abc.abstractmethod
     def preprocess(self, frames: list[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 HxWx3 frames -> pixel tensor [F, 3, H, W] on the model device."""
+        """RGB uint8 HxWx3 frames -> the pixel tensor encode_frames takes, on the model device
+        ([F, 3, H, W]; Qwen: [F x patches, patch values])."""
 
     @abc.abstractmethod
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixel tensor [F, 3, H, W] -> visual token embeddings [F * tokens_per_frame, hidden]."""
+        """preprocess's pixels of F frames -> their token embeddings [F * tokens_per_frame, hidden]
+        (what run_language_model takes as a frame's tokens)."""
 
     @abc.abstractmethod
     def video_end_embeddings(self) -> torch.Tensor:
@@ -80,7 +86,8 @@ class VideoLLMAdapter(abc.ABC):
     # ---- language model -----------------------------------------------------------------------
     @abc.abstractmethod
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions [n] -> (cos, sin), each [n, head_dim], as the model's own rotary module gives them."""
+        """Positions [n] (or [3, n], multimodal RoPE) -> (cos, sin), each [n, head_dim], as the
+        model's own rotary module gives them."""
 
     @abc.abstractmethod
     def query_projections(self) -> list[torch.nn.Module]:
@@ -92,7 +99,7 @@ class VideoLLMAdapter(abc.ABC):
 
     @abc.abstractmethod
     def run_language_model(self, embeds: torch.Tensor, positions: torch.Tensor, kv_hook) -> torch.Tensor:
-        """embeds [1, n, hidden], positions [n] -> final hidden states [1, n, hidden].
+        """embeds [1, n, hidden], positions [n] (or [3, n]) -> final hidden states [1, n, hidden].
 
         `kv_hook` is handed to every attention layer as its cache: layer i calls
         kv_hook.update(key_states, value_states, i, ...) and attends to what it returns, new
@@ -151,11 +158,16 @@ class TransformersLanguageModel:
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.empty(0, dtype=self.kv.dtype, device=self.kv.device)
-        cos, sin = self._lm.rotary_emb(probe, positions.to(self.kv.device)[None])
+        # [n] -> [1, n]; [3, n] -> [3, 1, n] (a multimodal rotary module's layout)
+        cos, sin = self._lm.rotary_emb(probe, positions.to(self.kv.device).unsqueeze(-2))
         return cos[0], sin[0]
 
     def query_projections(self) -> list[torch.nn.Module]:
         return [layer.self_attn.q_proj for layer in self._lm.layers]
+
+    def weight_probe(self) -> torch.Tensor:
+        """A few weights that tell checkpoints apart (memory files carry their fingerprint)."""
+        return self._lm.layers[0].self_attn.k_proj.weight[:4]
 
     def key_projections(self) -> list[torch.nn.Module]:
         # Qwen2 / Llama / Mistral rotate k_proj's output directly (no key norm in between)
@@ -164,10 +176,16 @@ class TransformersLanguageModel:
     @torch.inference_mode()
     def run_language_model(self, embeds, positions, kv_hook):
         # only the language model switches to our attention and fused layers, only for this call
+        embeds, extra = self._language_model_inputs(embeds)
         with attention.in_use(self._lm.config), self._fused_layers:
-            out = self._lm(inputs_embeds=embeds, position_ids=positions[None], use_cache=True,
-                           **{self._cache_kwarg: kv_hook})
+            out = self._lm(inputs_embeds=embeds, position_ids=positions.unsqueeze(-2), use_cache=True,
+                           **{self._cache_kwarg: kv_hook}, **extra)
         return out.last_hidden_state
+
+    def _language_model_inputs(self, embeds: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The embeddings the language model takes, and the extra inputs that go with them (Qwen3-VL:
+        DeepStack features, carried in the same rows as the frame's tokens)."""
+        return embeds, {}
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ from .triton_lang import tl, triton
 from ...hook.rope import rotate_into
 
 # transformers classes whose forward is exactly what the kernels compute
-_RMS_NORMS = {"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm"}
-_SILU_MLPS = {"Qwen2MLP", "LlamaMLP", "MistralMLP"}
+_RMS_NORMS = {"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2_5_VLRMSNorm", "Qwen3VLTextRMSNorm"}
+_SILU_MLPS = {"Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3VLTextMLP"}
 
 
 class FusedLayers:
