@@ -126,6 +126,15 @@ def test_int8_memory_survives_a_memory_file(tiny_model_path, frames, tmp_path):
     torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-3)
 
 
+def test_int8_engine_answers_before_memory_reaches_long_term(tiny_model_path, frames):
+    """An empty int8 tier (its channel factors not yet fixed) is read like any empty tier."""
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, kv_dtype="int8", budget_tokens=200,
+                                        page_tokens=4, vision_sinks=4, sample_fps=0))
+    engine.ingest(frames(1)[0], 0.0)
+    assert engine.memory.long.len == 0
+    assert engine.ask("Is the door open?", max_new_tokens=2).tokens_generated >= 1
+
+
 def test_int8_memory_stats_count_int8_bytes(tiny_model_path, frames):
     engines = {kv: LiveVLMEngine(EngineConfig(model_path=tiny_model_path, kv_dtype=kv, budget_tokens=200,
                                               page_tokens=4, vision_sinks=4, sample_fps=0)) for kv in ("bf16", "int8")}

@@ -59,7 +59,10 @@ class KVBuffer:
                  quantized: bool = False):
         self.kv, self.device, self.pin, self.quantized = kv, torch.device(device), pin, quantized
         self.len = 0
-        self.key_channel = self.value_channel = None      # [L, H, D] float32, int8 only (set at the first write)
+        if quantized:    # [L, H, D] float32: keys' channel factors, fixed by the first write (kv_quant.py)
+            self.key_channel = torch.ones(kv.layers, kv.kv_heads, kv.head_dim, dtype=torch.float32, device=device)
+            self.value_channel = torch.ones_like(self.key_channel)      # values: none
+            self._calibrated = False
         self._alloc(max(capacity, 1))
 
     def _alloc(self, capacity: int):
@@ -95,9 +98,9 @@ class KVBuffer:
     def _write(self, start: int, t: Tokens):
         stop = start + t.n
         if self.quantized:
-            if self.key_channel is None:                  # fixed from the first tokens stored (kv_quant.py)
-                self.key_channel = channel_factors(t.keys).to(self.device)
-                self.value_channel = torch.ones_like(self.key_channel)
+            if not self._calibrated:                      # fixed from the first tokens stored (kv_quant.py),
+                self.key_channel.copy_(channel_factors(t.keys))   # in place: graphs keep its address
+                self._calibrated = True
             k, ks = quantize_rows(t.keys.to(self.device), self.key_channel)
             v, vs = quantize_rows(t.values.to(self.device))
             self.keys[:, :, start:stop].copy_(k)
