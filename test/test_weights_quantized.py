@@ -118,3 +118,33 @@ def test_an_adapter_of_other_weights_is_refused(tiny_model_path):
     adapter = load_adapter(tiny_model_path, "cpu", "float32")
     with pytest.raises(ConfigError, match="int8 asked for, but the adapter given holds bf16"):
         LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int8"), adapter=adapter)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_families_get_int8_weights_and_int8_memory_without_changes(tmp_path, family):
+    """The Qwen adapters (models/qwen_vl.py) know nothing of precision: quantization is applied
+    after any adapter loads. Their language model's Linears become int8, the vision tower does not,
+    and with int8 memory too the fixed-shape steps answer as the eager path."""
+    import numpy as np
+
+    from livevlm_ros.tools.make_tiny_qwen import build
+
+    path = str(build(family, tmp_path / family, seed=3, layers=2))
+    rng = np.random.default_rng(5)
+    video = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(10)]
+    answers = {}
+    for launch in ("eager", "static"):
+        engine = LiveVLMEngine(EngineConfig(model_path=path, weights="int8", kv_dtype="int8", launch=launch,
+                                            sample_fps=2.0, frame_pixels=112 * 112, short_term_frames=2,
+                                            budget_tokens=200, vision_sinks=4, page_tokens=4))
+        linears = quantize.language_linears(engine.model)
+        assert linears and all(quantize.is_quantized(m.weight) for m in linears)
+        vision = [m for m in engine.model.model.modules() if isinstance(m, torch.nn.Linear) and m not in linears]
+        assert vision and not any(quantize.is_quantized(m.weight) for m in vision)
+        for i, f in enumerate(video):
+            engine.ingest(f, i / 2.0)
+        engine.flush()
+        assert engine.memory.long.len and engine.memory.long.keys.dtype == torch.int8
+        answers[launch] = engine.ask(QUESTION, max_new_tokens=4, return_logits=True)
+    assert answers["static"].token_ids == answers["eager"].token_ids
+    torch.testing.assert_close(answers["static"].first_logits, answers["eager"].first_logits, atol=2e-5, rtol=1e-4)
