@@ -77,8 +77,10 @@ def engine_for(adapter, weights, kv_dtype, budget, launch="auto", **kw):
     return LiveVLMEngine(cfg, adapter=adapter)
 
 
-def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_frames) -> dict:
-    """One freshly built model at `weights`; a row per kv_dtype."""
+def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_frames, reference: dict) -> dict:
+    """One freshly built model at `weights` (the same random weights for every precision: seed 0);
+    a row per kv_dtype. `reference` keeps bf16 weights' first logits per kv_dtype, to which the
+    quantized weights' are compared (random weights: numerics, not answer quality)."""
     rows, firsts = {}, {}
     t0 = time.time()
     adapter = build_adapter(shape, device, dtype)
@@ -127,6 +129,13 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
                                   decode_graph=engine.decode_step is not None and engine.decode_step.graph is not None,
                                   replay_equals_static=static.token_ids == replayed.token_ids)
             firsts[kv_dtype] = first
+            if weights == "bf16":
+                reference[kv_dtype] = first
+            elif kv_dtype in reference:
+                ref = reference[kv_dtype]
+                rows[kv_dtype].update(first_logits_max_rel_diff_vs_bf16_weights=((first - ref).abs().max()
+                                                                                  / ref.abs().max()).item(),
+                                      same_first_token_as_bf16_weights=bool(first.argmax() == ref.argmax()))
             if kv_dtype != "bf16" and "bf16" in firsts:   # the same frames, the same weights: what 8 bits change
                 ref = firsts["bf16"]
                 rows[kv_dtype].update(first_logits_max_rel_diff_vs_kv_bf16=((first - ref).abs().max()
@@ -241,10 +250,10 @@ def main():
             log(f"!! int8_linear check: {traceback.format_exc()}")
     for shape in shapes:
         budget = BUDGET if shape != "tiny" else 34 + 2 * 16 + 256
-        results["rows"][shape] = {}
+        results["rows"][shape], reference = {}, {}
         for weights in args.weights.split(","):
             results["rows"][shape][weights] = bench_one(shape, device, dtype, weights, args.kv.split(","), budget,
-                                                        frames, 8 if args.tiny else 32)
+                                                        frames, 8 if args.tiny else 32, reference)
             (args.out / "precision.json").write_text(json.dumps(results, indent=1, default=str))
     if not args.tiny:
         results["sized_7b_int4"] = bench_sized("7b", device, dtype, "int4", args.sized_gb, frames)
