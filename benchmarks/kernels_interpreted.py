@@ -20,9 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livevlm_ros.engine.cuda.kernels import attention_received, clip_attention, decode_attention  # noqa: E402
-from livevlm_ros.engine.cuda.kernels import fused_layers, page_kernels, rotate_rows  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import fused_layers, int8_linear, page_kernels, rotate_rows  # noqa: E402
 from livevlm_ros.engine.hook import rope  # noqa: E402
 from livevlm_ros.engine.hook.attention import causal_tail  # noqa: E402
+from livevlm_ros.engine.memory import kv_quant  # noqa: E402
 
 failed = []
 
@@ -79,6 +80,7 @@ def main():
         check(f"page_kernels.summarize mean, {name}", (mean - grouped.float().mean(3)).abs().max().item(), tol)
         check(f"page_kernels.summarize min/max, {name}",
               max((low - grouped.amin(3)).abs().max().item(), (high - grouped.amax(3)).abs().max().item()), 0.0)
+        check_int8_readers(dt, name, tol)
 
         Hq, Hkv, cap = 28, 4, 700
         q = torch.randn(1, 1, Hq * D).to(dt).view(1, 1, Hq, D).transpose(1, 2)
@@ -119,18 +121,79 @@ def main():
     check("received, both kernels", ((got - ref).abs().max() / ref.abs().max()).item(), 1e-5)
     got = attention_received.column_sums(q, k, r, torch.logsumexp(logits, -1), None, scale)
     check("received, from a given log-sum-exp", ((got - ref).abs().max() / ref.abs().max()).item(), 1e-5)
+    check_int8_linear()
     sys.exit(1 if failed else 0)
 
 
-def _summarize(keys, order, pages, P):
+def _summarize(keys, order, pages, P, scale=None, dtype=None, channel=None):
     """page_kernels.summarize's kernel call without its CUDA check."""
     L, H, _, D = keys.shape
+    bound = keys.dtype if scale is None else dtype
     mean = torch.empty(L, H, pages, D)
-    low, high = torch.empty(L, H, pages, D, dtype=keys.dtype), torch.empty(L, H, pages, D, dtype=keys.dtype)
+    low, high = torch.empty(L, H, pages, D, dtype=bound), torch.empty(L, H, pages, D, dtype=bound)
     page_kernels._summarize_kernel[(L * H, -(-pages // page_kernels._PAGES_PER_PROGRAM))](
-        keys, order, mean, low, high, pages, H, keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0),
-        P=P, D=D, PB=page_kernels._PAGES_PER_PROGRAM)
+        keys, order, mean, low, high, keys if scale is None else scale, keys if scale is None else channel, pages, H,
+        keys.stride(0), keys.stride(1),
+        keys.stride(2), order.stride(0), *((0, 0, 0) if scale is None else scale.stride()),
+        P=P, D=D, PB=page_kernels._PAGES_PER_PROGRAM, SCALED=scale is not None)
     return mean, low, high
+
+
+def check_int8_linear():
+    """weights int8: the few-rows product reading int8 weights (int8_linear.py) against the product
+    with the weight dequantized in float32, and against torchao's own F.linear."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    for rows, N, K in ((1, 200, 512), (7, 96, 300), (16, 64, 256)):
+        lin = torch.nn.Linear(K, N, bias=False)
+        quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
+        w = lin.weight
+        x = torch.randn(rows, K).half()                       # the interpreter's bf16 is not a GPU's (above)
+        out = torch.empty(rows, N, dtype=torch.float16)
+        int8_linear._int8_rows_kernel[(-(-N // int8_linear._BN),)](
+            x, w.qdata, w.scale.reshape(-1), out, rows, N, K, x.stride(0), w.qdata.stride(0), out.stride(0),
+            BM=int8_linear.MAX_ROWS, BN=int8_linear._BN, BK=int8_linear._BK)
+        exact = x.float() @ (w.qdata.float() * w.scale.float()).t()
+        torchao = torch.nn.functional.linear(x.float(), w).float()       # torchao's product (float32 here)
+        scale = exact.abs().max().item()
+        check(f"int8_linear, {rows} rows x [{N}, {K}], vs exact", (out.float() - exact).abs().max().item() / scale, 1e-3)
+        check(f"int8_linear, {rows} rows x [{N}, {K}], vs torchao", (out.float() - torchao).abs().max().item() / scale,
+              1e-3)
+
+
+def check_int8_readers(dt, name, tol):
+    """kv_dtype int8 (memory/kv_quant.py): the rotation and the page summaries dequantize int8 rows
+    as they read them; the reference dequantizes with torch first, in float32."""
+    H, N, D, n = 4, 300, 128, 77
+    x = torch.randn(H, N, D) * 3
+    x[:, :, :2] *= 20                                                  # outlier channels
+    channel = kv_quant.channel_factors(x[None])[0]
+    q8, scale = kv_quant.quantize_rows(x, channel)
+    cos, sin = rope_tables(n, D, dt)
+    idx = torch.randperm(N)[:n]
+    out = torch.zeros(H, n, D, dtype=dt)
+    rotate_rows.rotate_rows(out, q8, idx, cos, sin, scale, channel)
+    deq = kv_quant.dequantize_rows(q8[:, idx], scale[:, idx], torch.float32, channel)
+    ref = rope.apply_rope(deq, cos.float(), sin.float())
+    check(f"rope.rotate_into, int8 rows dequantized, {name}", (out.float() - ref.to(dt).float()).abs().max().item(),
+          3 * tol)
+    rotate_rows.rotate_rows(out, q8, 7, None, None, scale, torch.ones(H, D))     # values: no rotation, no factors
+    ref = kv_quant.dequantize_rows(q8[:, 7:7 + n], scale[:, 7:7 + n], dt)
+    check(f"rope.read_rows, int8 rows dequantized, {name}", (out.float() - ref.float()).abs().max().item(), 0.0)
+    L, P, pages = 2, 16, 20
+    raw = torch.randn(L, H, 400, D)
+    raw[..., :2] *= 20
+    kchannel = kv_quant.channel_factors(raw)
+    keys8, kscale = kv_quant.quantize_rows(raw, kchannel)
+    order = torch.stack([torch.randperm(400) for _ in range(L)])
+    index = order[:, None, :pages * P, None].expand(L, H, pages * P, D)
+    grouped = kv_quant.dequantize_rows(keys8.gather(2, index), kscale.gather(2, index[..., 0]), torch.float32,
+                                       kchannel)
+    grouped = grouped.view(L, H, pages, P, D)
+    mean, low, high = _summarize(keys8, order, pages, P, kscale, dt, kchannel)
+    check(f"page_kernels.summarize mean, int8 keys, {name}", (mean - grouped.mean(3)).abs().max().item(), 1e-5)
+    check(f"page_kernels.summarize min/max, int8 keys, {name}",
+          max((low - grouped.amin(3).to(dt)).abs().max().item(), (high - grouped.amax(3).to(dt)).abs().max().item()), 0.0)
 
 
 if __name__ == "__main__":

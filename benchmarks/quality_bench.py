@@ -5,7 +5,10 @@
         [--policies full,sliding_window,rekv,livevlm,livevlm_read_all] [--out results.json]
     python benchmarks/quality_bench.py --table a.json [b.json ...]       # tables of saved runs, together
 
-A policy may carry engine options: `livevlm:page_scoring=softmax_mean:saliency_share=0.25`.
+A policy may carry engine options: `livevlm:page_scoring=softmax_mean:saliency_share=0.25`, and
+`budget_scale=X` (its budget X times the others': `livevlm:kv_dtype=int8:budget_scale=1.78` is 8-bit
+memory in the bytes bf16 memory of the others' budget takes, at the demo model's head_dim 32).
+`--weights int8` quantizes the language model (models/quantize.py).
 
 Each stream is a synthetic episode (`livevlm_ros/tools/synthetic_world.py`, seeds 0..N-1; training
 used seeds >= 1,000,000) rendered at 320x240 and fed to the engine at 2 frames per second, as the
@@ -47,7 +50,7 @@ def age_bin(age: int) -> str:
 def engine_for(adapter, spec: str, budget: int, stream_tokens: int) -> LiveVLMEngine:
     policy, *options = spec.split(":")
     kw = dict(policy=policy, sample_fps=0, max_new_tokens=32, short_term_frames=2, vision_sinks=8, page_tokens=9,
-              budget_tokens=None)
+              budget_tokens=None, weights=getattr(adapter, "weights", "bf16"))
     if policy == "livevlm_read_all":      # same memory as livevlm; an answer reads every page, not the top 40%
         policy = kw["policy"] = "livevlm"
         kw["retrieval_ratio"] = 1.0
@@ -57,6 +60,9 @@ def engine_for(adapter, spec: str, budget: int, stream_tokens: int) -> LiveVLMEn
         kw["retrieval_ratio"] = min(1.0, budget / stream_tokens)
     for option in options:
         key, value = option.split("=")
+        if key == "budget_scale":         # e.g. kv_dtype=int8 holding more tokens in the same bytes
+            kw["budget_tokens"] = int(kw["budget_tokens"] * float(value))
+            continue
         kw[key] = type(getattr(EngineConfig, key))(value)
     return LiveVLMEngine(EngineConfig(model_path="(shared)", **kw), adapter=adapter)
 
@@ -143,6 +149,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=12)
     ap.add_argument("--seed-start", type=int, default=0, help="held-out seeds start..start+seeds-1 (< 1,000,000)")
     ap.add_argument("--policies", default="full,sliding_window,rekv,livevlm,livevlm_read_all")
+    ap.add_argument("--weights", default="bf16", help="the language model's weights: bf16 (float32 here) | int8 "
+                    "(int4 has no CPU kernel); a policy may add :kv_dtype=int8")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--label", default="", help="prefix for the policy names in tables (e.g. the code version)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, help="only print the tables of saved results")
@@ -151,7 +159,7 @@ def main():
         rows = [r for path in args.table for r in json.loads(path.read_text())["rows"]]
         print(summarise(rows, list(dict.fromkeys(r["policy"] for r in rows)), sorted({r["frames"] for r in rows})))
         return
-    adapter = load_adapter(args.model, "cpu", "float32")
+    adapter = load_adapter(args.model, "cpu", "float32", weights=args.weights)
     prefix = len(adapter.tokenize(EngineConfig().system_prompt))
     lengths, policies = [int(n) for n in args.frames.split(",")], args.policies.split(",")
     t0, rows, budgets = time.time(), [], {}

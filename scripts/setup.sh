@@ -43,9 +43,11 @@ ros_build=(colcon-common-extensions ros-ament-package ros-ament-cmake ros-ament-
            ros-rosidl-typesupport-introspection-c ros-rosidl-typesupport-introspection-cpp ros-rosidl-adapter
            ros-rosidl-cli ros-rosidl-parser ros-rosidl-pycommon ros-python-cmake-module
            ros-fastrtps-cmake-module ros-rmw-implementation-cmake ros-ament-cmake-pytest)
+# torchao: weight-only int8/int4 of the language model (`weights`, engine/models/quantize.py); 0.18 needs
+# torch >= 2.11 and brings no dependencies; the GPU benchmark carries the same wheel (.bench/wheels)
 # pytest < 8.4: launch_testing's plugin (launch_pytest) breaks on 8.4's fixture internals
 python_deps=("transformers>=5.17,<5.40" numpy opencv-python-headless pyyaml rosbags rosbags-image "pytest>=8.3,<8.4"
-             pytest-timeout gguf accelerate matplotlib "py_trees>=2.2,<3")
+             pytest-timeout gguf accelerate matplotlib "py_trees>=2.2,<3" "torchao==0.18.0")
 stamp="$venv/.livevlm_deps"
 want=$(printf '%s\n' "${python_deps[@]}" "${ros_runtime[@]}" "${ros_build[@]}" | sha1sum | cut -c1-12)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

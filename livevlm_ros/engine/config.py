@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 PAGE_SCORINGS = ("quest", "softmax_mean", "softmax_max")    # see retrieval.page_scores
 LAUNCH_MODES = ("auto", "eager", "static", "graph")          # see graphs.py
+WEIGHTS = ("bf16", "int8", "int4")                           # see models/quantize.py
+KV_DTYPES = ("bf16", "int8")                                 # see memory/kv_quant.py (fp8: not implemented)
 
 POLICIES = {
     # name:            (compression,      retrieval, long_term)
@@ -42,6 +44,9 @@ class EngineConfig:
     device: str = "cpu"                  # "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"               # "float32" | "bfloat16" | "float16"
     frame_pixels: int = 0                # pixels a frame is resized to (Qwen families); 0 = the family's default
+    weights: str = "bf16"                # language-model weights: bf16 (= at `dtype`, not quantized) | int8 | int4
+    kv_dtype: str = "bf16"               # long-term KV: bf16 (= at `dtype`) | int8 (per-token-and-head scales)
+    gpu_memory_budget_gb: float | None = None   # if set, budget_tokens is sized from it (memory/sizing.py)
 
     # --- stream ------------------------------------------------------------------------------
     sample_fps: float = 1.0              # frames per second kept from the stream (0 = keep every frame)
@@ -97,6 +102,15 @@ class EngineConfig:
 
         need(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         need(self.dtype in ("float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}")
+        need(self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        need(self.kv_dtype in KV_DTYPES, f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}"
+             + (" (fp8 is not implemented)" if self.kv_dtype == "fp8" else ""))
+        need(self.kv_dtype == "bf16" or self.long_term_tier == "gpu",
+             "kv_dtype int8 is for a long-term tier on the device; the rekv policy offloads it to host memory")
+        if self.gpu_memory_budget_gb is not None:
+            need(self.gpu_memory_budget_gb > 0, "gpu_memory_budget_gb must be positive or None")
+            need(self.compression != "keep_all",
+                 "gpu_memory_budget_gb sizes a bounded memory: the policy must compress (livevlm or sliding_window)")
         need(self.sample_fps >= 0, "sample_fps must be >= 0")
         need(self.frame_pixels >= 0, "frame_pixels must be >= 0 (0 = the model family's default)")
         need(self.frames_per_clip >= 1, "frames_per_clip must be >= 1")

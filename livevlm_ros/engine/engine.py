@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import EngineConfig
+from .config import ConfigError, EngineConfig
 from .cuda.decode_step import DecodeStep
 from .cuda.ingest_step import IngestStep
 from .cuda.question_step import QuestionStep
@@ -34,6 +34,7 @@ from .memory import persistence
 from .memory.poses import Pose, check_place, frames_near, region_covered
 from .memory.region import Region
 from .memory.retrieval import ContextSelector, RecentFrames, make_selector
+from .memory.sizing import size_memory
 from .memory.stamps import Stamp, seconds
 from .memory.streaming_memory import StreamingMemory
 from .models import VideoLLMAdapter, load_adapter
@@ -81,7 +82,17 @@ class Answer:
 class LiveVLMEngine:
     def __init__(self, config: EngineConfig, adapter: VideoLLMAdapter | None = None):
         self.config = config.validate()
-        self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, **self._model_options())
+        self.model = adapter or load_adapter(config.model_path, config.device, config.dtype, config.weights,
+                                             **self._model_options())
+        loaded = getattr(self.model, "weights", "bf16")
+        if loaded != config.weights:
+            raise ConfigError(f"weights {config.weights} asked for, but the adapter given holds {loaded} weights "
+                              f"(quantize it with models.quantize.apply, or load it through the engine)")
+        self.sizing = None
+        if config.gpu_memory_budget_gb is not None:      # budget_tokens from bytes (memory/sizing.py)
+            prefix = len(self.model.tokenize(config.system_prompt))
+            self.sizing = size_memory(config, self.model, prefix)
+            self.config = config = config.replace(budget_tokens=self.sizing.budget_tokens)
         self.selector = make_selector(config)
         self.hook = MemoryKVHook(self.model.rope, self.model.query_projections(), self.model.key_projections(),
                                  self.model.positions)
@@ -416,7 +427,12 @@ class LiveVLMEngine:
     def stats(self) -> dict:
         s = self.memory.stats()
         s.update(policy=self.config.policy, frames_seen=self.frames_seen, frames_pending=len(self._pending),
-                 stream_span=self.memory.time_span())
+                 stream_span=self.memory.time_span(), weights=self.config.weights, kv_dtype=self.config.kv_dtype)
+        if self.sizing is not None:
+            s.update(self.sizing.report())
+        device = self.model.kv.device
+        if device.type == "cuda":                    # resident, as the allocator sees it (weights, memory, buffers)
+            s["device_allocated_gb"] = round(torch.cuda.memory_allocated(device) / 1e9, 3)
         return s
 
     # ---- validation (inputs.py) ----------------------------------------------------------------------

@@ -74,6 +74,15 @@ NODE_PARAMETERS = [
      "(Qwen2.5-VL 392 px, Qwen3-VL 448 px). LLaVA-OneVision takes its own 384 px.", {**RESTART, **_int(0, 1 << 26)}),
     ("device", _ENGINE_DEFAULTS.device, "Torch device: cpu, cuda, cuda:1, ...", RESTART),
     ("dtype", _ENGINE_DEFAULTS.dtype, "float32 | bfloat16 | float16", RESTART),
+    ("weights", _ENGINE_DEFAULTS.weights, "Language-model weights: bf16 (not quantized: at dtype) | int8 | int4 "
+     "(weight-only, torchao; int4 needs a CUDA GPU). The vision tower and projector stay at dtype. A precision "
+     "the device lacks is refused at start with the reason, in diagnostics and every reply.", RESTART),
+    ("kv_dtype", _ENGINE_DEFAULTS.kv_dtype, "Long-term memory's keys and values: bf16 (at dtype) | int8 (8 bits "
+     "with a scale per token and head: the same bytes hold about twice the tokens).", RESTART),
+    ("gpu_memory_budget_gb", 0.0, "If > 0: budget_tokens is sized so that weights, memory at kv_dtype, answer "
+     "buffers and working space fit in this many GB of device memory, measured at start and reported in "
+     "diagnostics; refused with the arithmetic when even the smallest memory does not fit. 0 = use budget_tokens.",
+     RESTART),
     ("launch", _ENGINE_DEFAULTS.launch, "How clips, questions and answer tokens launch their kernels: graph "
      "(replayed from CUDA graphs once memory is full) | static (the same fixed shapes, one by one) | eager | auto "
      "(graph on a GPU with bounded memory).", RESTART),
@@ -152,6 +161,7 @@ def invalid(p: dict) -> str | None:
 def engine_config(p: dict) -> EngineConfig:
     config = {k: v for k, v in p.items() if k in ENGINE_FIELDS}
     config["budget_tokens"] = None if config["budget_tokens"] < 0 else config["budget_tokens"]
+    config["gpu_memory_budget_gb"] = config["gpu_memory_budget_gb"] or None     # 0 = not set
     config["sample_fps"] = 0.0                     # the node samples by header stamp itself
     config["extra"] = {"sample_fps": p["sample_fps"]}   # but a model's time axis (Qwen2.5-VL) needs the rate
     return EngineConfig.from_dict(config)

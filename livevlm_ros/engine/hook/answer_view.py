@@ -102,9 +102,8 @@ class AnswerView:
         mem, kv, plan = self.memory, self.memory.kv, self.plan
         q = self._question_queries(layer) if plan.uses_question else None
         index = plan.long_index(layer, q, self.row_weights)
-        long_k, long_v = mem.long.keys[layer, :, :mem.long.len], mem.long.values[layer, :, :mem.long.len]
         if index is not None:
-            index = index.to(long_k.device)
+            index = index.to(mem.long.device)
         if self.record_selection or self.evidence_rows is not None:    # which tokens were read: on request
             long_idx, long_sink = mem.long.token_idx[layer, :mem.long.len], mem.long.sink[layer, :mem.long.len]
             if index is not None:
@@ -120,14 +119,15 @@ class AnswerView:
         else:
             keys = torch.empty(size, dtype=kv.dtype, device=kv.device)
             values = torch.empty_like(keys)
-        n_long = len(index) if index is not None else long_k.shape[1]
+        n_long = len(index) if index is not None else mem.long.len
         keys[:, :p], values[:, :p] = mem.prefix_keys[layer], mem.prefix_values[layer]
         # gathered and rotated in one pass (rope.rotate_into); the context ends right before the question
         gap = self.context_tokens - n_ctx
         at_long, at_short = slice(gap, gap + n_long), slice(gap + n_long, gap + n_ctx)
-        cos, sin = self.place.rope(layer, mem.long, slice(0, long_k.shape[1]) if index is None else index, at_long)
-        rotate_into(keys[:, p:p + n_long], long_k, 0 if index is None else index, cos, sin)
-        values[:, p:p + n_long] = (long_v if index is None else long_v[:, index]).to(kv.device, non_blocking=True)
+        cos, sin = self.place.rope(layer, mem.long, slice(0, mem.long.len) if index is None else index, at_long)
+        # int8 long-term rows are dequantized in the same pass (kv_buffer.read_keys / read_values)
+        mem.long.read_keys(keys[:, p:p + n_long], layer, 0 if index is None else index, cos, sin)
+        mem.long.read_values(values[:, p:p + n_long], layer, 0 if index is None else index)
         cos, sin = self.place.rope(layer, mem.short, short, at_short)
         rotate_into(keys[:, p + n_long:p + n_ctx], mem.short.keys[layer],
                     plan.short_from if plan.short_index is None else plan.short_index, cos, sin)

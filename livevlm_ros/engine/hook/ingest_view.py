@@ -20,7 +20,6 @@ import torch
 
 from ..memory.streaming_memory import StreamingMemory
 from .received import attention_received
-from .rope import rotate_into
 
 
 class IngestView:
@@ -49,8 +48,9 @@ class IngestView:
         for buf in self._parts:
             stop = start + buf.len
             cos, sin = self.place.rope(layer, buf, slice(0, buf.len), slice(start - p, stop - p))
-            rotate_into(keys[:, start:stop], buf.keys[layer], 0, cos, sin)
-            values[:, start:stop] = buf.values[layer, :, :buf.len]
+            # dequantized here where the tier is int8: one layer's rows at a time (kv_buffer.py)
+            buf.read_keys(keys[:, start:stop], layer, 0, cos, sin)
+            buf.read_values(values[:, start:stop], layer, 0)
             start = stop
         keys[:, start:], values[:, start:] = k_new[0], v_new[0]
         self.keys_rot.append(k_new[0])

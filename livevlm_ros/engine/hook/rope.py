@@ -32,14 +32,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rotate_into(out: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | int, cos: torch.Tensor,
-                sin: torch.Tensor):
+                sin: torch.Tensor, scale: torch.Tensor | None = None, channel: torch.Tensor | None = None):
     """out[h, j] = RoPE(src[h, row j], cos[j], sin[j]) for out [H, n, D], src [H, N, D], cos/sin
-    [n, D]; `rows`: an index tensor [n] into src's N, or an int, the first of n consecutive rows."""
+    [n, D]; `rows`: an index tensor [n] into src's N, or an int, the first of n consecutive rows.
+    `scale` [H, N] and `channel` [H, D] (float32): src is int8 (memory/kv_quant.py), dequantized as
+    it is read; the rotation is then computed in float32 and rounded once on every path."""
+    _read(out, src, rows, cos, sin, scale, channel)
+
+
+def read_rows(out: torch.Tensor, src: torch.Tensor, rows: torch.Tensor | int, scale: torch.Tensor | None = None,
+              channel: torch.Tensor | None = None):
+    """out[h, j] = src[h, row j] (values: no rotation), dequantized as in rotate_into."""
+    _read(out, src, rows, None, None, scale, channel)
+
+
+def _read(out, src, rows, cos, sin, scale, channel):
     n = out.shape[1]
     if n == 0:
         return
-    if rotate_rows.fits(out, src, cos, sin) and (isinstance(rows, int) or rows.device == out.device):
-        rotate_rows.rotate_rows(out, src, rows, cos, sin)
+    if scale is not None and channel is None:
+        channel = torch.ones(src.shape[0], src.shape[-1], dtype=torch.float32, device=scale.device)
+    if ((scale is not None or cos is not None) and rotate_rows.fits(out, src, cos, sin, scale)
+            and (isinstance(rows, int) or rows.device == out.device)):
+        rotate_rows.rotate_rows(out, src, rows, cos, sin, scale, channel)
         return
     picked = src[:, rows:rows + n] if isinstance(rows, int) else src[:, rows]
-    out.copy_(apply_rope(picked.to(out.device, non_blocking=True), cos, sin))
+    picked = picked.to(out.device, non_blocking=True)
+    if scale is not None:
+        s = scale[:, rows:rows + n] if isinstance(rows, int) else scale[:, rows]
+        picked = picked.float() * s.to(out.device, non_blocking=True)[..., None] * channel.to(out.device)[:, None]
+        if cos is not None:
+            cos, sin = cos.float(), sin.float()
+    out.copy_(picked if cos is None else apply_rope(picked, cos, sin))

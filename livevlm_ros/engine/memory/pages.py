@@ -26,15 +26,27 @@ class PageSummary:
         return PageSummary(keys.sum(3, dtype=torch.float32) / keys.shape[3], keys.amin(3), keys.amax(3))
 
     @staticmethod
-    def in_time_order(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int) -> "PageSummary":
+    def in_time_order(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int,
+                      scale: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                      channel: torch.Tensor | None = None) -> "PageSummary":
         """keys [L, H, N, D] pre-RoPE, page p of layer l = keys at order[l, p * page_tokens:(p + 1) *
-        page_tokens]: one kernel on CUDA (page_kernels.py), else gathered into time order first."""
-        fused = summarize(keys, order, pages, page_tokens)
+        page_tokens]: one kernel on CUDA (page_kernels.py), else gathered into time order first.
+        With `scale` [L, H, N] and `channel` [L, H, D]: int8 keys (kv_quant.py), dequantized where
+        they are read, to `dtype` (the gathered pages only, never the whole tier)."""
+        if scale is not None and channel is None:
+            channel = torch.ones(keys.shape[0], keys.shape[1], keys.shape[3], device=keys.device)
+        fused = summarize(keys, order, pages, page_tokens, scale, dtype, channel)
         if fused is not None:
             return PageSummary(*fused)
         L, H, _, D = keys.shape
         index = order[:, None, :pages * page_tokens, None].expand(L, H, pages * page_tokens, D)
-        return PageSummary.of(keys.gather(2, index).view(L, H, pages, page_tokens, D))
+        picked = keys.gather(2, index)
+        if scale is None:
+            return PageSummary.of(picked.view(L, H, pages, page_tokens, D))
+        # as the kernel: dequantized and reduced in float32, the bounds rounded once to dtype
+        picked = picked.float() * scale.gather(2, index[..., 0])[..., None] * channel[:, :, None]
+        s = PageSummary.of(picked.view(L, H, pages, page_tokens, D))
+        return PageSummary(s.mean, s.low.to(dtype), s.high.to(dtype))
 
     def layer(self, i: int) -> "PageSummary":
         return PageSummary(self.mean[i], self.low[i], self.high[i])

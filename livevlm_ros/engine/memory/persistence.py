@@ -89,7 +89,7 @@ def save_memory(engine, path: str | Path):
     mem = engine.memory
     tensors = {}
     for tier in TIERS:
-        view = getattr(mem, tier).view()
+        view = getattr(mem, tier).dense_view()          # int8: dequantized; re-quantized when loaded
         for name, t in zip(FIELDS, view.fields()):
             tensors[f"{tier}.{name}"] = t.contiguous().cpu()
     stamps = mem.frame_times[:1] + [engine._last_sampled]

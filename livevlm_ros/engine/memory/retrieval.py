@@ -229,7 +229,7 @@ class TopKPages(ContextSelector):
         return _PagePlan(n_long=n_long, pages_used=k[most] + has_tail, pages_total=full[most] + has_tail,
                          page_tokens=P, ratio=self.ratio, scoring=self.scoring, n_free=n_free, order=order,
                          sinks=_sinks(memory, order, region),
-                         summary=PageSummary.in_time_order(memory.long.keys, order, max(full), P), **short)
+                         summary=_summaries(memory.long, order, max(full), P), **short)
 
     def _plan_offloaded(self, memory, region, short):
         P, n = self.page_tokens, memory.long.len
@@ -251,3 +251,10 @@ def make_selector(config) -> ContextSelector:
     if config.retrieval == "topk":
         return TopKPages(config.page_tokens, config.retrieval_ratio, config.page_scoring)
     return AllMemory()
+
+
+def _summaries(long, order, pages: int, P: int) -> PageSummary:
+    """Page summaries of the long-term tier; int8 keys are dequantized as they are read."""
+    if long.quantized:
+        return PageSummary.in_time_order(long.keys, order, pages, P, long.key_scale, long.kv.dtype, long.key_channel)
+    return PageSummary.in_time_order(long.keys, order, pages, P)

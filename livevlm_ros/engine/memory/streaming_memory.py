@@ -36,7 +36,7 @@ class StreamingMemory:
         short_cap = (config.short_term_frames + config.frames_per_clip) * tokens_per_frame
         long_cap = (config.budget_tokens or 0) + short_cap if config.bounded else 0
         self.long = KVBuffer(kv, "cpu" if offload else kv.device, long_cap,
-                             pin=offload and kv.device.type == "cuda")
+                             pin=offload and kv.device.type == "cuda", quantized=config.kv_dtype == "int8")
         self.short = KVBuffer(kv, kv.device, short_cap)
         self.page_summaries = PageSummaries(kv, config.page_tokens) if offload else None
         self.prefix_keys = self.prefix_values = None
@@ -162,6 +162,7 @@ class StreamingMemory:
         offloaded = self.page_summaries is not None
         device_tokens = self.prefix_len + self.short.len + (0 if offloaded else self.long.len)
         offload_tokens = self.long.len if offloaded else 0
+        long_bytes = self.long.len * self.long.bytes_per_token()      # int8: keys, values and scales
         return {
             "frames_ingested": self.frames_ingested,
             "tokens_per_frame": self.tokens_per_frame,
@@ -172,7 +173,7 @@ class StreamingMemory:
             "budget_tokens": self.config.budget_tokens if self.config.bounded else None,
             # "device" is the model's device (the GPU on a robot); "offload" is host memory (ReKV)
             "device_tokens": device_tokens,
-            "device_bytes": device_tokens * bpt,
+            "device_bytes": (self.prefix_len + self.short.len) * bpt + (0 if offloaded else long_bytes),
             "offload_tokens": offload_tokens,
             "offload_bytes": offload_tokens * bpt,
             "pages": self.long.len // self.config.page_tokens,

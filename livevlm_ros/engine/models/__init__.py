@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import quantize
 from .base import KVShape, ModelLoadError, VideoLLMAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter
@@ -16,7 +17,27 @@ ADAPTERS: dict[str, type[VideoLLMAdapter]] = {
 TEXT_MODEL_TYPES = ("llama", "qwen2", "mistral")      # text-only decoders: benchmarks, not the node
 
 
-def load_adapter(model_path: str, device: str, dtype: str, **options) -> VideoLLMAdapter:
+def load_adapter(model_path: str, device: str, dtype: str, weights: str = "bf16", **options) -> VideoLLMAdapter:
+    """The adapter for the checkpoint at `model_path`, its language model quantized to `weights`
+    (quantize.py: one step after any adapter loads, so every family gets it)."""
+    why = quantize.refusal(weights, _torch_device(device))
+    if why:                                       # before minutes of loading
+        raise ModelLoadError(why)
+    adapter = _load(model_path, device, dtype, **options)
+    quantize.apply(adapter, weights)
+    return adapter
+
+
+def _torch_device(device: str):
+    import torch
+
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ModelLoadError(f"unknown device {device!r}: {err}") from err
+
+
+def _load(model_path: str, device: str, dtype: str, **options) -> VideoLLMAdapter:
     if not model_path:
         raise ModelLoadError("model_path is empty: point it at a local from_pretrained folder")
     path = Path(model_path).expanduser()

@@ -115,13 +115,21 @@ class TransformersLanguageModel:
     layers call `cache.update(...)` (Qwen2, Llama, ...). Needs `self._lm` (the decoder model with
     `.layers`, `.rotary_emb`, `.embed_tokens`), `self._lm_head`, `self.tokenizer` and `self.kv`."""
 
+    weights = "bf16"                     # the language model's weights as loaded; quantize.apply changes it
+
     def _init_language_model(self, lm, lm_head, tokenizer):
         self._lm, self._lm_head, self.tokenizer = lm, lm_head, tokenizer
         self._cache_kwarg = cache_kwarg_name(lm.forward)
-        self._fused_layers = FusedLayers(lm)          # nothing to swap without CUDA and Triton
+        self.rebuild_fused_layers()
         attention.register()
         stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_token_ids = tuple(sorted(t for t in stops if isinstance(t, int) and t >= 0))
+
+    def rebuild_fused_layers(self):
+        """The fused kernels for the decoder as its weights are now (again after quantization: the
+        gate/up merge is made for plain weights only, see fused_layers._merge_gate_up)."""
+        self._fused_layers = None                     # the old merge's tensor goes before a new one is made
+        self._fused_layers = FusedLayers(self._lm)    # nothing to swap without CUDA and Triton
 
     @staticmethod
     def _kv_shape(text_config, param) -> KVShape:

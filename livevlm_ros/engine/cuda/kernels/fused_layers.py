@@ -9,7 +9,9 @@ kernel:
                scaled by the weight (the order transformers' Qwen2/Llama RMSNorm uses);
   SiLU gate    act(gate) * up in one pass (Qwen2/Llama MLP with hidden_act "silu"), after one
                product with the gate and up weights side by side (_merge_gate_up);
-  RoPE         the query and key rotation of every attention layer (rope.rotate_into).
+  RoPE         the query and key rotation of every attention layer (rope.rotate_into);
+  int8 Linear  a torchao int8 weight-only Linear for up to 16 rows (decode, a question), reading the
+               int8 weight once (int8_linear.py; `weights: int8`).
 The same idea as transformers' `kernels` hub (which swaps layer forwards for hub kernels), without
 the hub: nothing is downloaded, and only layers whose forward is known to compute exactly this are
 swapped. `FusedLayers` swaps them in for the engine's forwards only, like attention.in_use, and
@@ -25,6 +27,7 @@ import sys
 
 import torch
 
+from . import int8_linear
 from .triton_lang import tl, triton
 
 from ...hook.rope import rotate_into
@@ -48,6 +51,9 @@ class FusedLayers:
                 self._swaps.append((m, "forward", functools.partial(_rms_norm, m), None))
             elif name in _SILU_MLPS and getattr(m.config, "hidden_act", None) == "silu":
                 self._swaps.append((m, "forward", functools.partial(_silu_mlp, m, _merge_gate_up(m)), None))
+            elif isinstance(m, torch.nn.Linear) and type(m.weight).__name__ == "Int8Tensor":
+                # weights: int8 (models/quantize.py): a few rows read the int8 weight once (int8_linear.py)
+                self._swaps.append((m, "forward", functools.partial(_int8_linear_forward, m), None))
         # RoPE is a module-level function of the modeling file the attention layers come from
         modules = {sys.modules[type(layer.self_attn).__module__] for layer in getattr(lm, "layers", [])}
         for module in modules:
@@ -100,9 +106,13 @@ def _merge_gate_up(mlp) -> torch.Tensor | None:
     """One weight for the gate and up products, [2 * inter, hidden], the two Linear weights becoming
     views of its halves (same values, no extra memory once the old ones are freed). One product
     reads both at once: an answer token at 7B shapes took 110 us for it instead of 2 x 65.5 (H100).
-    None where the two are not plain bias-free Linears of one dtype and device."""
+    None where the two are not plain bias-free Linears of one dtype and device, or where their
+    weights are quantized (torchao tensor subclasses, quantize.py): a concatenation would turn them
+    back into a full-size plain tensor, so the MLP then runs its two quantized products apart."""
     g, u = mlp.gate_proj, mlp.up_proj
+    plain = (torch.Tensor, torch.nn.Parameter)
     if not (type(g) is type(u) is torch.nn.Linear and g.bias is None and u.bias is None
+            and type(g.weight) in plain and type(u.weight) in plain
             and g.weight.shape[1] == u.weight.shape[1] and g.weight.dtype == u.weight.dtype
             and g.weight.device == u.weight.device):
         return None
@@ -111,6 +121,12 @@ def _merge_gate_up(mlp) -> torch.Tensor | None:
         n = g.weight.shape[0]
         g.weight.data, u.weight.data = both[:n], both[n:]
     return both
+
+
+def _int8_linear_forward(module, x):
+    if int8_linear.fits(x, module.weight):
+        return int8_linear.int8_linear(x, module.weight, module.bias)
+    return torch.nn.functional.linear(x, module.weight, module.bias)
 
 
 def _rms_norm(module, hidden_states):

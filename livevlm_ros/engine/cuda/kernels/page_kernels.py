@@ -18,23 +18,31 @@ import torch
 from .triton_lang import tl, triton
 
 
-def summarize(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int):
+def summarize(keys: torch.Tensor, order: torch.Tensor, pages: int, page_tokens: int,
+              scale: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+              channel: torch.Tensor | None = None):
     """keys [L, H, N, D] (a tier, pre-RoPE), order [L, >= pages * page_tokens] positions into N in
     time order -> (mean float32, low, high), each [L, H, pages, D]: page p of layer l holds the
-    tokens order[l, p * page_tokens:(p + 1) * page_tokens]. None where the kernel does not apply
-    (retrieval.PageSummary.in_time_order then gathers and reduces with torch)."""
+    tokens order[l, p * page_tokens:(p + 1) * page_tokens]. With `scale` [L, H, N] and `channel`
+    [L, H, D] (float32, contiguous) the keys are int8 (memory/kv_quant.py), dequantized as they are
+    read, and low/high come out in `dtype`.
+    None where the kernel does not apply (retrieval.PageSummary.in_time_order then gathers and
+    reduces with torch)."""
     L, H, _, D = keys.shape
     P = page_tokens
-    if not _fits(keys, P):
+    if not _fits(keys, P) or (scale is not None and scale.device != keys.device):
         return None
+    bound_dtype = keys.dtype if scale is None else dtype
     mean = torch.empty(L, H, pages, D, dtype=torch.float32, device=keys.device)
-    low, high = torch.empty(L, H, pages, D, dtype=keys.dtype, device=keys.device), \
-        torch.empty(L, H, pages, D, dtype=keys.dtype, device=keys.device)
+    low, high = torch.empty(L, H, pages, D, dtype=bound_dtype, device=keys.device), \
+        torch.empty(L, H, pages, D, dtype=bound_dtype, device=keys.device)
     if pages:
         order = order if order.stride(1) == 1 else order.contiguous()
+        scaled = scale is not None
         _summarize_kernel[(L * H, -(-pages // _PAGES_PER_PROGRAM))](
-            keys, order, mean, low, high, pages, H, keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0),
-            P=P, D=D, PB=_PAGES_PER_PROGRAM)
+            keys, order, mean, low, high, scale if scaled else keys, channel if scaled else keys, pages, H,
+            keys.stride(0), keys.stride(1), keys.stride(2), order.stride(0), *(scale.stride() if scaled else (0, 0, 0)),
+            P=P, D=D, PB=_PAGES_PER_PROGRAM, SCALED=scaled)
     return mean, low, high
 
 
@@ -60,8 +68,9 @@ def _fits(keys, P) -> bool:
 
 if triton is not None:
     @triton.jit(do_not_specialize=["pages"])
-    def _summarize_kernel(k_ptr, order_ptr, mean_ptr, low_ptr, high_ptr, pages, H, sk_l, sk_h, sk_n, so_l,
-                          P: tl.constexpr, D: tl.constexpr, PB: tl.constexpr):
+    def _summarize_kernel(k_ptr, order_ptr, mean_ptr, low_ptr, high_ptr, scale_ptr, channel_ptr, pages, H, sk_l, sk_h, sk_n,
+                          so_l, ss_l, ss_h, ss_n, P: tl.constexpr, D: tl.constexpr, PB: tl.constexpr,
+                          SCALED: tl.constexpr):
         """One program per (layer and head, block of PB pages)."""
         lh, pb = tl.program_id(0), tl.program_id(1)
         layer, h = lh // H, lh % H
@@ -72,10 +81,14 @@ if triton is not None:
         d = tl.arange(0, D)
         x = tl.load(k_ptr + layer * sk_l + h * sk_h + pos[:, :, None] * sk_n + d[None, None, :],
                     mask=live[:, None, None], other=0.0)                      # [PB, P, D]
+        if SCALED:                                   # int8 keys: dequantized here, in float32
+            scale = tl.load(scale_ptr + layer * ss_l + h * ss_h + pos * ss_n, mask=live[:, None], other=0.0)
+            channel = tl.load(channel_ptr + (layer * H + h) * D + d)
+            x = x.to(tl.float32) * scale[:, :, None] * channel[None, None, :]
         out = (lh * pages + page)[:, None] * D + d[None, :]
         tl.store(mean_ptr + out, tl.sum(x.to(tl.float32), axis=1) / P, mask=live[:, None])
-        tl.store(low_ptr + out, tl.min(x, axis=1), mask=live[:, None])
-        tl.store(high_ptr + out, tl.max(x, axis=1), mask=live[:, None])
+        tl.store(low_ptr + out, tl.min(x, axis=1).to(low_ptr.dtype.element_ty), mask=live[:, None])
+        tl.store(high_ptr + out, tl.max(x, axis=1).to(high_ptr.dtype.element_ty), mask=live[:, None])
 
     @triton.jit(do_not_specialize=["n", "k"])
     def _top_by_rank_kernel(s_ptr, out_ptr, n, k, BI: tl.constexpr, BJ: tl.constexpr):

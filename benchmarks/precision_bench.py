@@ -1,0 +1,267 @@
+"""Issue 22: weights bf16 / int8 / int4 x KV bf16 / int8, side by side in one run, memory full.
+
+    python3 benchmarks/precision_bench.py --out results/                 # the GPU machine (~6 min)
+    python3 benchmarks/precision_bench.py --tiny --out /tmp/p            # smoke test on a CPU (int4 refused)
+
+Random-weight LLaVA-OneVision at 7B and 0.5B shapes (gpu_bench.build_adapter), bf16 activations.
+Per precision, a freshly built model (quantization is in place and one way), quantized by the
+engine's own path (models/quantize.py), then: resident device memory with 12,288 memory tokens full
+(torch's allocator, and the device's used memory, CUDA context included), time to first token and
+decode tokens/s (the node's launch mode: CUDA graphs), ingest ms per frame (1-frame clips, real
+frames through vision tower and prefill), and a self-check that the graph replay answers the same
+tokens as the same steps launched one by one (`static`). A precision the engine refuses is a row
+with the reason. Then 7B int4 sized by `gpu_memory_budget_gb` 7.0: the budget_tokens it chose and
+the memory it took.
+
+torchao is not installed on the GPU machine: the wheel lies in .bench/wheels (git-excluded; fetch it
+with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+--platform manylinux_2_28_x86_64 -d .bench/wheels torchao==0.18.0`) and is installed from there
+into .bench/site when the import fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def ensure_torchao():
+    try:
+        import torchao  # noqa: F401
+        return "installed"
+    except ImportError:
+        pass
+    wheels = sorted((ROOT / ".bench" / "wheels").glob("torchao-*.whl"))
+    if not wheels:
+        return "missing: no wheel in .bench/wheels"
+    site = ROOT / ".bench" / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--upgrade", "--target", str(site), str(wheels[-1])], check=True)
+    sys.path.insert(0, str(site))
+    import torchao  # noqa: F401
+    return f"from {wheels[-1].name}"
+
+
+from gpu_bench import (build_adapter, free, gpu_mem, log, random_frames, reset_peak, sync,  # noqa: E402
+                       time_answer, warm_up_ingest)
+
+from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
+from livevlm_ros.engine.memory.sizing import module_bytes  # noqa: E402
+from livevlm_ros.engine.models import ModelLoadError, quantize  # noqa: E402
+
+BUDGET = 12288
+
+
+def device_used_bytes() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    free_b, total = torch.cuda.mem_get_info()
+    return total - free_b
+
+
+def engine_for(adapter, weights, kv_dtype, budget, launch="auto", **kw):
+    cfg = EngineConfig(budget_tokens=budget, sample_fps=0, device=str(adapter.kv.device), weights=weights,
+                       kv_dtype=kv_dtype, dtype="bfloat16" if adapter.kv.device.type == "cuda" else "float32",
+                       max_new_tokens=16, launch=launch, **kw)
+    return LiveVLMEngine(cfg, adapter=adapter)
+
+
+def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_frames, reference: dict) -> dict:
+    """One freshly built model at `weights` (the same random weights for every precision: seed 0);
+    a row per kv_dtype. `reference` keeps bf16 weights' first logits per kv_dtype, to which the
+    quantized weights' are compared (random weights: numerics, not answer quality)."""
+    rows, firsts = {}, {}
+    t0 = time.time()
+    adapter = build_adapter(shape, device, dtype)
+    try:
+        quantized = quantize.apply(adapter, weights)
+    except ModelLoadError as err:
+        free(adapter)
+        return {kv: {"refused": str(err)} for kv in kv_dtypes}
+    sync()
+    base = dict(weights_bytes=module_bytes(adapter.model), lm_bytes=module_bytes(adapter._lm),
+                linears_quantized=quantized, build_s=round(time.time() - t0, 1),
+                allocated_after_load=gpu_mem()[0], device_used_after_load=device_used_bytes())
+    for kv_dtype in kv_dtypes:
+        try:
+            engine = engine_for(adapter, weights, kv_dtype, budget)
+        except Exception as err:                   # noqa: BLE001 - a refusal is a result
+            rows[kv_dtype] = dict(base, refused=f"{type(err).__name__}: {err}")
+            continue
+        try:
+            reset_peak()
+            warm = warm_up_ingest(engine, frames)
+            sync()
+            t = time.perf_counter()
+            for i in range(warm, warm + ingest_frames):
+                engine.ingest(frames[i % len(frames)], float(i))
+            engine.flush()
+            sync()
+            ingest_ms = (time.perf_counter() - t) / ingest_frames * 1e3
+            ttft, total, tps, answer = time_answer(engine, repeats=5, max_new_tokens=32)
+            engine.reconfigure(launch="static")                  # self-check: replay == one by one
+            static = engine.ask("Where did I last see the red toolbox, and was the door on the left open?",
+                                max_new_tokens=8)
+            engine.reconfigure(launch="auto")
+            replayed = engine.ask("Where did I last see the red toolbox, and was the door on the left open?",
+                                  max_new_tokens=8)
+            first = engine.ask("Where did I last see the red toolbox?", max_new_tokens=1,
+                               return_logits=True).first_logits.float()
+            sync()
+            allocated, peak = gpu_mem()
+            stats = engine.stats()
+            rows[kv_dtype] = dict(base, ttft_ms=ttft * 1e3, decode_tok_s=tps, answer_ms=total * 1e3,
+                                  ingest_ms_per_frame=ingest_ms, memory_tokens=stats["device_tokens"],
+                                  memory_bytes=stats["device_bytes"], allocated_bytes=allocated,
+                                  peak_bytes=peak, device_used_bytes=device_used_bytes(),
+                                  launch=engine.config.launch,
+                                  decode_graph=engine.decode_step is not None and engine.decode_step.graph is not None,
+                                  replay_equals_static=static.token_ids == replayed.token_ids)
+            firsts[kv_dtype] = first
+            if weights == "bf16":
+                reference[kv_dtype] = first
+            elif kv_dtype in reference:
+                ref = reference[kv_dtype]
+                rows[kv_dtype].update(first_logits_max_rel_diff_vs_bf16_weights=((first - ref).abs().max()
+                                                                                  / ref.abs().max()).item(),
+                                      same_first_token_as_bf16_weights=bool(first.argmax() == ref.argmax()))
+            if kv_dtype != "bf16" and "bf16" in firsts:   # the same frames, the same weights: what 8 bits change
+                ref = firsts["bf16"]
+                rows[kv_dtype].update(first_logits_max_rel_diff_vs_kv_bf16=((first - ref).abs().max()
+                                                                            / ref.abs().max()).item(),
+                                      same_first_token_as_kv_bf16=bool(first.argmax() == ref.argmax()))
+            log(f"{shape} weights={weights} kv={kv_dtype}: ttft {ttft * 1e3:.1f} ms, decode {tps:.0f} tok/s, ingest "
+                f"{ingest_ms:.1f} ms/frame, allocated {allocated / 1e9:.2f} GB (peak {peak / 1e9:.2f}), device used "
+                f"{device_used_bytes() / 1e9:.2f} GB, replay==static {static.token_ids == replayed.token_ids}")
+        except Exception as err:                   # noqa: BLE001 - keep the other rows
+            rows[kv_dtype] = dict(base, error=f"{type(err).__name__}: {err}"[:400])
+            log(f"!! {shape} {weights} {kv_dtype}: {traceback.format_exc()}")
+        finally:
+            free(engine)
+    free(adapter)
+    return rows
+
+
+def bench_sized(shape, device, dtype, weights, budget_gb, frames) -> dict:
+    """`gpu_memory_budget_gb`: what budget_tokens the engine chose, and what it then took, full."""
+    adapter = build_adapter(shape, device, dtype)
+    quantize.apply(adapter, weights)
+    cfg = EngineConfig(gpu_memory_budget_gb=budget_gb, budget_tokens=None, sample_fps=0, device=str(adapter.kv.device),
+                       dtype="bfloat16" if device == "cuda" else "float32", weights=weights, max_new_tokens=16)
+    try:
+        engine = LiveVLMEngine(cfg, adapter=adapter)
+    except Exception as err:                       # noqa: BLE001
+        free(adapter)
+        return {"refused": f"{type(err).__name__}: {err}"}
+    reset_peak()
+    warm_up_ingest(engine, frames)
+    time_answer(engine, repeats=2, max_new_tokens=16)
+    sync()
+    allocated, peak = gpu_mem()
+    out = dict(engine.sizing.report(), allocated_bytes=allocated, peak_bytes=peak, device_used_bytes=device_used_bytes(),
+               memory_tokens=engine.stats()["device_tokens"])
+    log(f"{shape} {weights} sized by {budget_gb} GB: budget_tokens {engine.config.budget_tokens}; allocated "
+        f"{allocated / 1e9:.2f} GB, peak {peak / 1e9:.2f} GB, device used {device_used_bytes() / 1e9:.2f} GB")
+    free(engine, adapter)
+    return out
+
+
+def check_int8_linear(results):
+    """weights int8 on the GPU: the few-rows kernel (cuda/kernels/int8_linear.py) against torchao's
+    own product on a 7B MLP's gate projection (3,584 -> 18,944), 1 and 16 rows: the largest
+    difference relative to the output's largest, and microseconds a call each (the kernel reads one
+    byte a weight; torchao converts the weight to bf16 first)."""
+    import triton.testing as tt
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from livevlm_ros.engine.cuda.kernels import int8_linear
+
+    out = {}
+    lin = torch.nn.Linear(3584, 18944, bias=False, device="cuda", dtype=torch.bfloat16)
+    dense_weight = lin.weight.detach().clone()
+    quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
+    for rows in (1, 16):
+        x = torch.randn(rows, 3584, device="cuda", dtype=torch.bfloat16)
+        ours = int8_linear.int8_linear(x, lin.weight)
+        theirs = torch.nn.functional.linear(x, lin.weight)
+        rel = ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item()
+        us = {name: tt.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3 for name, fn in (
+            ("kernel", lambda: int8_linear.int8_linear(x, lin.weight)),
+            ("torchao", lambda: torch.nn.functional.linear(x, lin.weight)),
+            ("bf16", lambda: torch.nn.functional.linear(x, dense_weight)))}
+        out[f"rows{rows}"] = dict(max_rel_diff_vs_torchao=rel, us=us)
+        log(f"int8_linear {rows} rows: max rel diff vs torchao {rel:.2e}; us kernel {us['kernel']:.1f}, "
+            f"torchao {us['torchao']:.1f}, bf16 {us['bf16']:.1f}")
+    results["int8_linear_check"] = out
+    free(lin)
+
+
+def table(results) -> str:
+    lines = ["shape weights kv | resident GB (device used) | TTFT ms | decode tok/s (x bf16) | ingest ms/frame"]
+    for shape, by_w in results["rows"].items():
+        ref = by_w.get("bf16", {}).get("bf16", {}).get("decode_tok_s")
+        for w, by_kv in by_w.items():
+            for kv, r in by_kv.items():
+                if "ttft_ms" not in r:
+                    lines.append(f"{shape} {w} {kv} | {r.get('refused') or r.get('error')}")
+                    continue
+                x = f" ({r['decode_tok_s'] / ref:.2f}x)" if ref else ""
+                lines.append(f"{shape} {w} {kv} | {r['peak_bytes'] / 1e9:.2f} ({r['device_used_bytes'] / 1e9:.2f}) | "
+                             f"{r['ttft_ms']:.1f} | {r['decode_tok_s']:.0f}{x} | {r['ingest_ms_per_frame']:.1f}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the script runs")
+    ap.add_argument("--shapes", default="7b,0.5b")
+    ap.add_argument("--weights", default="bf16,int8,int4")
+    ap.add_argument("--kv", default="bf16,int8")
+    ap.add_argument("--sized-gb", type=float, default=7.0, help="7B int4 sized by this gpu_memory_budget_gb")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torchao_from = ensure_torchao()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = ["tiny"] if args.tiny else args.shapes.split(",")
+    import transformers
+    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
+                   gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                   transformers=transformers.__version__, torchao=torchao_from, command=" ".join(sys.argv), rows={})
+    log(json.dumps(results))
+    frames = random_frames(16)
+    if device == "cuda":
+        try:
+            check_int8_linear(results)
+        except Exception as err:                   # noqa: BLE001 - the rows still run
+            results["int8_linear_check"] = f"{type(err).__name__}: {err}"
+            log(f"!! int8_linear check: {traceback.format_exc()}")
+    for shape in shapes:
+        budget = BUDGET if shape != "tiny" else 34 + 2 * 16 + 256
+        results["rows"][shape], reference = {}, {}
+        for weights in args.weights.split(","):
+            results["rows"][shape][weights] = bench_one(shape, device, dtype, weights, args.kv.split(","), budget,
+                                                        frames, 8 if args.tiny else 32, reference)
+            (args.out / "precision.json").write_text(json.dumps(results, indent=1, default=str))
+    if not args.tiny:
+        results["sized_7b_int4"] = bench_sized("7b", device, dtype, "int4", args.sized_gb, frames)
+    else:
+        results["sized_tiny_int8"] = bench_sized("tiny", device, dtype, "int8", 0.01, frames)
+    (args.out / "precision.json").write_text(json.dumps(results, indent=1, default=str))
+    log(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Quantized language-model weights (`weights`: bf16 | int8 | int4, engine/models/quantize.py), CPU.
+
+The reference is torchao applied by hand to a second instance of the checkpoint and run by
+transformers the ordinary way: an int8 engine's answer must equal that model's offline forward, so
+the quantized Linears change nothing in how the hook sees and keeps KV (only the products differ
+from bf16's). Refusals: an unknown precision, int4 on a CPU, an adapter of other weights.
+"""
+
+import pytest
+import torch
+
+from livevlm_ros.engine import EngineConfig, LiveVLMEngine
+from livevlm_ros.engine.config import ConfigError
+from livevlm_ros.engine.cuda.kernels.fused_layers import _merge_gate_up
+from livevlm_ros.engine.models import ModelLoadError, load_adapter, quantize
+
+QUESTION = "Is the door on the left open?"
+
+
+def int8_reference(path):
+    """The checkpoint on transformers' eager attention, its language model's Linears (and the untied
+    lm_head) quantized with torchao's int8 weight-only config directly, not through quantize.py."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    ref = LlavaOnevisionForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    quantize_(ref.model.language_model, Int8WeightOnlyConfig(set_inductor_config=False))
+    quantize_(ref.lm_head, Int8WeightOnlyConfig(set_inductor_config=False))
+    return ref
+
+
+def test_int8_quantizes_the_language_model_only(tiny_model_path):
+    adapter = load_adapter(tiny_model_path, "cpu", "float32", weights="int8")
+    assert adapter.weights == "int8"
+    lm_linears = quantize.language_linears(adapter)
+    assert adapter._lm_head in lm_linears                       # untied in the tiny model
+    assert lm_linears and all(quantize.is_quantized(m.weight) for m in lm_linears)
+    vision = [m for m in adapter.model.model.vision_tower.modules() if isinstance(m, torch.nn.Linear)]
+    vision += [m for m in adapter.model.model.multi_modal_projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert vision and not any(quantize.is_quantized(m.weight) for m in vision)
+    # a quantized layer holds int8 data, not a full-precision copy
+    w = adapter._lm.layers[0].self_attn.k_proj.weight
+    assert w.qdata.dtype == torch.int8
+
+
+def test_int8_answer_equals_offline_forward_of_the_int8_model(tiny_model_path, frames):
+    """Nothing dropped (full policy), 2 layers: the engine's first logits equal transformers' forward
+    over [prefix, frames, newline, question] of the same checkpoint quantized by torchao by hand."""
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int8", policy="full",
+                                        budget_tokens=None, sample_fps=0))
+    video = frames(4)
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i))
+    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
+
+    ref = int8_reference(tiny_model_path)
+    a, T = engine.model, engine.model.tokens_per_frame
+    with torch.inference_mode():
+        feats = [ref.model.get_video_features(a.preprocess([f])[None]) for f in video]
+        hidden = ref.config.text_config.hidden_size
+        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, hidden)[:T] for x in feats])
+        embed = ref.model.get_input_embeddings()
+        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
+        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
+        seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
+        expected = ref(inputs_embeds=seq).logits[0, -1].float()
+    torch.testing.assert_close(answer.first_logits, expected, atol=2e-5, rtol=1e-4)
+
+    # and it is not the bf16 (unquantized) model's answer: the test can tell the two apart
+    plain = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, policy="full", budget_tokens=None, sample_fps=0))
+    for i, f in enumerate(video):
+        plain.ingest(f, float(i))
+    unquantized = plain.ask(QUESTION, max_new_tokens=1, return_logits=True).first_logits
+    assert (unquantized - answer.first_logits).abs().max() > 1e-4
+
+
+def test_int8_runs_bounded_memory_and_static_steps(tiny_model_path, frames):
+    """The padded fixed-shape steps (what CUDA graphs record) give the int8 model the same answer
+    as its eager path, through VSB eviction and PaR retrieval."""
+    answers, video = [], frames(10)
+    for launch in ("eager", "static"):
+        engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int8", launch=launch,
+                                            budget_tokens=200, page_tokens=4, vision_sinks=4, sample_fps=0))
+        for i, f in enumerate(video):
+            engine.ingest(f, float(i))
+        assert engine.stats()["long_term_tokens"] > 0
+        answers.append(engine.ask(QUESTION, max_new_tokens=4, return_logits=True))
+    assert answers[0].token_ids == answers[1].token_ids
+    torch.testing.assert_close(answers[0].first_logits, answers[1].first_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_gate_up_merge_skips_quantized_weights(tiny_model_path):
+    """fused_layers merges gate and up weights into one tensor on CUDA; quantized weights must be
+    left as they are (a concatenation would make them one full-size plain tensor)."""
+    adapter = load_adapter(tiny_model_path, "cpu", "float32", weights="int8")
+    mlp = adapter._lm.layers[0].mlp
+    before = mlp.gate_proj.weight
+    assert _merge_gate_up(mlp) is None
+    assert mlp.gate_proj.weight is before and quantize.is_quantized(mlp.gate_proj.weight)
+    plain = load_adapter(tiny_model_path, "cpu", "float32")._lm.layers[0].mlp
+    assert _merge_gate_up(plain) is not None                    # and a plain MLP is still merged
+
+
+def test_unknown_precision_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="weights must be one of bf16, int8, int4"):
+        EngineConfig(weights="int3").validate()
+    with pytest.raises(ConfigError, match="kv_dtype must be one of bf16, int8.*fp8 is not implemented"):
+        EngineConfig(kv_dtype="fp8").validate()
+
+
+def test_int4_on_a_cpu_is_refused_before_loading(tmp_path):
+    # the folder does not exist: the refusal comes first, without minutes of loading
+    with pytest.raises(ModelLoadError, match="int4 need a CUDA GPU.*no CPU"):
+        LiveVLMEngine(EngineConfig(model_path=str(tmp_path / "absent"), weights="int4"))
+
+
+def test_an_adapter_of_other_weights_is_refused(tiny_model_path):
+    adapter = load_adapter(tiny_model_path, "cpu", "float32")
+    with pytest.raises(ConfigError, match="int8 asked for, but the adapter given holds bf16"):
+        LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int8"), adapter=adapter)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_families_get_int8_weights_and_int8_memory_without_changes(tmp_path, family):
+    """The Qwen adapters (models/qwen_vl.py) know nothing of precision: quantization is applied
+    after any adapter loads. Their language model's Linears become int8, the vision tower does not,
+    and with int8 memory too the fixed-shape steps answer as the eager path."""
+    import numpy as np
+
+    from livevlm_ros.tools.make_tiny_qwen import build
+
+    path = str(build(family, tmp_path / family, seed=3, layers=2))
+    rng = np.random.default_rng(5)
+    video = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(10)]
+    answers = {}
+    for launch in ("eager", "static"):
+        engine = LiveVLMEngine(EngineConfig(model_path=path, weights="int8", kv_dtype="int8", launch=launch,
+                                            sample_fps=2.0, frame_pixels=112 * 112, short_term_frames=2,
+                                            budget_tokens=200, vision_sinks=4, page_tokens=4))
+        linears = quantize.language_linears(engine.model)
+        assert linears and all(quantize.is_quantized(m.weight) for m in linears)
+        vision = [m for m in engine.model.model.modules() if isinstance(m, torch.nn.Linear) and m not in linears]
+        assert vision and not any(quantize.is_quantized(m.weight) for m in vision)
+        for i, f in enumerate(video):
+            engine.ingest(f, i / 2.0)
+        engine.flush()
+        assert engine.memory.long.len and engine.memory.long.keys.dtype == torch.int8
+        answers[launch] = engine.ask(QUESTION, max_new_tokens=4, return_logits=True)
+    assert answers["static"].token_ids == answers["eager"].token_ids
+    torch.testing.assert_close(answers["static"].first_logits, answers["eager"].first_logits, atol=2e-5, rtol=1e-4)
