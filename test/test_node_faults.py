@@ -19,8 +19,11 @@ FRONT, REAR, JPEG = "/front/image_raw", "/rear/image_raw", "/top/image_raw/compr
 
 
 def answers(client, node):  # noqa: F811
-    """The node is alive and answers a question now."""
+    """The node is alive and, once memory holds a frame again, answers. (A time jump empties memory:
+    a question that overtakes the frames sent after it is rightly told "no frame has been ingested
+    yet"; which comes first was a race of this test, lost once in a full run.)"""
     assert node.alive(), node.output()[-3000:]
+    client.wait_for(lambda: counter(client, "memory_frames_ingested") >= 1, 30, "a frame in memory")
     r = client.query("Is the door open?", timeout=30)
     assert r.success, r.error_message
     return r
