@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livevlm_ros.engine.cuda.kernels import attention_received, clip_attention, decode_attention  # noqa: E402
-from livevlm_ros.engine.cuda.kernels import fused_layers, int8_linear, page_kernels, rotate_rows  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import fused_layers, page_kernels, quantized_linear, rotate_rows  # noqa: E402
 from livevlm_ros.engine.hook import rope  # noqa: E402
 from livevlm_ros.engine.hook.attention import causal_tail  # noqa: E402
 from livevlm_ros.engine.memory import kv_quant  # noqa: E402
@@ -121,7 +121,7 @@ def main():
     check("received, both kernels", ((got - ref).abs().max() / ref.abs().max()).item(), 1e-5)
     got = attention_received.column_sums(q, k, r, torch.logsumexp(logits, -1), None, scale)
     check("received, from a given log-sum-exp", ((got - ref).abs().max() / ref.abs().max()).item(), 1e-5)
-    check_int8_linear()
+    check_quantized_linear()
     sys.exit(1 if failed else 0)
 
 
@@ -139,26 +139,35 @@ def _summarize(keys, order, pages, P, scale=None, dtype=None, channel=None):
     return mean, low, high
 
 
-def check_int8_linear():
-    """weights int8: the few-rows product reading int8 weights (int8_linear.py) against the product
-    with the weight dequantized in float32, and against torchao's own F.linear."""
+def check_quantized_linear():
+    """weights int8 / int4 (quantized_linear.py), every tile shape the engine launches (few rows,
+    split along K; many rows), against the product with the weight dequantized in float32 by the
+    format's definition, and int8 against torchao's own F.linear."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    for rows, N, K in ((1, 200, 512), (7, 96, 300), (16, 64, 256)):
+    ql = quantized_linear
+    for rows, N, K, cfg in ((1, 200, 512, dict(BM=16, BN=32, BK=128, SPLIT_K=1)),
+                            (7, 96, 768, dict(BM=16, BN=16, BK=128, SPLIT_K=4)),
+                            (40, 64, 256, dict(BM=32, BN=32, BK=64, SPLIT_K=2)),
+                            (70, 48, 384, dict(BM=64, BN=32, BK=32, SPLIT_K=1))):
+        x = torch.randn(rows, K).half()                       # the interpreter's bf16 is not a GPU's (above)
         lin = torch.nn.Linear(K, N, bias=False)
         quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
         w = lin.weight
-        x = torch.randn(rows, K).half()                       # the interpreter's bf16 is not a GPU's (above)
-        out = torch.empty(rows, N, dtype=torch.float16)
-        int8_linear._int8_rows_kernel[(-(-N // int8_linear._BN),)](
-            x, w.qdata, w.scale.reshape(-1), out, rows, N, K, x.stride(0), w.qdata.stride(0), out.stride(0),
-            BM=int8_linear.MAX_ROWS, BN=int8_linear._BN, BK=int8_linear._BK)
+        out = ql._launch(x, w.qdata, w.scale.reshape(1, -1), None, None, N, K, K, dict(cfg))
         exact = x.float() @ (w.qdata.float() * w.scale.float()).t()
         torchao = torch.nn.functional.linear(x.float(), w).float()       # torchao's product (float32 here)
         scale = exact.abs().max().item()
-        check(f"int8_linear, {rows} rows x [{N}, {K}], vs exact", (out.float() - exact).abs().max().item() / scale, 1e-3)
-        check(f"int8_linear, {rows} rows x [{N}, {K}], vs torchao", (out.float() - torchao).abs().max().item() / scale,
-              1e-3)
+        name = f"{rows} rows x [{N}, {K}], split {cfg['SPLIT_K']}"
+        check(f"int8 product, {name}, vs exact", (out.float() - exact).abs().max().item() / scale, 1e-3)
+        check(f"int8 product, {name}, vs torchao", (out.float() - torchao).abs().max().item() / scale, 1e-3)
+        for group in (128, 64):
+            packed, s, z = ql.pack_int4(torch.randn(N, K).half(), group)
+            out = ql._launch(x, packed, s, z, None, N, K, group, dict(cfg))
+            exact = x.float() @ ql.dequantize_int4(packed, s, z, group).half().float().t()
+            scale = exact.abs().max().item()
+            check(f"int4 product, groups of {group}, {name}, vs exact", (out.float() - exact).abs().max().item() / scale,
+                  1e-3)
 
 
 def check_int8_readers(dt, name, tol):

@@ -1,7 +1,7 @@
 """Issue 22: weights bf16 / int8 / int4 x KV bf16 / int8, side by side in one run, memory full.
 
     python3 benchmarks/precision_bench.py --out results/                 # the GPU machine (~6 min)
-    python3 benchmarks/precision_bench.py --tiny --out /tmp/p            # smoke test on a CPU (int4 refused)
+    python3 benchmarks/precision_bench.py --tiny --out /tmp/p            # smoke test on a CPU
 
 Random-weight LLaVA-OneVision at 7B and 0.5B shapes (gpu_bench.build_adapter), bf16 activations.
 Per precision, a freshly built model (quantization is in place and one way), quantized by the
@@ -13,7 +13,9 @@ tokens as the same steps launched one by one (`static`). A precision the engine 
 with the reason. Then 7B int4 sized by `gpu_memory_budget_gb` 7.0: the budget_tokens it chose and
 the memory it took.
 
-torchao is not installed on the GPU machine: the wheel lies in .bench/wheels (git-excluded; fetch it
+The products alone, per Linear shape: benchmarks/linear_bench.py.
+
+torchao (int8) is not installed on the GPU machine: the wheel lies in .bench/wheels (git-excluded; fetch it
 with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 --platform manylinux_2_28_x86_64 -d .bench/wheels torchao==0.18.0`) and is installed from there
 into .bench/site when the import fails.
@@ -177,36 +179,6 @@ def bench_sized(shape, device, dtype, weights, budget_gb, frames) -> dict:
     return out
 
 
-def check_int8_linear(results):
-    """weights int8 on the GPU: the few-rows kernel (cuda/kernels/int8_linear.py) against torchao's
-    own product on a 7B MLP's gate projection (3,584 -> 18,944), 1 and 16 rows: the largest
-    difference relative to the output's largest, and microseconds a call each (the kernel reads one
-    byte a weight; torchao converts the weight to bf16 first)."""
-    import triton.testing as tt
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    from livevlm_ros.engine.cuda.kernels import int8_linear
-
-    out = {}
-    lin = torch.nn.Linear(3584, 18944, bias=False, device="cuda", dtype=torch.bfloat16)
-    dense_weight = lin.weight.detach().clone()
-    quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
-    for rows in (1, 16):
-        x = torch.randn(rows, 3584, device="cuda", dtype=torch.bfloat16)
-        ours = int8_linear.int8_linear(x, lin.weight)
-        theirs = torch.nn.functional.linear(x, lin.weight)
-        rel = ((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item()
-        us = {name: tt.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3 for name, fn in (
-            ("kernel", lambda: int8_linear.int8_linear(x, lin.weight)),
-            ("torchao", lambda: torch.nn.functional.linear(x, lin.weight)),
-            ("bf16", lambda: torch.nn.functional.linear(x, dense_weight)))}
-        out[f"rows{rows}"] = dict(max_rel_diff_vs_torchao=rel, us=us)
-        log(f"int8_linear {rows} rows: max rel diff vs torchao {rel:.2e}; us kernel {us['kernel']:.1f}, "
-            f"torchao {us['torchao']:.1f}, bf16 {us['bf16']:.1f}")
-    results["int8_linear_check"] = out
-    free(lin)
-
-
 def table(results) -> str:
     lines = ["shape weights kv | resident GB (device used) | TTFT ms | decode tok/s (x bf16) | ingest ms/frame"]
     for shape, by_w in results["rows"].items():
@@ -242,12 +214,6 @@ def main():
                    transformers=transformers.__version__, torchao=torchao_from, command=" ".join(sys.argv), rows={})
     log(json.dumps(results))
     frames = random_frames(16)
-    if device == "cuda":
-        try:
-            check_int8_linear(results)
-        except Exception as err:                   # noqa: BLE001 - the rows still run
-            results["int8_linear_check"] = f"{type(err).__name__}: {err}"
-            log(f"!! int8_linear check: {traceback.format_exc()}")
     for shape in shapes:
         budget = BUDGET if shape != "tiny" else 34 + 2 * 16 + 256
         results["rows"][shape], reference = {}, {}

@@ -7,21 +7,21 @@ import pytest
 from ros_harness import client, node_params, start  # noqa: F401,I100 (domain first; fixtures)
 
 
-def test_int8_weights_int8_memory_sized_by_bytes_answer(client, start, tiny_model_path):  # noqa: F811
-    node = start(node_params(tiny_model_path, weights="int8", kv_dtype="int8", gpu_memory_budget_gb=0.004,
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_weights_int8_memory_sized_by_bytes_answer(client, start, tiny_model_path, weights):  # noqa: F811
+    node = start(node_params(tiny_model_path, weights=weights, kv_dtype="int8", gpu_memory_budget_gb=0.004,
                              narration_period_s=0.0))
     status = client.wait_ready(node)
     assert status["engine"] == "ready", status
     client.feed(client.image(1.0))
     s = client.node_status()
-    assert s["weights"] == "int8" and s["kv_dtype"] == "int8"
+    assert s["weights"] == weights and s["kv_dtype"] == "int8"
     assert int(s["budget_tokens_sized"]) > 0 and "GB budget" in s["memory_sizing"]
     answer = client.query("Is the door open?")
     assert answer.success, answer.error_message
 
 
 @pytest.mark.parametrize("over, reason", [
-    (dict(weights="int4"), "int4 need a CUDA GPU"),
     (dict(weights="int3"), "weights must be one of bf16, int8, int4"),
     (dict(kv_dtype="fp8"), "fp8 is not implemented"),
     (dict(gpu_memory_budget_gb=0.0005), "cannot hold this model and memory: .* GB budget - "),

@@ -3,7 +3,12 @@
 The reference is torchao applied by hand to a second instance of the checkpoint and run by
 transformers the ordinary way: an int8 engine's answer must equal that model's offline forward, so
 the quantized Linears change nothing in how the hook sees and keeps KV (only the products differ
-from bf16's). Refusals: an unknown precision, int4 on a CPU, an adapter of other weights.
+from bf16's). int4 is packed by the engine itself (quantize.Int4Linear); its reference is the same
+checkpoint with each weight replaced by its 4-bit levels, computed here from the format's
+definition (per group: 16 levels from the minimum to the maximum), not by the engine's code. On a
+CPU the int4 product dequantizes first; the CUDA kernel is checked against the same definition in
+benchmarks/kernels_interpreted.py and on the GPU. Refusals: an unknown precision, an adapter of
+other weights.
 """
 
 import pytest
@@ -108,10 +113,87 @@ def test_unknown_precision_is_refused_with_the_reason():
         EngineConfig(kv_dtype="fp8").validate()
 
 
-def test_int4_on_a_cpu_is_refused_before_loading(tmp_path):
-    # the folder does not exist: the refusal comes first, without minutes of loading
-    with pytest.raises(ModelLoadError, match="int4 need a CUDA GPU.*no CPU"):
-        LiveVLMEngine(EngineConfig(model_path=str(tmp_path / "absent"), weights="int4"))
+def four_bit_levels(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Each run of `group` inputs of a row replaced by the nearest of 16 evenly spaced levels from
+    its minimum to its maximum: what a 4-bit weight stands for."""
+    N, K = w.shape
+    runs = w.detach().float().reshape(N, K // group, group)
+    low, high = runs.min(-1, keepdim=True).values, runs.max(-1, keepdim=True).values
+    step = (high - low) / 15
+    return (torch.round((runs - low) / step).clamp(0, 15) * step + low).reshape(N, K)
+
+
+def test_int4_packs_the_language_model_into_a_quarter_of_its_bytes(tiny_model_path):
+    plain = load_adapter(tiny_model_path, "cpu", "float32")
+    adapter = load_adapter(tiny_model_path, "cpu", "float32", weights="int4")
+    assert adapter.weights == "int4"
+    packed = [m for m in adapter._lm.modules() if isinstance(m, quantize.Int4Linear)]
+    assert len(packed) == 7 * len(adapter._lm.layers)                  # q k v o gate up down
+    assert isinstance(adapter._lm_head, quantize.Int4Linear) and adapter.model.lm_head is adapter._lm_head
+    assert not any(isinstance(m, torch.nn.Linear) for m in adapter._lm.modules())
+    vision = [m for m in adapter.model.model.vision_tower.modules() if isinstance(m, torch.nn.Linear)]
+    assert vision and all(type(m.weight) is torch.nn.Parameter for m in vision)
+    linear_bytes = sum(t.numel() * t.element_size() for m in packed for t in (m.packed, m.scale, m.minimum))
+    # half a byte a weight, plus two float32 a group (of 128 inputs, or 64 where the input is 64 wide)
+    expected = sum(m.weight.numel() * (0.5 + 8 / (128 if m.in_features % 128 == 0 else 64))
+                   for m in plain._lm.modules() if isinstance(m, torch.nn.Linear))
+    assert linear_bytes == expected
+
+
+def test_int4_answer_equals_offline_forward_of_the_four_bit_weights(tiny_model_path, frames):
+    """Nothing dropped (full policy): the engine's first logits equal transformers' forward of the
+    same checkpoint whose language-model weights were replaced by four_bit_levels (groups of 128
+    inputs, or 64 where the input is 64 wide), and differ from the unquantized model's."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int4", policy="full",
+                                        budget_tokens=None, sample_fps=0))
+    video = frames(4)
+    for i, f in enumerate(video):
+        engine.ingest(f, float(i))
+    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
+
+    ref = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_path, attn_implementation="eager").eval()
+    lm = ref.model.language_model
+    with torch.no_grad():
+        for m in [*lm.modules(), ref.lm_head]:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(four_bit_levels(m.weight, 128 if m.in_features % 128 == 0 else 64))
+    a, T = engine.model, engine.model.tokens_per_frame
+    with torch.inference_mode():
+        feats = [ref.model.get_video_features(a.preprocess([f])[None]) for f in video]
+        hidden = ref.config.text_config.hidden_size
+        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, hidden)[:T] for x in feats])
+        embed = ref.model.get_input_embeddings()
+        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
+        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
+        seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
+        expected = ref(inputs_embeds=seq).logits[0, -1].float()
+    torch.testing.assert_close(answer.first_logits, expected, atol=2e-5, rtol=1e-4)
+
+    plain = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, policy="full", budget_tokens=None, sample_fps=0))
+    for i, f in enumerate(video):
+        plain.ingest(f, float(i))
+    assert (plain.ask(QUESTION, max_new_tokens=1, return_logits=True).first_logits - answer.first_logits).abs().max() > 1e-3
+
+
+def test_int4_runs_bounded_memory_and_static_steps_and_saves_its_memory(tiny_model_path, frames, tmp_path):
+    """int4 through VSB eviction and PaR retrieval: the fixed-shape steps answer as the eager path,
+    and a memory file saved by the int4 model loads back into it (its fingerprint reads the packed
+    weights)."""
+    answers, video = [], frames(10)
+    for launch in ("eager", "static"):
+        engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int4", launch=launch,
+                                            budget_tokens=200, page_tokens=4, vision_sinks=4, sample_fps=0))
+        for i, f in enumerate(video):
+            engine.ingest(f, float(i))
+        assert engine.stats()["long_term_tokens"] > 0
+        answers.append(engine.ask(QUESTION, max_new_tokens=4, return_logits=True))
+    assert answers[0].token_ids == answers[1].token_ids
+    torch.testing.assert_close(answers[0].first_logits, answers[1].first_logits, atol=1e-5, rtol=1e-4)
+    engine.save_memory(tmp_path / "memory.pt")
+    engine.load_memory(tmp_path / "memory.pt")
+    assert engine.ask(QUESTION, max_new_tokens=4).token_ids == answers[1].token_ids
 
 
 def test_an_adapter_of_other_weights_is_refused(tiny_model_path):

@@ -128,8 +128,9 @@ class TransformersLanguageModel:
     def rebuild_fused_layers(self):
         """The fused kernels for the decoder as its weights are now (again after quantization: the
         gate/up merge is made for plain weights only, see fused_layers._merge_gate_up)."""
-        self._fused_layers = None                     # the old merge's tensor goes before a new one is made
+        self._fused_layers = self._fused_head = None  # the old merge's tensor goes before a new one is made
         self._fused_layers = FusedLayers(self._lm)    # nothing to swap without CUDA and Triton
+        self._fused_head = FusedLayers(self._lm_head)
 
     @staticmethod
     def _kv_shape(text_config, param) -> KVShape:
@@ -168,7 +169,9 @@ class TransformersLanguageModel:
 
     def weight_probe(self) -> torch.Tensor:
         """A few weights that tell checkpoints apart (memory files carry their fingerprint)."""
-        return self._lm.layers[0].self_attn.k_proj.weight[:4]
+        k_proj = self._lm.layers[0].self_attn.k_proj
+        first_rows = getattr(k_proj, "first_rows", None)        # int4 (quantize.Int4Linear) has no weight tensor
+        return first_rows(4) if first_rows else k_proj.weight[:4]
 
     def key_projections(self) -> list[torch.nn.Module]:
         # Qwen2 / Llama / Mistral rotate k_proj's output directly (no key norm in between)
@@ -184,7 +187,8 @@ class TransformersLanguageModel:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._lm_head(hidden)
+        with self._fused_head:                        # an int8 lm_head: the int8 product
+            return self._lm_head(hidden)
 
 
 def cache_kwarg_name(forward) -> str:

@@ -1,17 +1,21 @@
 """Weight-only quantization of the language model's Linears (`weights`: bf16 | int8 | int4).
 
 Decode on a robot's computer is bound by the bytes of weights read per token, and 7B's bf16
-weights (15.2 GB) do not fit beside anything else in 16 GB. torchao (PyTorch's own quantization
-library) swaps each Linear's weight for a tensor subclass that computes `F.linear` itself:
-  int8  Int8WeightOnlyConfig: one int8 per weight, one scale per output row (symmetric);
-  int4  Int4WeightOnlyConfig, tinygemm packing: groups of 128 weights along the input, each with
-        a bf16 scale and zero point; the product is aten._weight_int4pack_mm (CUDA, sm80+).
-        torchao 0.18 has no CPU kernel for it, so int4 on a CPU is refused.
+weights (15.2 GB) do not fit beside anything else in 16 GB.
+  int8  torchao (PyTorch's own quantization library), Int8WeightOnlyConfig: one int8 per weight,
+        one scale per output row (symmetric). The weight becomes a tensor subclass; the module
+        stays an `nn.Linear`. On CUDA the engine's forwards compute its product with
+        cuda/kernels/quantized_linear.py (torchao's own converts the weight to bf16 first).
+  int4  Int4Linear here: groups of 128 inputs, each with a scale and a minimum per output; the
+        format and its product are cuda/kernels/quantized_linear.py's. torchao's int4 weight-only
+        product (tinygemm) is built for one row: a question took twice bf16's time with it and a
+        clip's prefill five times (H200), and it has no CPU kernel. Where Triton is absent (a CPU)
+        the product dequantizes the weight first: correct, and slow.
 Only the language model: the decoder's Linears and an untied lm_head. The vision tower and
 projector stay at `dtype` (a small share of the bytes, run once per frame, not per token). A tied
 lm_head is left alone: quantizing it would keep the embedding at full size beside an 8- or 4-bit
-copy. The modules stay `nn.Linear` (only their weights change), so the engine's forward hooks on
-q_proj / k_proj see the quantized products exactly as the attention does.
+copy. The engine's forward hooks on q_proj / k_proj are registered after this runs, on whatever
+module is then there, and see the quantized products exactly as the attention does.
 
 One place, applied after any adapter has loaded (`apply`): every adapter built on
 `TransformersLanguageModel` gets it without changes.
@@ -19,30 +23,27 @@ One place, applied after any adapter has loaded (`apply`): every adapter built o
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from ..config import WEIGHTS             # bf16 = not quantized: the weights stay at `dtype`
+from ..cuda.kernels import quantized_linear
 from .base import ModelLoadError
-INT4_GROUP = 128                          # weights sharing one scale and zero point (torchao's default)
+
+INT4_GROUP = 128                          # inputs sharing one scale and minimum (or 64, 32: int4_group)
 
 
 def refusal(weights: str, device: torch.device) -> str | None:
     """Why `weights` cannot run on `device`, or None."""
     if weights not in WEIGHTS:
         return f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}"
-    if weights == "bf16":
-        return None
+    if weights != "int8":
+        return None                       # bf16: nothing to do; int4: quantized here, any device
     try:
         _import_torchao()
     except ImportError as err:
         return f"weights {weights} need torchao (pip install torchao): {err}"
-    if weights == "int4":
-        if device.type != "cuda":
-            return ("weights int4 need a CUDA GPU: torchao's int4 weight-only kernel (tinygemm) has no CPU "
-                    "implementation; use int8 on a CPU")
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            return f"weights int4 need a GPU of compute capability 8.0 or newer (tinygemm); this one is {major}.{minor}"
     return None
 
 
@@ -69,18 +70,25 @@ def apply(adapter, weights: str) -> int:
     if weights == "bf16":
         return 0
     linears = language_linears(adapter)
-    config = _torchao_config(weights)
-    from torchao.quantization import quantize_
-
     with torch.no_grad():
-        for linear in linears:
-            quantize_(linear, config)
-    quantized = sum(is_quantized(linear.weight) for linear in linears)
+        if weights == "int8":
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            # set_inductor_config=False: we do not compile, and it would change torch's global settings
+            config = Int8WeightOnlyConfig(set_inductor_config=False)
+            for linear in linears:
+                quantize_(linear, config)
+            quantized = sum(is_quantized(linear.weight) for linear in linears)
+        else:
+            quantized = _to_int4(adapter, linears)
     if quantized == 0:
         raise ModelLoadError(f"weights {weights}: none of the language model's {len(linears)} Linears could be "
-                             f"quantized (int4 needs input sizes divisible by {INT4_GROUP})")
+                             f"quantized (int4 needs input sizes divisible by 32)")
     adapter.weights = weights
     adapter.rebuild_fused_layers()        # the gate/up merge was made from the unquantized weights
+    # full-size weights left in reference cycles stay on the device until the collector happens to
+    # run: torchao's int4 conversion left 7.9 GB at 7B (H200); collect them now
+    gc.collect()
     if adapter.kv.device.type == "cuda":
         torch.cuda.empty_cache()          # the full-size weights' blocks go back to the device, not the cache
     return quantized
@@ -100,11 +108,71 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight) not in (torch.Tensor, torch.nn.Parameter)
 
 
-def _torchao_config(weights: str):
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+class Int4Linear(torch.nn.Module):
+    """A Linear whose weight is 4-bit: packed uint8 [out, in / 2], a scale and a minimum per group of
+    `group` inputs and output [in / group, out] (the format: cuda/kernels/quantized_linear.py)."""
 
-    # set_inductor_config=False: we do not compile, and it would change torch's global settings
-    if weights == "int8":
-        return Int8WeightOnlyConfig(set_inductor_config=False)
-    return Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d",
-                                set_inductor_config=False)
+    def __init__(self, linear: torch.nn.Linear, group: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        packed, scale, minimum = quantized_linear.pack_int4(linear.weight, group)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("minimum", minimum)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if quantized_linear.triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            return quantized_linear.int4_linear(x, self.packed, self.scale, self.minimum, self.group, self.bias)
+        weight = self.first_rows(self.out_features).to(x.dtype)           # no Triton: dequantize, then multiply
+        return torch.nn.functional.linear(x, weight, self.bias)
+
+    def first_rows(self, n: int) -> torch.Tensor:
+        """The weight's first n rows, dequantized, at the scale's dtype."""
+        return quantized_linear.dequantize_int4(self.packed[:n], self.scale[:, :n], self.minimum[:, :n],
+                                                self.group).to(self.scale.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group}"
+
+
+def int4_group(in_features: int) -> int | None:
+    """INT4_GROUP, or the largest of 64 and 32 that divides the input size (small models); None
+    where none does (the Linear stays as it is)."""
+    return next((g for g in (INT4_GROUP, 64, 32) if in_features % g == 0), None)
+
+
+def _to_int4(adapter, linears: list[torch.nn.Linear]) -> int:
+    """Swap each Linear that int4_group can split for an Int4Linear, in its parent module, one at a
+    time (the full-size weight of one Linear at most is held beside the packed ones)."""
+    parents = {id(child): (parent, name) for parent in adapter.model.modules()
+               for name, child in parent.named_children()}
+    swapped = 0
+    for linear in linears:
+        group = int4_group(linear.in_features)
+        if group is None:
+            continue
+        parent, name = parents[id(linear)]
+        packed = Int4Linear(linear, group)
+        setattr(parent, name, packed)
+        if linear is adapter._lm_head:
+            adapter._lm_head = packed
+        linear.weight = None                   # the full-size weight goes now, not when `linears` does
+        swapped += 1
+    return swapped
+
+
+def language_linears(adapter) -> list[torch.nn.Linear]:
+    """The Linears of the language model: every one in the decoder, and the lm_head unless tied."""
+    linears = [m for m in adapter._lm.modules() if isinstance(m, torch.nn.Linear)]
+    head = adapter._lm_head
+    if head.weight is not adapter._lm.embed_tokens.weight:
+        linears.append(head)
+    return linears
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A torchao tensor subclass rather than a plain tensor."""
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+

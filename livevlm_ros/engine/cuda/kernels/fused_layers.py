@@ -10,8 +10,8 @@ kernel:
   SiLU gate    act(gate) * up in one pass (Qwen2/Llama MLP with hidden_act "silu"), after one
                product with the gate and up weights side by side (_merge_gate_up);
   RoPE         the query and key rotation of every attention layer (rope.rotate_into);
-  int8 Linear  a torchao int8 weight-only Linear for up to 16 rows (decode, a question), reading the
-               int8 weight once (int8_linear.py; `weights: int8`).
+  int8 Linear  a torchao int8 weight-only Linear (the decoder's and the lm_head), reading the int8
+               weight once (quantized_linear.py; `weights: int8`; int4 Linears call it themselves).
 The same idea as transformers' `kernels` hub (which swaps layer forwards for hub kernels), without
 the hub: nothing is downloaded, and only layers whose forward is known to compute exactly this are
 swapped. `FusedLayers` swaps them in for the engine's forwards only, like attention.in_use, and
@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from . import int8_linear
+from . import quantized_linear
 from .triton_lang import tl, triton
 
 from ...hook.rope import rotate_into
@@ -38,7 +38,8 @@ _SILU_MLPS = {"Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3VLTextMLP"}
 
 
 class FusedLayers:
-    """`with FusedLayers(lm):` the decoder's RMSNorms, SiLU MLPs and RoPE run fused kernels."""
+    """`with FusedLayers(lm):` the decoder's RMSNorms, SiLU MLPs and RoPE run fused kernels, and its
+    int8 Linears the int8 product (`lm` may also be a lone lm_head)."""
 
     def __init__(self, lm: torch.nn.Module):
         self._swaps: list[tuple[object, str, object, object]] = []    # (owner, name, fused, original)
@@ -52,7 +53,7 @@ class FusedLayers:
             elif name in _SILU_MLPS and getattr(m.config, "hidden_act", None) == "silu":
                 self._swaps.append((m, "forward", functools.partial(_silu_mlp, m, _merge_gate_up(m)), None))
             elif isinstance(m, torch.nn.Linear) and type(m.weight).__name__ == "Int8Tensor":
-                # weights: int8 (models/quantize.py): a few rows read the int8 weight once (int8_linear.py)
+                # weights: int8 (models/quantize.py): the int8 weight read once (quantized_linear.py)
                 self._swaps.append((m, "forward", functools.partial(_int8_linear_forward, m), None))
         # RoPE is a module-level function of the modeling file the attention layers come from
         modules = {sys.modules[type(layer.self_attn).__module__] for layer in getattr(lm, "layers", [])}
@@ -124,8 +125,8 @@ def _merge_gate_up(mlp) -> torch.Tensor | None:
 
 
 def _int8_linear_forward(module, x):
-    if int8_linear.fits(x, module.weight):
-        return int8_linear.int8_linear(x, module.weight, module.bias)
+    if quantized_linear.int8_fits(x, module.weight):
+        return quantized_linear.int8_linear(x, module.weight, module.bias)
     return torch.nn.functional.linear(x, module.weight, module.bias)
 
 

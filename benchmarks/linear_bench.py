@@ -1,0 +1,148 @@
+"""The quantized products alone (cuda/kernels/quantized_linear.py), per Linear shape and row count,
+against bf16 (cuBLAS) and torchao's own products, with a sweep of tile settings. One GPU call:
+
+    python3 benchmarks/linear_bench.py --out results/            # the GPU machine (~3 min)
+
+Shapes: every Linear of Qwen2-7B (LLaVA-OneVision-7B's language model) and of Qwen2-0.5B. Rows: 1
+(an answer token), 16 and 64 (a question), 1,568 (an 8-frame clip's prefill). Each product is
+checked against the float32 product with the weight dequantized in torch (the format's definition),
+and timed with the L2 cache flushed before each call (triton.testing.do_bench). A weight's bytes
+over the time give the rate it was read at, compared with the copy bandwidth measured in the same
+run. The fastest settings per (bits, rows) are printed as `quantized_linear.config` should pick them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from livevlm_ros.engine.cuda.kernels import quantized_linear as ql  # noqa: E402
+
+SHAPES = {   # name: (N out, K in)
+    "7b": {"q/o": (3584, 3584), "k/v": (512, 3584), "gate/up": (18944, 3584), "gate+up": (37888, 3584),
+           "down": (3584, 18944), "lm_head": (152064, 3584)},
+    "0.5b": {"q/o": (896, 896), "k/v": (128, 896), "gate/up": (4864, 896), "down": (896, 4864)},
+}
+ROWS = (1, 16, 64, 1568)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def do_bench(fn):
+    import triton.testing as tt
+    return tt.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3      # us
+
+
+def sweep(M: int) -> list[dict]:
+    """Tile settings tried for M rows."""
+    if M > 64:
+        return [dict(BM=bm, BN=bn, BK=64, SPLIT_K=1, num_warps=w, num_stages=3)
+                for bm, bn, w in itertools.product((64, 128), (128, 256), (4, 8)) if not (bm == 128 and bn == 256)]
+    bm = 16 if M <= 16 else 64
+    return [dict(BM=bm, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=3)
+            for bn, bk, sk in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8))]
+
+
+def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep):
+    torch.manual_seed(0)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    row = dict(shape=name, N=N, K=K, M=M, bits=bits)
+    if bits == 16:
+        row["us"] = do_bench(lambda: torch.nn.functional.linear(x, w))
+        row["bytes"] = N * K * 2
+    elif bits == 8:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
+        qw = lin.weight
+        ref = x.float() @ (qw.qdata.float() * qw.scale.float().reshape(-1, 1)).t()
+        row["bytes"] = N * K + N * 2
+        row["torchao_us"] = do_bench(lambda: torch.nn.functional.linear(x, qw))
+        run = lambda cfg: ql._launch(x, qw.qdata, qw.scale.reshape(1, -1), None, None, N, K, K, cfg)  # noqa: E731
+    else:
+        packed, scale, minimum = ql.pack_int4(w, 128)
+        ref = x.float() @ ql.dequantize_int4(packed, scale, minimum, 128).t()
+        row["bytes"] = N * K // 2 + 2 * (K // 128) * N * 2
+        try:
+            from torchao.quantization import Int4WeightOnlyConfig, quantize_
+            lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
+                                                set_inductor_config=False))
+            row["torchao_us"] = do_bench(lambda: torch.nn.functional.linear(x, lin.weight))
+            del lin
+        except Exception as err:                   # noqa: BLE001
+            row["torchao_us"] = f"{type(err).__name__}: {err}"[:200]
+        run = lambda cfg: ql._launch(x, packed, scale, minimum, None, N, K, 128, cfg)  # noqa: E731
+    if bits != 16:
+        out = run(None)
+        row["max_rel_err"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        row["default"] = ql.config(M, N, K, bits == 4)
+        row["us"] = do_bench(lambda: run(None))
+        if do_sweep:
+            best = (row["us"], row["default"])
+            for cfg in sweep(M):
+                try:
+                    us = do_bench(lambda: run(cfg))
+                except Exception:                  # noqa: BLE001 - out of shared memory etc.
+                    continue
+                if us < best[0]:
+                    best = (us, cfg)
+            row["best_us"], row["best"] = best
+    row["GBs"] = row["bytes"] / row["us"] / 1e3
+    row["of_copy"] = row["GBs"] / copy_gbs
+    results["rows"].append(row)
+    extra = f" torchao {row['torchao_us']:.1f}" if isinstance(row.get("torchao_us"), float) else ""
+    best = f" best {row['best_us']:.1f} {row['best']}" if "best" in row else ""
+    err = f" err {row['max_rel_err']:.1e}" if "max_rel_err" in row else ""
+    log(f"{name:8s} [{N}x{K}] M={M:5d} {bits:2d}-bit: {row['us']:8.1f} us ({row['GBs']:.0f} GB/s, "
+        f"{row['of_copy']:.0%} of copy){extra}{best}{err}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--shapes", default="7b,0.5b")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from precision_bench import ensure_torchao
+    torchao_from = ensure_torchao()
+    from gpu_bench import bench_matmul_and_copy
+    tflops, copy_gbs = bench_matmul_and_copy("cuda")
+    import transformers
+    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gpu=torch.cuda.get_device_name(),
+                   torch=torch.__version__, transformers=transformers.__version__, torchao=torchao_from,
+                   command=" ".join(sys.argv), bf16_tflops=tflops, copy_gbs=copy_gbs, rows=[])
+    log(json.dumps(results))
+    for shape in args.shapes.split(","):
+        for name, (N, K) in SHAPES[shape].items():
+            for M in ROWS:
+                for bits in (16, 8, 4):
+                    do_sweep = not args.no_sweep and shape == "7b" and (M in (1, 64) or name in ("q/o", "gate/up"))
+                    try:
+                        bench_shape(f"{shape} {name}", N, K, M, bits, results, copy_gbs, do_sweep)
+                    except Exception as err:       # noqa: BLE001 - keep the other rows
+                        log(f"!! {shape} {name} M={M} {bits}: {type(err).__name__}: {err}")
+                    torch.cuda.empty_cache()
+            (args.out / "linear.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
