@@ -148,22 +148,23 @@ def check_quantized_linear():
     ql = quantized_linear
     for rows, N, K, cfg in ((1, 200, 512, dict(BM=16, BN=32, BK=128, SPLIT_K=1)),
                             (7, 96, 768, dict(BM=16, BN=16, BK=128, SPLIT_K=4)),
-                            (40, 64, 256, dict(BM=32, BN=32, BK=64, SPLIT_K=2)),
-                            (70, 48, 384, dict(BM=64, BN=32, BK=32, SPLIT_K=1))):
+                            (40, 64, 512, dict(BM=32, BN=32, BK=64, SPLIT_K=2)),
+                            (70, 48, 384, dict(BM=64, BN=32, BK=64, SPLIT_K=1)),
+                            (70, 48, 384, None)):                  # more than MAX_ROWS: dequantized, then cuBLAS
         x = torch.randn(rows, K).half()                       # the interpreter's bf16 is not a GPU's (above)
         lin = torch.nn.Linear(K, N, bias=False)
         quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
         w = lin.weight
-        out = ql._launch(x, w.qdata, w.scale.reshape(1, -1), None, None, N, K, K, dict(cfg))
+        out = ql.product(x, w.qdata, w.scale.reshape(1, -1), None, 0, None, cfg)
         exact = x.float() @ (w.qdata.float() * w.scale.float()).t()
         torchao = torch.nn.functional.linear(x.float(), w).float()       # torchao's product (float32 here)
         scale = exact.abs().max().item()
-        name = f"{rows} rows x [{N}, {K}], split {cfg['SPLIT_K']}"
+        name = f"{rows} rows x [{N}, {K}], " + (f"split {cfg['SPLIT_K']}" if cfg else "dequantized")
         check(f"int8 product, {name}, vs exact", (out.float() - exact).abs().max().item() / scale, 1e-3)
         check(f"int8 product, {name}, vs torchao", (out.float() - torchao).abs().max().item() / scale, 1e-3)
         for group in (128, 64):
             packed, s, z = ql.pack_int4(torch.randn(N, K).half(), group)
-            out = ql._launch(x, packed, s, z, None, N, K, group, dict(cfg))
+            out = ql.product(x, packed, s, z, group, None, cfg)
             exact = x.float() @ ql.dequantize_int4(packed, s, z, group).half().float().t()
             scale = exact.abs().max().item()
             check(f"int4 product, groups of {group}, {name}, vs exact", (out.float() - exact).abs().max().item() / scale,

@@ -95,8 +95,9 @@ def test_int8_runs_bounded_memory_and_static_steps(tiny_model_path, frames):
 
 
 def test_gate_up_merge_skips_quantized_weights(tiny_model_path):
-    """fused_layers merges gate and up weights into one tensor on CUDA; quantized weights must be
-    left as they are (a concatenation would make them one full-size plain tensor)."""
+    """fused_layers merges gate and up weights into one tensor; quantized weights only on CUDA, in
+    their own format (a plain concatenation would make them one full-size tensor), so on a CPU
+    they are left as they are."""
     adapter = load_adapter(tiny_model_path, "cpu", "float32", weights="int8")
     mlp = adapter._lm.layers[0].mlp
     before = mlp.gate_proj.weight

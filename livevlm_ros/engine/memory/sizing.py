@@ -39,24 +39,26 @@ class BudgetError(ConfigError):
     """gpu_memory_budget_gb cannot hold the model and the smallest memory; the message has the arithmetic."""
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds, through tensor subclasses (a torchao weight's int data and scales)."""
+def tensor_bytes(t: torch.Tensor, seen: set | None = None) -> int:
+    """Bytes a tensor holds, through tensor subclasses (a torchao weight's int data and scales),
+    each storage counted once in `seen` (views of one merged tensor: the gate/up weights)."""
+    seen = set() if seen is None else seen
     flatten = getattr(type(t), "__tensor_flatten__", None)
     if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
         names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
-    return t.numel() * t.element_size()
+        return sum(tensor_bytes(getattr(t, n), seen) for n in names if getattr(t, n, None) is not None)
+    storage = t.untyped_storage()
+    key = (storage.device, storage.data_ptr())
+    if key in seen:
+        return 0
+    seen.add(key)
+    return storage.nbytes()
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    """Parameters and buffers, each storage counted once (tied weights, gate/up views of one tensor)."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = id(t) if type(t) not in (torch.Tensor, torch.nn.Parameter) else t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += tensor_bytes(t)
-    return total
+    """Parameters and buffers, each storage counted once and whole (tied weights, gate/up views of one tensor)."""
+    seen: set = set()
+    return sum(tensor_bytes(t, seen) for t in list(module.parameters()) + list(module.buffers()))
 
 
 def kv_bytes_per_token(kv, kv_dtype: str) -> int:
@@ -152,6 +154,10 @@ def working_space_bytes(adapter, clip_tokens: int, question_tokens: int, elt: in
         vision = frames * patches * (4 * vision_config.hidden_size + 2 * vision_config.intermediate_size) * elt
     logits = question_tokens * text.vocab_size * 4
     total = rows * per_row + vision + logits
+    if getattr(adapter, "weights", "bf16") != "bf16":
+        # a clip's prefill multiplies a transient half-precision copy of each quantized weight, the
+        # largest being the gate and up projections merged (cuda/kernels/quantized_linear.py)
+        total += 2 * inter * text.hidden_size * elt
     if kv.device.type == "cuda":
         total += CUDA_OVERHEAD_BYTES
     return int(total)
