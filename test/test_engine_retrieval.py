@@ -6,19 +6,13 @@ question about it. With 20% of the pages read, a scorer that ignored content wou
 page on about 20% of layers; the test asks for most layers.
 """
 
-import pytest
 import torch
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine
-from livevlm_ros.tools.smollm2 import smollm2_gguf
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 FACT = "Remember this: the red toolbox is in the garage next to the blue bicycle. "
 
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    return smollm2_gguf()          # set-up installs it: a missing file fails, it does not skip
 
 
 def test_planted_fact_page_is_retrieved_on_a_real_model(smollm2_path):

@@ -22,15 +22,26 @@ from livevlm_ros.engine.models import ModelLoadError, load_adapter, quantize
 QUESTION = "Is the door on the left open?"
 
 
+def int8_rows(w: torch.Tensor) -> torch.Tensor:
+    """Each row replaced by the nearest of 255 evenly spaced levels spanning plus and minus its
+    largest magnitude: what a token embedding of int8 with a scale a token stands for."""
+    scale = w.abs().amax(1, keepdim=True) / 127
+    return (w / scale).round().clamp(-127, 127) * scale
+
+
 def int8_reference(path):
     """The checkpoint on transformers' eager attention, its language model's Linears (and the untied
-    lm_head) quantized with torchao's int8 weight-only config directly, not through quantize.py."""
+    lm_head) quantized with torchao's int8 weight-only config directly, not through quantize.py,
+    and its token embedding replaced by int8_rows."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
     from transformers import LlavaOnevisionForConditionalGeneration
 
     ref = LlavaOnevisionForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
     quantize_(ref.model.language_model, Int8WeightOnlyConfig(set_inductor_config=False))
     quantize_(ref.lm_head, Int8WeightOnlyConfig(set_inductor_config=False))
+    embedding = ref.model.language_model.embed_tokens.weight
+    with torch.no_grad():
+        embedding.copy_(int8_rows(embedding))
     return ref
 
 
@@ -144,7 +155,8 @@ def test_int4_packs_the_language_model_into_a_quarter_of_its_bytes(tiny_model_pa
 def test_int4_answer_equals_offline_forward_of_the_four_bit_weights(tiny_model_path, frames):
     """Nothing dropped (full policy): the engine's first logits equal transformers' forward of the
     same checkpoint whose language-model weights were replaced by four_bit_levels (groups of 128
-    inputs, or 64 where the input is 64 wide), and differ from the unquantized model's."""
+    inputs, or 64 where the input is 64 wide) and its token embedding by int8_rows, and differ from
+    the unquantized model's."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int4", policy="full",
@@ -160,6 +172,7 @@ def test_int4_answer_equals_offline_forward_of_the_four_bit_weights(tiny_model_p
         for m in [*lm.modules(), ref.lm_head]:
             if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(four_bit_levels(m.weight, 128 if m.in_features % 128 == 0 else 64))
+        lm.embed_tokens.weight.copy_(int8_rows(lm.embed_tokens.weight))
     a, T = engine.model, engine.model.tokens_per_frame
     with torch.inference_mode():
         feats = [ref.model.get_video_features(a.preprocess([f])[None]) for f in video]
@@ -231,3 +244,22 @@ def test_qwen_families_get_int8_weights_and_int8_memory_without_changes(tmp_path
         answers[launch] = engine.ask(QUESTION, max_new_tokens=4, return_logits=True)
     assert answers["static"].token_ids == answers["eager"].token_ids
     torch.testing.assert_close(answers["static"].first_logits, answers["eager"].first_logits, atol=2e-5, rtol=1e-4)
+
+
+def test_a_tied_lm_head_reads_the_int8_embedding_table(smollm2_path):
+    """SmolLM2-135M (real weights, lm_head tied to the embedding): with weights int8 the embedding
+    is one int8 table, and the head's logits are the hidden state times that table (int8_rows of
+    the original), not a full-size copy beside it."""
+    from livevlm_ros.engine.memory.sizing import module_bytes
+
+    plain = load_adapter(smollm2_path, "cpu", "float32")
+    table = plain._lm.embed_tokens.weight.detach().clone()
+    adapter = load_adapter(smollm2_path, "cpu", "float32", weights="int8")
+    head = adapter._lm_head
+    assert isinstance(head, quantize.Int8TiedHead) and head.embedding is adapter._lm.embed_tokens
+    assert adapter.model.lm_head is head and adapter._lm.embed_tokens.qdata.dtype == torch.int8
+    ids = torch.tensor(adapter.tokenize("Where did I last see the red toolbox?"))
+    torch.testing.assert_close(adapter.embed_tokens(ids), int8_rows(table)[ids])
+    hidden = torch.randn(3, table.shape[1])
+    torch.testing.assert_close(adapter.logits(hidden), hidden @ int8_rows(table).t(), atol=1e-4, rtol=1e-4)
+    assert module_bytes(adapter.model) < module_bytes(plain.model) / 3         # float32 -> int8, nothing kept

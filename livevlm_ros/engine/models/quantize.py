@@ -11,10 +11,11 @@ weights (15.2 GB) do not fit beside anything else in 16 GB.
         product (tinygemm) is built for one row: a question took twice bf16's time with it and a
         clip's prefill five times (H200), and it has no CPU kernel. Where Triton is absent (a CPU)
         the product dequantizes the weight first: correct, and slow.
-Only the language model: the decoder's Linears and an untied lm_head. The vision tower and
-projector stay at `dtype` (a small share of the bytes, run once per frame, not per token). A tied
-lm_head is left alone: quantizing it would keep the embedding at full size beside an 8- or 4-bit
-copy. The engine's forward hooks on q_proj / k_proj are registered after this runs, on whatever
+Only the language model: the decoder's Linears, an untied lm_head, and the token embedding in
+int8 (one scale a token; at 7B it is 1.09 GB in bf16, as much as the rest of the int4 decoder's
+third; a lookup reads a few rows). A tied lm_head reads that same int8 table (the int8 product:
+its per-token scales are per-output scales), so it is not kept at full size beside it. The vision
+tower and projector stay at `dtype` (a small share of the bytes, run once per frame, not per token). The engine's forward hooks on q_proj / k_proj are registered after this runs, on whatever
 module is then there, and see the quantized products exactly as the attention does.
 
 One place, applied after any adapter has loaded (`apply`): every adapter built on
@@ -84,6 +85,8 @@ def apply(adapter, weights: str) -> int:
     if quantized == 0:
         raise ModelLoadError(f"weights {weights}: none of the language model's {len(linears)} Linears could be "
                              f"quantized (int4 needs input sizes divisible by 32)")
+    with torch.no_grad():
+        _embedding_to_int8(adapter)
     adapter.weights = weights
     adapter.rebuild_fused_layers()        # the gate/up merge was made from the unquantized weights
     # full-size weights left in reference cycles stay on the device until the collector happens to
@@ -98,9 +101,14 @@ def language_linears(adapter) -> list[torch.nn.Linear]:
     """The Linears of the language model: every one in the decoder, and the lm_head unless tied."""
     linears = [m for m in adapter._lm.modules() if isinstance(m, torch.nn.Linear)]
     head = adapter._lm_head
-    if head.weight is not adapter._lm.embed_tokens.weight:
+    if isinstance(head, torch.nn.Linear) and not _tied(adapter):
         linears.append(head)
     return linears
+
+
+def _tied(adapter) -> bool:
+    weight = getattr(adapter._lm.embed_tokens, "weight", None)
+    return weight is not None and getattr(adapter._lm_head, "weight", None) is weight
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
@@ -162,17 +170,54 @@ def _to_int4(adapter, linears: list[torch.nn.Linear]) -> int:
     return swapped
 
 
-def language_linears(adapter) -> list[torch.nn.Linear]:
-    """The Linears of the language model: every one in the decoder, and the lm_head unless tied."""
-    linears = [m for m in adapter._lm.modules() if isinstance(m, torch.nn.Linear)]
-    head = adapter._lm_head
-    if head.weight is not adapter._lm.embed_tokens.weight:
-        linears.append(head)
-    return linears
+class Int8Embedding(torch.nn.Module):
+    """The token embedding in int8: a scale per token (row), symmetric; a lookup dequantizes only
+    the rows it gathers."""
+
+    def __init__(self, embedding: torch.nn.Embedding, rows_at_once: int = 16384):
+        super().__init__()
+        weight = embedding.weight.detach()
+        self.dtype = weight.dtype
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for i in range(0, weight.shape[0], rows_at_once):        # a float32 copy of a slice at a time
+            rows = weight[i:i + rows_at_once].float()
+            scale[i:i + rows_at_once] = rows.abs().amax(1).clamp_min(1e-12) / 127
+            q[i:i + rows_at_once] = (rows / scale[i:i + rows_at_once, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("qdata", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.qdata[ids].float() * self.scale[ids].unsqueeze(-1)).to(self.dtype)
 
 
-def is_quantized(weight: torch.Tensor) -> bool:
-    """A torchao tensor subclass rather than a plain tensor."""
-    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+class Int8TiedHead(torch.nn.Module):
+    """An lm_head tied to an Int8Embedding: logits = hidden @ table^T, the int8 product on CUDA."""
+
+    def __init__(self, embedding: Int8Embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        e = self.embedding
+        if quantized_linear.triton is not None and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+            return quantized_linear.product(hidden, e.qdata, e.scale.reshape(1, -1), None, 0, None)
+        return torch.nn.functional.linear(hidden, (e.qdata.float() * e.scale[:, None]).to(hidden.dtype))
 
 
+def _embedding_to_int8(adapter):
+    """Swap the language model's token embedding (and a head tied to it) for the int8 ones."""
+    embed = adapter._lm.embed_tokens
+    if not isinstance(embed, torch.nn.Embedding):
+        return
+    tied = _tied(adapter)
+    table = Int8Embedding(embed)
+    adapter._lm.embed_tokens = table
+    if tied:
+        parents = {id(child): (parent, name) for parent in adapter.model.modules()
+                   for name, child in parent.named_children()}
+        parent, name = parents[id(adapter._lm_head)]
+        head = Int8TiedHead(table)
+        setattr(parent, name, head)
+        adapter._lm_head = head
+    embed.weight = None                        # the full-size table goes now
