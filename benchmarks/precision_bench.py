@@ -4,8 +4,9 @@
     python3 benchmarks/precision_bench.py --tiny --out /tmp/p            # smoke test on a CPU
 
 Random-weight LLaVA-OneVision at 7B and 0.5B shapes (gpu_bench.build_adapter), bf16 activations.
-Per precision, a freshly built model (quantization is in place and one way), quantized by the
-engine's own path (models/quantize.py), then: resident device memory with 12,288 memory tokens full
+Each row (shape x weights x kv_dtype) in its own process, so that its memory is its own: a freshly
+built model (quantization is in place and one way), quantized by the engine's own path
+(models/quantize.py), then: resident device memory with 12,288 memory tokens full
 (torch's allocator, and the device's used memory, CUDA context included), time to first token and
 decode tokens/s (the node's launch mode: CUDA graphs), ingest ms per frame (1-frame clips, real
 frames through vision tower and prefill), and a self-check that the graph replay answers the same
@@ -79,11 +80,12 @@ def engine_for(adapter, weights, kv_dtype, budget, launch="auto", **kw):
     return LiveVLMEngine(cfg, adapter=adapter)
 
 
-def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_frames, reference: dict) -> dict:
+def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_frames, firsts_dir: Path) -> dict:
     """One freshly built model at `weights` (the same random weights for every precision: seed 0);
-    a row per kv_dtype. `reference` keeps bf16 weights' first logits per kv_dtype, to which the
-    quantized weights' are compared (random weights: numerics, not answer quality)."""
-    rows, firsts = {}, {}
+    a row per kv_dtype. Each row's first logits are kept in `firsts_dir`, where other rows (other
+    processes) compare with them: quantized weights with bf16 weights at the same kv_dtype, int8
+    KV with bf16 KV at the same weights (random weights: numerics, not answer quality)."""
+    rows = {}
     t0 = time.time()
     adapter = build_adapter(shape, device, dtype)
     try:
@@ -130,16 +132,14 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
                                   launch=engine.config.launch,
                                   decode_graph=engine.decode_step is not None and engine.decode_step.graph is not None,
                                   replay_equals_static=static.token_ids == replayed.token_ids)
-            firsts[kv_dtype] = first
-            if weights == "bf16":
-                reference[kv_dtype] = first
-            elif kv_dtype in reference:
-                ref = reference[kv_dtype]
+            torch.save(first.cpu(), firsts_dir / f"{shape}_{weights}_{kv_dtype}.pt")
+            if weights != "bf16" and (firsts_dir / f"{shape}_bf16_{kv_dtype}.pt").exists():
+                ref = torch.load(firsts_dir / f"{shape}_bf16_{kv_dtype}.pt").to(first.device)
                 rows[kv_dtype].update(first_logits_max_rel_diff_vs_bf16_weights=((first - ref).abs().max()
                                                                                   / ref.abs().max()).item(),
                                       same_first_token_as_bf16_weights=bool(first.argmax() == ref.argmax()))
-            if kv_dtype != "bf16" and "bf16" in firsts:   # the same frames, the same weights: what 8 bits change
-                ref = firsts["bf16"]
+            if kv_dtype != "bf16" and (firsts_dir / f"{shape}_{weights}_bf16.pt").exists():
+                ref = torch.load(firsts_dir / f"{shape}_{weights}_bf16.pt").to(first.device)   # what 8-bit KV changes
                 rows[kv_dtype].update(first_logits_max_rel_diff_vs_kv_bf16=((first - ref).abs().max()
                                                                             / ref.abs().max()).item(),
                                       same_first_token_as_kv_bf16=bool(first.argmax() == ref.argmax()))
@@ -202,6 +202,8 @@ def main():
     ap.add_argument("--weights", default="bf16,int8,int4")
     ap.add_argument("--kv", default="bf16,int8")
     ap.add_argument("--sized-gb", type=float, default=7.0, help="7B int4 sized by this gpu_memory_budget_gb")
+    ap.add_argument("--row", default="", help="shape:weights:kv_dtype: one row only (what each child process runs)")
+    ap.add_argument("--sized-only", action="store_true", help="only the gpu_memory_budget_gb run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torchao_from = ensure_torchao()
@@ -212,17 +214,38 @@ def main():
     results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
                    gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                    transformers=transformers.__version__, torchao=torchao_from, command=" ".join(sys.argv), rows={})
-    log(json.dumps(results))
+    if not (args.row or args.sized_only):
+        log(json.dumps(results))
     frames = random_frames(16)
-    for shape in shapes:
+    firsts_dir = args.out / "first_logits"
+    firsts_dir.mkdir(exist_ok=True)
+    kvs = args.kv.split(",")
+    if args.row:                                   # one row, in this (child) process
+        shape, weights, kv = args.row.split(":")
         budget = BUDGET if shape != "tiny" else 34 + 2 * 16 + 256
-        results["rows"][shape], reference = {}, {}
-        for weights in args.weights.split(","):
-            results["rows"][shape][weights] = bench_one(shape, device, dtype, weights, args.kv.split(","), budget,
-                                                        frames, 8 if args.tiny else 32, reference)
-            (args.out / "precision.json").write_text(json.dumps(results, indent=1, default=str))
-    if not args.tiny:
+        rows = bench_one(shape, device, dtype, weights, [kv], budget, frames, 8 if args.tiny else 32, firsts_dir)
+        (args.out / f"row_{shape}_{weights}_{kv}.json").write_text(json.dumps(rows[kv], default=str))
+        return
+    if args.sized_only:
         results["sized_7b_int4"] = bench_sized("7b", device, dtype, "int4", args.sized_gb, frames)
+        (args.out / "sized.json").write_text(json.dumps(results["sized_7b_int4"], default=str))
+        return
+    for shape in shapes:
+        results["rows"][shape] = {}
+        for weights in args.weights.split(","):
+            results["rows"][shape][weights] = {}
+            for kv in kvs:                         # each row in a fresh process: its memory is its own
+                child = [sys.executable, __file__, "--out", str(args.out), "--row", f"{shape}:{weights}:{kv}"]
+                subprocess.run(child + (["--tiny"] if args.tiny else []), check=False)
+                part = args.out / f"row_{shape}_{weights}_{kv}.json"
+                results["rows"][shape][weights][kv] = (json.loads(part.read_text()) if part.exists()
+                                                       else {"error": "the row's process wrote no result"})
+                (args.out / "precision.json").write_text(json.dumps(results, indent=1, default=str))
+    if not args.tiny:
+        subprocess.run([sys.executable, __file__, "--out", str(args.out), "--sized-only",
+                        "--sized-gb", str(args.sized_gb)], check=False)
+        part = args.out / "sized.json"
+        results["sized_7b_int4"] = json.loads(part.read_text()) if part.exists() else {"error": "no result"}
     else:
         results["sized_tiny_int8"] = bench_sized("tiny", device, dtype, "int8", 0.01, frames)
     (args.out / "precision.json").write_text(json.dumps(results, indent=1, default=str))

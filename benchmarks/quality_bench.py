@@ -8,7 +8,7 @@
 A policy may carry engine options: `livevlm:page_scoring=softmax_mean:saliency_share=0.25`, and
 `budget_scale=X` (its budget X times the others': `livevlm:kv_dtype=int8:budget_scale=1.78` is 8-bit
 memory in the bytes bf16 memory of the others' budget takes, at the demo model's head_dim 32).
-`--weights int8` quantizes the language model (models/quantize.py).
+`--weights int8|int4` quantizes the language model (models/quantize.py; int4 dequantizes per product on a CPU).
 
 Each stream is a synthetic episode (`livevlm_ros/tools/synthetic_world.py`, seeds 0..N-1; training
 used seeds >= 1,000,000) rendered at 320x240 and fed to the engine at 2 frames per second, as the
@@ -150,7 +150,7 @@ def main():
     ap.add_argument("--seed-start", type=int, default=0, help="held-out seeds start..start+seeds-1 (< 1,000,000)")
     ap.add_argument("--policies", default="full,sliding_window,rekv,livevlm,livevlm_read_all")
     ap.add_argument("--weights", default="bf16", help="the language model's weights: bf16 (float32 here) | int8 "
-                    "(int4 has no CPU kernel); a policy may add :kv_dtype=int8")
+                    "| int4; a policy may add :kv_dtype=int8")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--label", default="", help="prefix for the policy names in tables (e.g. the code version)")
     ap.add_argument("--table", type=Path, nargs="+", default=None, help="only print the tables of saved results")

@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--policies", default="full,sliding_window,rekv,livevlm")
-    ap.add_argument("--weights", default="bf16", help="bf16 (float32 here) | int8 (models/quantize.py)")
+    ap.add_argument("--weights", default="bf16", help="bf16 (float32 here) | int8 | int4 (models/quantize.py)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     gguf = smollm2_gguf()
