@@ -51,9 +51,11 @@ def sweep(M: int) -> list[dict]:
     """Tile settings tried for M rows."""
     if M > ql.MAX_ROWS:
         return []                                  # dequantized, then cuBLAS
-    bm = 16 if M <= 16 else 64
-    return [dict(BM=bm, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=3)
-            for bn, bk, sk in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8))]
+    if M <= 16:
+        return [dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
+                for bn, bk, sk, w, st in itertools.product((32, 64), (128, 256), (1, 2, 4, 8), (4, 8), (3, 5))]
+    return [dict(BM=64, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=3)
+            for bn, bk, sk in itertools.product((32, 64), (128, 256), (1, 2, 4))]
 
 
 def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep):
