@@ -2,6 +2,8 @@
 # Every GPU step of issue 22 in one device call (carry .bench/wheels: torchao for the GPU machine,
 # which has no registry):
 #   bash benchmarks/precision_on_device.sh [--shapes 7b,0.5b]  -> $OUT/linear/*, $OUT/precision/*
+# SKIP_LINEAR=1 leaves out the products alone (linear_bench.py, ~4 min); INT4_OTHER=magic adds the
+# 7B int4 rows with the other nibble conversion (quantized_linear.INT4_NIBBLES) in $OUT/precision_magic.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/out}"
@@ -9,7 +11,15 @@ mkdir -p "$out/linear" "$out/precision"
 python3 -m pip install -q --no-deps .bench/wheels/torchao-*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, triton, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
-PYTHONUNBUFFERED=1 timeout "${LINEAR_TIMEOUT:-240}" python3 benchmarks/linear_bench.py --out "$out/linear" \
-    ${LINEAR_ARGS:-} 2>&1 | tee "$out/linear/log.txt"
+if [ -z "${SKIP_LINEAR:-}" ]; then
+    PYTHONUNBUFFERED=1 timeout "${LINEAR_TIMEOUT:-240}" python3 benchmarks/linear_bench.py --out "$out/linear" \
+        ${LINEAR_ARGS:-} 2>&1 | tee "$out/linear/log.txt"
+fi
 PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --out "$out/precision" "$@" 2>&1 \
-    | grep -v "Loading weights" | tee "$out/precision/log.txt"
+    | grep -v "Loading weights\|_pytree" | tee "$out/precision/log.txt"
+if [ -n "${INT4_OTHER:-}" ]; then
+    mkdir -p "$out/precision_$INT4_OTHER"
+    PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --out "$out/precision_$INT4_OTHER" --shapes 7b \
+        --weights int4 --no-sized --int4-nibbles "$INT4_OTHER" 2>&1 | grep -v "Loading weights\|_pytree" \
+        | tee "$out/precision_$INT4_OTHER/log.txt"
+fi

@@ -16,9 +16,9 @@ twice bf16's time and a clip's prefill five times (H200, benchmarks/results/h200
 Few rows (an answer token, a question: up to MAX_ROWS) are bound by the weight's bytes: one kernel
 streams the weight, each program a narrow band of outputs, split along K where N alone leaves SMs
 idle (the split's float32 partial sums are added in a fixed order by a second small kernel, so
-answers do not change from run to run). x stays in its half dtype (bf16 or fp16); int8 and int4
-integers are exact in it, the sums run in float32 on tensor cores, scales (and int4's minimums)
-apply in float32 after them, and the output is rounded once. Many rows (a clip's prefill) are bound by the tensor cores: the weight
+answers do not change from run to run). x stays in its half dtype (bf16 or fp16); a dequantized
+int4 tile is rounded to it once (int8 is exact in it), the sums run in float32 on tensor cores, and
+the output is rounded once. Many rows (a clip's prefill) are bound by the tensor cores: the weight
 is dequantized to a transient half copy and cuBLAS multiplies, as it would the unquantized weight.
 The tile settings come from benchmarks/linear_bench.py on an H200.
 """
@@ -30,6 +30,12 @@ import torch
 from .triton_lang import tl, triton
 
 MAX_ROWS = 64                     # more rows: dequantize, then cuBLAS
+# How a nibble becomes a float in the few-rows product: "convert" (an integer-to-float conversion,
+# a quarter-rate instruction on recent GPUs) or "magic" (OR-ed into the mantissa of 128.0, bf16, or
+# 1024.0, fp16, where the step between numbers is 1, it reads as that number + q: two integer
+# operations; the 128 or 1024 is taken back out with the minimum). benchmarks/precision_bench.py
+# --int4-nibbles measures both.
+INT4_NIBBLES = "convert"
 _WIDE = 264                       # programs that keep an H200's 132 SMs busy twice over
 
 
@@ -76,7 +82,7 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
             grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]), split)
             _product_kernel[grid](rows, q, scale, minimum if int4 else scale, part, M, N, K, rows.stride(0),
                                   q.stride(0), part.stride(-2), M * N, scale.stride(0), split, INT4=int4,
-                                  GROUP=max(group, 2), SPLIT=split > 1, **cfg)
+                                  GROUP=max(group, 2), SPLIT=split > 1, MAGIC=INT4_NIBBLES == "magic", **cfg)
             if split > 1:
                 _sum_splits_kernel[(M, triton.cdiv(N, 1024))](part, scale, out, M * N, N, split, SCALE=not int4,
                                                               BLOCK=1024)
@@ -111,7 +117,7 @@ def config(M: int, N: int, K: int, group: int) -> dict:
 if triton is not None:
     @triton.jit(do_not_specialize=["M", "split"])
     def _product_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, sx, sq, so, s_split, ss, split,
-                        INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
+                        INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """One program per (BN outputs, BM rows, 1/split of K). BK: inputs (int8) or bytes (int4,
         two inputs each, whole groups) per step. SPLIT: float32 partial sums into out[split index]
@@ -129,36 +135,32 @@ if triton is not None:
             b_ok = b < end
             w = tl.load(q_ptr + n[None, :] * sq + b[:, None], mask=b_ok[:, None] & n_ok[None, :], other=0)
             if INT4:
-                # Per group g: sum_k x_k (q_k scale + minimum) = scale * sum_k x_k q_k + minimum * sum_k x_k,
-                # so the tensor cores multiply the 4-bit integers themselves and the scale and minimum
-                # are applied once per group and output. A nibble becomes a half-precision number in two
-                # integer operations: OR-ed into the mantissa of BIAS (128.0 in bf16, 1024.0 in fp16,
-                # where the step between numbers is 1), it reads as BIAS + q; BIAS * sum_k x_k is taken
-                # back out with the minimum. (The conversion instructions this avoids made the product
-                # bound by arithmetic, not by the weight's bytes.)
                 half: tl.constexpr = GROUP // 2
                 groups: tl.constexpr = BK // half
-                BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-                MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
-                BIAS: tl.constexpr = 128.0 if BF16 else 1024.0
                 g = b0 // half + tl.arange(0, groups)                  # one scale and minimum a group and output
                 g_ok = g < end // half
                 s = tl.load(s_ptr + g[:, None] * ss + n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
                 z = tl.load(z_ptr + g[:, None] * ss + n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
-                s, z = s.to(tl.float32), z.to(tl.float32)
+                s, z = s.to(tl.float32)[:, None, :], z.to(tl.float32)[:, None, :]
+                w3 = tl.reshape(w, [groups, half, BN])
                 k_lo = (b // half) * GROUP + b % half                  # the low nibbles' inputs; +half: the high ones'
                 x_lo = tl.load(x_ptr + m[:, None] * sx + k_lo[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
                 x_hi = tl.load(x_ptr + m[:, None] * sx + (k_lo + half)[None, :], mask=m_ok[:, None] & b_ok[None, :],
                                other=0.0)
-                w16 = w.to(tl.int16)
-                q_lo = ((w16 & 15) | MAGIC).to(x_lo.dtype, bitcast=True)
-                q_hi = ((w16 >> 4) | MAGIC).to(x_lo.dtype, bitcast=True)
-                x_lo3 = tl.permute(tl.reshape(x_lo, [BM, groups, half]), (1, 0, 2))      # [groups, BM, half]
-                x_hi3 = tl.permute(tl.reshape(x_hi, [BM, groups, half]), (1, 0, 2))
-                sums = tl.dot(x_lo3, tl.reshape(q_lo, [groups, half, BN]))
-                sums = tl.dot(x_hi3, tl.reshape(q_hi, [groups, half, BN]), sums)          # [groups, BM, BN]
-                x_sums = tl.sum(x_lo3.to(tl.float32), axis=2) + tl.sum(x_hi3.to(tl.float32), axis=2)
-                acc += tl.sum(sums * s[:, None, :] + x_sums[:, :, None] * (z - BIAS * s)[:, None, :], axis=0)
+                if MAGIC:                                              # INT4_NIBBLES (above)
+                    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+                    bits: tl.constexpr = 0x4300 if BF16 else 0x6400
+                    bias: tl.constexpr = 128.0 if BF16 else 1024.0
+                    w16 = w3.to(tl.int16)
+                    lo = ((w16 & 15) | bits).to(x_lo.dtype, bitcast=True).to(tl.float32)
+                    hi = ((w16 >> 4) | bits).to(x_lo.dtype, bitcast=True).to(tl.float32)
+                    z = z - bias * s
+                else:
+                    lo, hi = (w3 & 15).to(tl.float32), (w3 >> 4).to(tl.float32)
+                w_lo = tl.reshape(lo * s + z, [BK, BN]).to(x_lo.dtype)
+                w_hi = tl.reshape(hi * s + z, [BK, BN]).to(x_lo.dtype)
+                acc += tl.dot(x_lo, w_lo)
+                acc += tl.dot(x_hi, w_hi)
             else:
                 xk = tl.load(x_ptr + m[:, None] * sx + b[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
                 acc += tl.dot(xk, w.to(xk.dtype))                      # int8 -> bf16 / fp16 is exact (|q| <= 127)
