@@ -162,15 +162,13 @@ def check_quantized_linear():
         name = f"{rows} rows x [{N}, {K}], " + (f"split {cfg['SPLIT_K']}" if cfg else "dequantized")
         check(f"int8 product, {name}, vs exact", (out.float() - exact).abs().max().item() / scale, 1e-3)
         check(f"int8 product, {name}, vs torchao", (out.float() - torchao).abs().max().item() / scale, 1e-3)
-        for group, nibbles in ((128, "convert"), (64, "convert"), (128, "magic"), (64, "magic")):
-            ql.INT4_NIBBLES = nibbles
+        for group in (128, 64):
             packed, s, z = ql.pack_int4(torch.randn(N, K).half(), group)
             out = ql.product(x, packed, s, z, group, None, cfg)
             exact = x.float() @ ql.dequantize_int4(packed, s, z, group).half().float().t()
             scale = exact.abs().max().item()
-            check(f"int4 product ({nibbles}), groups of {group}, {name}, vs exact",
+            check(f"int4 product, groups of {group}, {name}, vs exact",
                   (out.float() - exact).abs().max().item() / scale, 1e-3)
-        ql.INT4_NIBBLES = "convert"
 
 
 def check_int8_readers(dt, name, tol):

@@ -205,22 +205,16 @@ def main():
     ap.add_argument("--row", default="", help="shape:weights:kv_dtype: one row only (what each child process runs)")
     ap.add_argument("--sized-only", action="store_true", help="only the gpu_memory_budget_gb run")
     ap.add_argument("--no-sized", action="store_true", help="skip the gpu_memory_budget_gb run")
-    ap.add_argument("--int4-nibbles", default="", choices=["", "convert", "magic"],
-                    help="how the int4 product turns nibbles into floats (quantized_linear.INT4_NIBBLES)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torchao_from = ensure_torchao()
-    from livevlm_ros.engine.cuda.kernels import quantized_linear
-    if args.int4_nibbles:
-        quantized_linear.INT4_NIBBLES = args.int4_nibbles
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     import transformers
     results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
                    gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                   transformers=transformers.__version__, torchao=torchao_from, command=" ".join(sys.argv),
-                   int4_nibbles=quantized_linear.INT4_NIBBLES, rows={})
+                   transformers=transformers.__version__, torchao=torchao_from, command=" ".join(sys.argv), rows={})
     if not (args.row or args.sized_only):
         log(json.dumps(results))
     frames = random_frames(16)
@@ -242,8 +236,7 @@ def main():
         for weights in args.weights.split(","):
             results["rows"][shape][weights] = {}
             for kv in kvs:                         # each row in a fresh process: its memory is its own
-                child = [sys.executable, __file__, "--out", str(args.out), "--row", f"{shape}:{weights}:{kv}",
-                         "--int4-nibbles", quantized_linear.INT4_NIBBLES]
+                child = [sys.executable, __file__, "--out", str(args.out), "--row", f"{shape}:{weights}:{kv}"]
                 subprocess.run(child + (["--tiny"] if args.tiny else []), check=False)
                 part = args.out / f"row_{shape}_{weights}_{kv}.json"
                 results["rows"][shape][weights][kv] = (json.loads(part.read_text()) if part.exists()

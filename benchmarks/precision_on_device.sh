@@ -2,8 +2,7 @@
 # Every GPU step of issue 22 in one device call (carry .bench/wheels: torchao for the GPU machine,
 # which has no registry):
 #   bash benchmarks/precision_on_device.sh [--shapes 7b,0.5b]  -> $OUT/linear/*, $OUT/precision/*
-# SKIP_LINEAR=1 leaves out the products alone (linear_bench.py, ~4 min); INT4_OTHER=magic adds the
-# 7B int4 rows with the other nibble conversion (quantized_linear.INT4_NIBBLES) in $OUT/precision_magic.
+# SKIP_LINEAR=1 leaves out the products alone (linear_bench.py, ~4 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/out}"
@@ -17,9 +16,3 @@ if [ -z "${SKIP_LINEAR:-}" ]; then
 fi
 PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --out "$out/precision" "$@" 2>&1 \
     | grep -v "Loading weights\|_pytree" | tee "$out/precision/log.txt"
-if [ -n "${INT4_OTHER:-}" ]; then
-    mkdir -p "$out/precision_$INT4_OTHER"
-    PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --out "$out/precision_$INT4_OTHER" --shapes 7b \
-        --weights int4 --no-sized --int4-nibbles "$INT4_OTHER" 2>&1 | grep -v "Loading weights\|_pytree" \
-        | tee "$out/precision_$INT4_OTHER/log.txt"
-fi

@@ -30,12 +30,6 @@ import torch
 from .triton_lang import tl, triton
 
 MAX_ROWS = 64                     # more rows: dequantize, then cuBLAS
-# How a nibble becomes a float in the few-rows product: "convert" (an integer-to-float conversion,
-# a quarter-rate instruction on recent GPUs) or "magic" (OR-ed into the mantissa of 128.0, bf16, or
-# 1024.0, fp16, where the step between numbers is 1, it reads as that number + q: two integer
-# operations; the 128 or 1024 is taken back out with the minimum). benchmarks/precision_bench.py
-# --int4-nibbles measures both.
-INT4_NIBBLES = "convert"
 _WIDE = 264                       # programs that keep an H200's 132 SMs busy twice over
 
 
@@ -82,7 +76,7 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
             grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]), split)
             _product_kernel[grid](rows, q, scale, minimum if int4 else scale, part, M, N, K, rows.stride(0),
                                   q.stride(0), part.stride(-2), M * N, scale.stride(0), split, INT4=int4,
-                                  GROUP=max(group, 2), SPLIT=split > 1, MAGIC=INT4_NIBBLES == "magic", **cfg)
+                                  GROUP=max(group, 2), SPLIT=split > 1, **cfg)
             if split > 1:
                 _sum_splits_kernel[(M, triton.cdiv(N, 1024))](part, scale, out, M * N, N, split, SCALE=not int4,
                                                               BLOCK=1024)
@@ -117,7 +111,7 @@ def config(M: int, N: int, K: int, group: int) -> dict:
 if triton is not None:
     @triton.jit(do_not_specialize=["M", "split"])
     def _product_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, sx, sq, so, s_split, ss, split,
-                        INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr,
+                        INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """One program per (BN outputs, BM rows, 1/split of K). BK: inputs (int8) or bytes (int4,
         two inputs each, whole groups) per step. SPLIT: float32 partial sums into out[split index]
@@ -147,16 +141,9 @@ if triton is not None:
                 x_lo = tl.load(x_ptr + m[:, None] * sx + k_lo[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
                 x_hi = tl.load(x_ptr + m[:, None] * sx + (k_lo + half)[None, :], mask=m_ok[:, None] & b_ok[None, :],
                                other=0.0)
-                if MAGIC:                                              # INT4_NIBBLES (above)
-                    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-                    bits: tl.constexpr = 0x4300 if BF16 else 0x6400
-                    bias: tl.constexpr = 128.0 if BF16 else 1024.0
-                    w16 = w3.to(tl.int16)
-                    lo = ((w16 & 15) | bits).to(x_lo.dtype, bitcast=True).to(tl.float32)
-                    hi = ((w16 >> 4) | bits).to(x_lo.dtype, bitcast=True).to(tl.float32)
-                    z = z - bias * s
-                else:
-                    lo, hi = (w3 & 15).to(tl.float32), (w3 >> 4).to(tl.float32)
+                # one row reads the weight at only ~25-30% of the copy bandwidth here (7B, H200); two
+                # variants without this conversion ran slower (BENCHMARKS.md, issue 22)
+                lo, hi = (w3 & 15).to(tl.float32), (w3 >> 4).to(tl.float32)
                 w_lo = tl.reshape(lo * s + z, [BK, BN]).to(x_lo.dtype)
                 w_hi = tl.reshape(hi * s + z, [BK, BN]).to(x_lo.dtype)
                 acc += tl.dot(x_lo, w_lo)
