@@ -4,10 +4,11 @@ weights and kv_dtype, and the budget_tokens that `gpu_memory_budget_gb` would si
     python3 benchmarks/robot_recipe.py
 
 Nothing is loaded or run: LLaVA-OneVision 7B and 0.5B are built on the meta device (shapes and
-parameter counts, no memory), their weight bytes at bf16 / int8 / int4 computed the way torchao
-stores them (int8: a byte a weight, a bf16 scale and an int8 zero point a row; int4 tinygemm: half
-a byte a weight, a bf16 scale and zero a group of 128), the vision tower, projector and embedding
-at bf16. The working space is sizing.py's estimate (CUDA context included). Not measured on a
+parameter counts, no memory), their weight bytes at bf16 / int8 / int4 computed the way
+models/quantize.py stores them (int8, torchao: a byte a weight and a float32 scale a row; int4: half
+a byte a weight, a bf16 scale and minimum a group of 128; quantized weights bring the token
+embedding to int8 with a float32 scale a token), the vision tower and projector at bf16. Checked
+against the H200 run of 2026-12-03 20:01 UTC (BENCHMARKS.md): 7B 16.09 / 8.48 / 5.16 GB measured. The working space is sizing.py's estimate (CUDA context included). Not measured on a
 Jetson: the node's share of a device's shared memory is an assumption (NODE_SHARE below).
 """
 
@@ -48,20 +49,28 @@ def meta_model(shape: str):
 
 def weight_bytes(model, weights: str) -> int:
     """Bytes of the model with its language model's Linears (and an untied lm_head) at `weights`."""
+    from livevlm_ros.engine.models.quantize import int4_group
+
     lm = model.model.language_model
     linears = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
     if model.lm_head.weight is not lm.embed_tokens.weight:
         linears.append(model.lm_head)
     quantized = {id(m.weight) for m in linears}
-    total = sum(p.numel() * 2 for p in model.parameters() if id(p) not in quantized)   # bf16
+    if weights != "bf16":
+        quantized.add(id(lm.embed_tokens.weight))
+        vocab, hidden = lm.embed_tokens.weight.shape
+        total = vocab * hidden + vocab * 4                               # the int8 token embedding
+    else:
+        total = 0
+    total += sum(p.numel() * 2 for p in model.parameters() if id(p) not in quantized)   # bf16
     for m in linears:
         out, inp = m.weight.shape
         if weights == "bf16":
             total += out * inp * 2
         elif weights == "int8":
-            total += out * inp + out * (2 + 1)
+            total += out * inp + out * 4
         else:
-            total += out * inp // 2 + out * (inp // 128) * 2 * 2
+            total += out * inp // 2 + out * (inp // int4_group(inp)) * 2 * 2
         total += 0 if m.bias is None else m.bias.numel() * 2
     return total
 
