@@ -8,8 +8,9 @@ parameter counts, no memory), their weight bytes at bf16 / int8 / int4 computed 
 models/quantize.py stores them (int8, torchao: a byte a weight and a float32 scale a row; int4: half
 a byte a weight, a bf16 scale and minimum a group of 128; quantized weights bring the token
 embedding to int8 with a float32 scale a token), the vision tower and projector at bf16. Checked
-against the H200 run of 2026-12-03 20:01 UTC (BENCHMARKS.md): 7B 16.09 / 8.48 / 5.16 GB measured. The working space is sizing.py's estimate (CUDA context included). Not measured on a
-Jetson: the node's share of a device's shared memory is an assumption (NODE_SHARE below).
+against the H200 run of 2026-12-03 20:01 UTC (BENCHMARKS.md): 7B 16.09 / 8.48 / 5.16 GB measured.
+The working space is sizing.py's estimate (CUDA context included). Not measured on a Jetson: the
+node's share of a device's shared memory is an assumption (NODE_SHARE below).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 FACT = "Remember this: the red toolbox is in the garage next to the blue bicycle. "
 
 
-
 def test_planted_fact_page_is_retrieved_on_a_real_model(smollm2_path):
     T = 32
     cfg = EngineConfig(model_path=smollm2_path, budget_tokens=None, retrieval_ratio=0.2, page_tokens=16,

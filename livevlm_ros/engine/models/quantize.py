@@ -18,7 +18,8 @@ Only the language model: the decoder's Linears, an untied lm_head, and the token
 int8 (one scale a token; at 7B it is 1.09 GB in bf16, as much as the rest of the int4 decoder's
 third; a lookup reads a few rows). A tied lm_head reads that same int8 table (the int8 product:
 its per-token scales are per-output scales), so it is not kept at full size beside it. The vision
-tower and projector stay at `dtype` (a small share of the bytes, run once per frame, not per token). The engine's forward hooks on q_proj / k_proj are registered after this runs, on whatever
+tower and projector stay at `dtype` (a small share of the bytes, run once per frame, not per
+token). The engine's forward hooks on q_proj / k_proj are registered after this runs, on whatever
 module is then there, and see the quantized products exactly as the attention does.
 
 One place, applied after any adapter has loaded (`apply`): every adapter built on

@@ -90,7 +90,7 @@ def dequantize_int4_to(q, scale, minimum, group, dtype) -> torch.Tensor:
     N, half_k = q.shape
     out = torch.empty(N, half_k * 2, dtype=dtype, device=q.device)
     _dequantize_int4_kernel[(N, triton.cdiv(half_k, 1024))](q, scale, minimum, out, half_k, q.stride(0),
-                                                             scale.stride(0), GROUP=group, BLOCK=1024)
+                                                            scale.stride(0), GROUP=group, BLOCK=1024)
     return out
 
 
@@ -185,9 +185,9 @@ if triton is not None:
         s = tl.load(s_ptr + g * ss + row, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * ss + row, mask=ok, other=0.0).to(tl.float32)
         k_lo = g * GROUP + b % half
-        tl.store(out_ptr + row * half_k * 2 + k_lo, ((w & 15).to(tl.float32) * s + z).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(out_ptr + row * half_k * 2 + k_lo + half, ((w >> 4).to(tl.float32) * s + z).to(out_ptr.dtype.element_ty),
-                 mask=ok)
+        dtype = out_ptr.dtype.element_ty
+        tl.store(out_ptr + row * half_k * 2 + k_lo, ((w & 15).to(tl.float32) * s + z).to(dtype), mask=ok)
+        tl.store(out_ptr + row * half_k * 2 + k_lo + half, ((w >> 4).to(tl.float32) * s + z).to(dtype), mask=ok)
 
 
 def pack_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
