@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_bench import (bench_matmul_and_copy, check_ingest_replay, free, gpu_mem, log,  # noqa: E402
+from gpu_bench import (bench_matmul_and_copy, check_ingest_replay, free, gpu_mem, log, run_header,  # noqa: E402
                        random_frames, reset_peak, simulate_fill, sync, time_answer)
 from gpu_bench import build_adapter as build_llava  # noqa: E402
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
@@ -223,10 +223,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    import transformers
-    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
-                   gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                   transformers=transformers.__version__, command=" ".join(sys.argv), models={})
+    results = run_header(device, models={})
     results["matmul_tflops"], results["copy_gbs"] = bench_matmul_and_copy(device)
     log(f"measured: bf16 matmul {results['matmul_tflops']} TFLOP/s, copy {results['copy_gbs']} GB/s")
     names = [m for m in args.models.split(",") if m] or (TINY if args.tiny else FULL)

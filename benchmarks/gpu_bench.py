@@ -59,6 +59,15 @@ def log(*a):
     print(*a, flush=True)
 
 
+def run_header(device: str, **extra) -> dict:
+    """What every results file starts with: when, on what, with which versions, by which command."""
+    import transformers
+
+    return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
+                gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                transformers=transformers.__version__, command=" ".join(sys.argv), **extra)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -687,10 +696,7 @@ def main():
     shape = "tiny" if args.tiny else args.shape
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     skip = set(filter(None, args.skip.split(",")))
-    import transformers
-    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), shape=shape, device=device,
-                   gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                   torch=torch.__version__, transformers=transformers.__version__, command=" ".join(sys.argv))
+    results = run_header(device, shape=shape)
     log(json.dumps(results))
     results["matmul_tflops"], results["copy_gbs"] = bench_matmul_and_copy(device)
     log(f"measured: bf16 matmul {results['matmul_tflops']} TFLOP/s, copy {results['copy_gbs']} GB/s")

@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -127,12 +126,9 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     from precision_bench import ensure_torchao
     torchao_from = ensure_torchao()
-    from gpu_bench import bench_matmul_and_copy
+    from gpu_bench import bench_matmul_and_copy, run_header
     tflops, copy_gbs = bench_matmul_and_copy("cuda")
-    import transformers
-    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gpu=torch.cuda.get_device_name(),
-                   torch=torch.__version__, transformers=transformers.__version__, torchao=torchao_from,
-                   command=" ".join(sys.argv), bf16_tflops=tflops, copy_gbs=copy_gbs, rows=[])
+    results = run_header("cuda", torchao=torchao_from, bf16_tflops=tflops, copy_gbs=copy_gbs, rows=[])
     log(json.dumps(results))
     for shape in args.shapes.split(","):
         for name, (N, K) in SHAPES[shape].items():

@@ -56,7 +56,7 @@ def ensure_torchao():
     return f"from {wheels[-1].name}"
 
 
-from gpu_bench import (build_adapter, free, gpu_mem, log, random_frames, reset_peak, sync,  # noqa: E402
+from gpu_bench import (build_adapter, free, gpu_mem, log, random_frames, reset_peak, run_header, sync,  # noqa: E402
                        time_answer, warm_up_ingest)
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
@@ -211,10 +211,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
-    import transformers
-    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
-                   gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                   transformers=transformers.__version__, torchao=torchao_from, command=" ".join(sys.argv), rows={})
+    results = run_header(device, torchao=torchao_from, rows={})
     if not (args.row or args.sized_only):
         log(json.dumps(results))
     frames = random_frames(16)

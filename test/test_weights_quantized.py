@@ -59,17 +59,17 @@ def test_int8_quantizes_the_language_model_only(tiny_model_path):
     assert w.qdata.dtype == torch.int8
 
 
-def test_int8_answer_equals_offline_forward_of_the_int8_model(tiny_model_path, frames):
-    """Nothing dropped (full policy), 2 layers: the engine's first logits equal transformers' forward
-    over [prefix, frames, newline, question] of the same checkpoint quantized by torchao by hand."""
-    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int8", policy="full",
-                                        budget_tokens=None, sample_fps=0))
-    video = frames(4)
+def full_memory_first_logits(path, video, **options):
+    """The engine (nothing dropped: full policy) and its first-token logits after `video`."""
+    engine = LiveVLMEngine(EngineConfig(model_path=path, policy="full", budget_tokens=None, sample_fps=0, **options))
     for i, f in enumerate(video):
         engine.ingest(f, float(i))
-    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
+    return engine, engine.ask(QUESTION, max_new_tokens=1, return_logits=True).first_logits
 
-    ref = int8_reference(tiny_model_path)
+
+def offline_first_logits(ref, engine, video) -> torch.Tensor:
+    """transformers' own forward of `ref` over [prefix, frames, newline, question], the sequence the
+    engine builds."""
     a, T = engine.model, engine.model.tokens_per_frame
     with torch.inference_mode():
         feats = [ref.model.get_video_features(a.preprocess([f])[None]) for f in video]
@@ -79,15 +79,19 @@ def test_int8_answer_equals_offline_forward_of_the_int8_model(tiny_model_path, f
         prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
         suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
         seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
-        expected = ref(inputs_embeds=seq).logits[0, -1].float()
-    torch.testing.assert_close(answer.first_logits, expected, atol=2e-5, rtol=1e-4)
+        return ref(inputs_embeds=seq).logits[0, -1].float()
 
+
+def test_int8_answer_equals_offline_forward_of_the_int8_model(tiny_model_path, frames):
+    """Nothing dropped (full policy), 2 layers: the engine's first logits equal transformers' forward
+    over [prefix, frames, newline, question] of the same checkpoint quantized by torchao by hand."""
+    video = frames(4)
+    engine, answer = full_memory_first_logits(tiny_model_path, video, weights="int8")
+    expected = offline_first_logits(int8_reference(tiny_model_path), engine, video)
+    torch.testing.assert_close(answer, expected, atol=2e-5, rtol=1e-4)
     # and it is not the bf16 (unquantized) model's answer: the test can tell the two apart
-    plain = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, policy="full", budget_tokens=None, sample_fps=0))
-    for i, f in enumerate(video):
-        plain.ingest(f, float(i))
-    unquantized = plain.ask(QUESTION, max_new_tokens=1, return_logits=True).first_logits
-    assert (unquantized - answer.first_logits).abs().max() > 1e-4
+    _, unquantized = full_memory_first_logits(tiny_model_path, video)
+    assert (unquantized - answer).abs().max() > 1e-4
 
 
 def test_int8_runs_bounded_memory_and_static_steps(tiny_model_path, frames):
@@ -159,13 +163,8 @@ def test_int4_answer_equals_offline_forward_of_the_four_bit_weights(tiny_model_p
     the unquantized model's."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int4", policy="full",
-                                        budget_tokens=None, sample_fps=0))
     video = frames(4)
-    for i, f in enumerate(video):
-        engine.ingest(f, float(i))
-    answer = engine.ask(QUESTION, max_new_tokens=1, return_logits=True)
-
+    engine, answer = full_memory_first_logits(tiny_model_path, video, weights="int4")
     ref = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_path, attn_implementation="eager").eval()
     lm = ref.model.language_model
     with torch.no_grad():
@@ -173,23 +172,9 @@ def test_int4_answer_equals_offline_forward_of_the_four_bit_weights(tiny_model_p
             if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(four_bit_levels(m.weight, 128 if m.in_features % 128 == 0 else 64))
         lm.embed_tokens.weight.copy_(int8_rows(lm.embed_tokens.weight))
-    a, T = engine.model, engine.model.tokens_per_frame
-    with torch.inference_mode():
-        feats = [ref.model.get_video_features(a.preprocess([f])[None]) for f in video]
-        hidden = ref.config.text_config.hidden_size
-        visual = torch.cat([getattr(x, "pooler_output", x).reshape(-1, hidden)[:T] for x in feats])
-        embed = ref.model.get_input_embeddings()
-        prefix = embed(torch.tensor(a.tokenize(engine.config.system_prompt)))
-        suffix = embed(torch.tensor(a.tokenize(engine.config.question_template.format(question=QUESTION))))
-        seq = torch.cat([prefix, visual, ref.model.image_newline[None], suffix])[None]
-        expected = ref(inputs_embeds=seq).logits[0, -1].float()
-    torch.testing.assert_close(answer.first_logits, expected, atol=2e-5, rtol=1e-4)
-
-    plain = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, policy="full", budget_tokens=None, sample_fps=0))
-    for i, f in enumerate(video):
-        plain.ingest(f, float(i))
-    unquantized = plain.ask(QUESTION, max_new_tokens=1, return_logits=True).first_logits
-    assert (unquantized - answer.first_logits).abs().max() > 1e-3
+    torch.testing.assert_close(answer, offline_first_logits(ref, engine, video), atol=2e-5, rtol=1e-4)
+    _, unquantized = full_memory_first_logits(tiny_model_path, video)
+    assert (unquantized - answer).abs().max() > 1e-3
 
 
 def test_int4_runs_bounded_memory_and_static_steps_and_saves_its_memory(tiny_model_path, frames, tmp_path):
@@ -217,11 +202,12 @@ def test_an_adapter_of_other_weights_is_refused(tiny_model_path):
         LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int8"), adapter=adapter)
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_qwen_families_get_int8_weights_and_int8_memory_without_changes(tmp_path, family):
+def test_qwen_families_get_quantized_weights_and_int8_memory_without_changes(tmp_path, family, weights):
     """The Qwen adapters (models/qwen_vl.py) know nothing of precision: quantization is applied
-    after any adapter loads. Their language model's Linears become int8, the vision tower does not,
-    and with int8 memory too the fixed-shape steps answer as the eager path."""
+    after any adapter loads. Their language model's Linears become int8 or int4, the vision tower's
+    do not, and with int8 memory too the fixed-shape steps answer as the eager path."""
     import numpy as np
 
     from livevlm_ros.tools.make_tiny_qwen import build
@@ -231,12 +217,18 @@ def test_qwen_families_get_int8_weights_and_int8_memory_without_changes(tmp_path
     video = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(10)]
     answers = {}
     for launch in ("eager", "static"):
-        engine = LiveVLMEngine(EngineConfig(model_path=path, weights="int8", kv_dtype="int8", launch=launch,
+        engine = LiveVLMEngine(EngineConfig(model_path=path, weights=weights, kv_dtype="int8", launch=launch,
                                             sample_fps=2.0, frame_pixels=112 * 112, short_term_frames=2,
                                             budget_tokens=200, vision_sinks=4, page_tokens=4))
-        linears = quantize.language_linears(engine.model)
-        assert linears and all(quantize.is_quantized(m.weight) for m in linears)
-        vision = [m for m in engine.model.model.modules() if isinstance(m, torch.nn.Linear) and m not in linears]
+        lm = engine.model._lm
+        if weights == "int8":
+            linears = quantize.language_linears(engine.model)
+            assert linears and all(quantize.is_quantized(m.weight) for m in linears)
+        else:
+            assert not any(isinstance(m, torch.nn.Linear) for m in lm.modules())
+            assert isinstance(lm.layers[0].self_attn.k_proj, quantize.Int4Linear)
+        in_lm = {id(m) for m in lm.modules()} | {id(engine.model._lm_head)}
+        vision = [m for m in engine.model.model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in in_lm]
         assert vision and not any(quantize.is_quantized(m.weight) for m in vision)
         for i, f in enumerate(video):
             engine.ingest(f, i / 2.0)

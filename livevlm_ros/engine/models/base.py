@@ -126,8 +126,8 @@ class TransformersLanguageModel:
         self.stop_token_ids = tuple(sorted(t for t in stops if isinstance(t, int) and t >= 0))
 
     def rebuild_fused_layers(self):
-        """The fused kernels for the decoder as its weights are now (again after quantization: the
-        gate/up merge is made for plain weights only, see fused_layers._merge_gate_up)."""
+        """The fused kernels for the decoder and lm_head as their weights are now (again after
+        quantization: the gate/up merge is remade in the quantized format, fused_layers._merge_gate_up)."""
         self._fused_layers = self._fused_head = None  # the old merge's tensor goes before a new one is made
         self._fused_layers = FusedLayers(self._lm)    # nothing to swap without CUDA and Triton
         self._fused_head = FusedLayers(self._lm_head)
