@@ -94,21 +94,6 @@ def test_int8_answer_equals_offline_forward_of_the_int8_model(tiny_model_path, f
     assert (unquantized - answer).abs().max() > 1e-4
 
 
-def test_int8_runs_bounded_memory_and_static_steps(tiny_model_path, frames):
-    """The padded fixed-shape steps (what CUDA graphs record) give the int8 model the same answer
-    as its eager path, through VSB eviction and PaR retrieval."""
-    answers, video = [], frames(10)
-    for launch in ("eager", "static"):
-        engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int8", launch=launch,
-                                            budget_tokens=200, page_tokens=4, vision_sinks=4, sample_fps=0))
-        for i, f in enumerate(video):
-            engine.ingest(f, float(i))
-        assert engine.stats()["long_term_tokens"] > 0
-        answers.append(engine.ask(QUESTION, max_new_tokens=4, return_logits=True))
-    assert answers[0].token_ids == answers[1].token_ids
-    torch.testing.assert_close(answers[0].first_logits, answers[1].first_logits, atol=1e-5, rtol=1e-4)
-
-
 def test_gate_up_merge_skips_quantized_weights(tiny_model_path):
     """fused_layers merges gate and up weights into one tensor; quantized weights only on CUDA, in
     their own format (a plain concatenation would make them one full-size tensor), so on a CPU
@@ -177,13 +162,15 @@ def test_int4_answer_equals_offline_forward_of_the_four_bit_weights(tiny_model_p
     assert (unquantized - answer).abs().max() > 1e-3
 
 
-def test_int4_runs_bounded_memory_and_static_steps_and_saves_its_memory(tiny_model_path, frames, tmp_path):
-    """int4 through VSB eviction and PaR retrieval: the fixed-shape steps answer as the eager path,
-    and a memory file saved by the int4 model loads back into it (its fingerprint reads the packed
-    weights)."""
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_weights_run_bounded_memory_and_static_steps_and_save_memory(tiny_model_path, frames, tmp_path,
+                                                                               weights):
+    """Through VSB eviction and PaR retrieval, the padded fixed-shape steps (what CUDA graphs
+    record) give the quantized model the same answer as its eager path, and a memory file saved by
+    it loads back into it (its fingerprint reads the quantized weights: int4's packed ones)."""
     answers, video = [], frames(10)
     for launch in ("eager", "static"):
-        engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights="int4", launch=launch,
+        engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights=weights, launch=launch,
                                             budget_tokens=200, page_tokens=4, vision_sinks=4, sample_fps=0))
         for i, f in enumerate(video):
             engine.ingest(f, float(i))

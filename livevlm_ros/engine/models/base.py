@@ -171,7 +171,8 @@ class TransformersLanguageModel:
         """A few weights that tell checkpoints apart (memory files carry their fingerprint)."""
         k_proj = self._lm.layers[0].self_attn.k_proj
         first_rows = getattr(k_proj, "first_rows", None)        # int4 (quantize.Int4Linear) has no weight tensor
-        return first_rows(4) if first_rows else k_proj.weight[:4]
+        # an int8 weight is a torchao tensor subclass (no .numpy()); a plain one dequantizes to itself
+        return first_rows(4) if first_rows else k_proj.weight.dequantize()[:4]
 
     def key_projections(self) -> list[torch.nn.Module]:
         # Qwen2 / Llama / Mistral rotate k_proj's output directly (no key norm in between)
