@@ -86,10 +86,9 @@ def apply(adapter, weights: str) -> int:
             quantized = sum(is_quantized(linear.weight) for linear in linears)
         else:
             quantized = _to_int4(adapter, linears)
-    if quantized == 0:
-        raise ModelLoadError(f"weights {weights}: none of the language model's {len(linears)} Linears could be "
-                             f"quantized (int4 needs input sizes divisible by 32)")
-    with torch.no_grad():
+        if quantized == 0:
+            raise ModelLoadError(f"weights {weights}: none of the language model's {len(linears)} Linears could "
+                                 f"be quantized (int4 needs input sizes divisible by 32)")
         _embedding_to_int8(adapter)
     adapter.weights = weights
     adapter.rebuild_fused_layers()        # the gate/up merge was made from the unquantized weights
@@ -134,7 +133,7 @@ class Int4Linear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if quantized_linear.triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        if quantized_linear.takes(x):
             return quantized_linear.int4_linear(x, self.packed, self.scale, self.minimum, self.group, self.bias)
         weight = self.first_rows(self.out_features).to(x.dtype)           # no Triton: dequantize, then multiply
         return torch.nn.functional.linear(x, weight, self.bias)
@@ -157,21 +156,28 @@ def int4_group(in_features: int) -> int | None:
 def _to_int4(adapter, linears: list[torch.nn.Linear]) -> int:
     """Swap each Linear that int4_group can split for an Int4Linear, in its parent module, one at a
     time (the full-size weight of one Linear at most is held beside the packed ones)."""
-    parents = {id(child): (parent, name) for parent in adapter.model.modules()
-               for name, child in parent.named_children()}
-    swapped = 0
+    swapped, parents = 0, _parents(adapter)
     for linear in linears:
         group = int4_group(linear.in_features)
         if group is None:
             continue
-        parent, name = parents[id(linear)]
-        packed = Int4Linear(linear, group)
-        setattr(parent, name, packed)
-        if linear is adapter._lm_head:
-            adapter._lm_head = packed
+        _swap_module(adapter, linear, Int4Linear(linear, group), parents)
         linear.weight = None                   # the full-size weight goes now, not when `linears` does
         swapped += 1
     return swapped
+
+
+def _parents(adapter) -> dict:
+    """id(module) -> (its parent, its name there), over the adapter's model."""
+    return {id(child): (parent, name) for parent in adapter.model.modules() for name, child in parent.named_children()}
+
+
+def _swap_module(adapter, old: torch.nn.Module, new: torch.nn.Module, parents: dict | None = None):
+    """Put `new` where `old` is in the adapter's model (and in `adapter._lm_head` if it is the head)."""
+    parent, name = (parents or _parents(adapter))[id(old)]
+    setattr(parent, name, new)
+    if old is adapter._lm_head:
+        adapter._lm_head = new
 
 
 class Int8Embedding(torch.nn.Module):
@@ -204,7 +210,7 @@ class Int8TiedHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         e = self.embedding
-        if quantized_linear.triton is not None and hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+        if quantized_linear.takes(hidden):
             return quantized_linear.product(hidden, e.qdata, e.scale.reshape(1, -1), None, 0, None)
         return torch.nn.functional.linear(hidden, (e.qdata.float() * e.scale[:, None]).to(hidden.dtype))
 
@@ -218,10 +224,5 @@ def _embedding_to_int8(adapter):
     table = Int8Embedding(embed)
     adapter._lm.embed_tokens = table
     if tied:
-        parents = {id(child): (parent, name) for parent in adapter.model.modules()
-                   for name, child in parent.named_children()}
-        parent, name = parents[id(adapter._lm_head)]
-        head = Int8TiedHead(table)
-        setattr(parent, name, head)
-        adapter._lm_head = head
+        _swap_module(adapter, adapter._lm_head, Int8TiedHead(table))
     embed.weight = None                        # the full-size table goes now

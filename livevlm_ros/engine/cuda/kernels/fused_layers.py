@@ -140,7 +140,7 @@ def _merge_gate_up(mlp):
 
 def _merged_product(q, scale, minimum, group, x):
     """The merged quantized product, or None where the kernel cannot take x (not a CUDA half)."""
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+    if not quantized_linear.takes(x):
         return None
     return quantized_linear.product(x, q, scale, minimum, group, None)
 

@@ -33,10 +33,15 @@ MAX_ROWS = 64                     # more rows: dequantize, then cuBLAS
 _WIDE = 264                       # programs that keep an H200's 132 SMs busy twice over
 
 
+def takes(x: torch.Tensor) -> bool:
+    """Whether the kernels can multiply x: Triton is there, x is on CUDA in a half dtype."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def int8_fits(x: torch.Tensor, weight) -> bool:
-    """x [..., K] (CUDA, bf16/fp16) and a torchao Int8Tensor weight [N, K], per-row symmetric, weight-only."""
+    """x [..., K] (takes) and a torchao Int8Tensor weight [N, K], per-row symmetric, weight-only."""
     q = getattr(weight, "qdata", None)
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and q is not None
+    return (takes(x) and q is not None
             and q.dtype == torch.int8 and q.dim() == 2 and q.stride(1) == 1 and x.shape[-1] == q.shape[1]
             and getattr(weight, "act_quant_kwargs", 1) is None and getattr(weight, "act_pre_scale", 1) is None
             and tuple(weight.block_size) == (1, q.shape[1]))
