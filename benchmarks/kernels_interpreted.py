@@ -147,11 +147,28 @@ def check_quantized_linear():
 
     ql = quantized_linear
     for rows, N, K, cfg in ((1, 200, 512, dict(BM=16, BN=32, BK=128, SPLIT_K=1)),
+                            (1, 200, 512, None),                   # one row, int4: the word kernel (gemv_config)
+                            (1, 72, 1024, dict(BN=32, GPS=2, SPLIT_K=3)),
+                            (1, 40, 768, dict(BN=16, GPS=1, SPLIT_K=1)),
+                            (24, 64, 1024, None),                  # int4: FACTORED tiles
+                            (9, 40, 512, dict(BM=16, BN=32, SPLIT_K=2, FACTORED=True)),   # BK: a group's bytes
                             (7, 96, 768, dict(BM=16, BN=16, BK=128, SPLIT_K=4)),
                             (40, 64, 512, dict(BM=32, BN=32, BK=64, SPLIT_K=2)),
                             (70, 48, 384, dict(BM=64, BN=32, BK=64, SPLIT_K=1)),
                             (70, 48, 384, None)):                  # more than MAX_ROWS: dequantized, then cuBLAS
         x = torch.randn(rows, K).half()                       # the interpreter's bf16 is not a GPU's (above)
+        how = f"split {cfg['SPLIT_K']}" if cfg else "default" if rows <= ql.MAX_ROWS else "dequantized"
+        name = f"{rows} rows x [{N}, {K}], {how}"
+        for group in (128, 64, 32):
+            packed, s, z = ql.pack_int4(torch.randn(N, K).half(), group)
+            out = ql.product(x, packed, s, z, group, None, dict(cfg, BK=group // 2) if cfg and "FACTORED" in cfg
+                             else cfg)
+            exact = x.float() @ ql.dequantize_int4(packed, s, z, group).half().float().t()
+            scale = exact.abs().max().item()
+            check(f"int4 product, groups of {group}, {name}, vs exact",
+                  (out.float() - exact).abs().max().item() / scale, 1e-3)
+        if cfg and ("GPS" in cfg or "FACTORED" in cfg):
+            continue                                          # int4's kernels only
         lin = torch.nn.Linear(K, N, bias=False)
         quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
         w = lin.weight
@@ -159,16 +176,10 @@ def check_quantized_linear():
         exact = x.float() @ (w.qdata.float() * w.scale.float()).t()
         torchao = torch.nn.functional.linear(x.float(), w).float()       # torchao's product (float32 here)
         scale = exact.abs().max().item()
-        name = f"{rows} rows x [{N}, {K}], " + (f"split {cfg['SPLIT_K']}" if cfg else "dequantized")
         check(f"int8 product, {name}, vs exact", (out.float() - exact).abs().max().item() / scale, 1e-3)
         check(f"int8 product, {name}, vs torchao", (out.float() - torchao).abs().max().item() / scale, 1e-3)
-        for group in (128, 64):
-            packed, s, z = ql.pack_int4(torch.randn(N, K).half(), group)
-            out = ql.product(x, packed, s, z, group, None, cfg)
-            exact = x.float() @ ql.dequantize_int4(packed, s, z, group).half().float().t()
-            scale = exact.abs().max().item()
-            check(f"int4 product, groups of {group}, {name}, vs exact",
-                  (out.float() - exact).abs().max().item() / scale, 1e-3)
+    left = max(int(c.abs().max()) for c in ql._COUNTS.values())
+    check("split products leave their counters at 0 (a graph replays them as recorded)", left, 0)
 
 
 def check_int8_readers(dt, name, tol):

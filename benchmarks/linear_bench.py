@@ -40,21 +40,27 @@ def log(*a):
     print(*a, flush=True)
 
 
-def do_bench(fn):
+def do_bench(fn, rep=20):
     import triton.testing as tt
     fn()                                                                       # compiled before the capture
-    return tt.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3       # us
+    return tt.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3      # us
 
 
-def sweep(M: int) -> list[dict]:
+def sweep(M: int, bits: int) -> list[dict]:
     """Tile settings tried for M rows."""
     if M > ql.MAX_ROWS:
         return []                                  # dequantized, then cuBLAS
+    if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config)
+        return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3)
+                for bn, gps, sk, w in itertools.product((64, 128, 256), (1, 2, 4), (1, 2, 4, 8), (4, 8))]
+    factored = [] if bits == 8 else [dict(BM=16 if M <= 16 else 64, BN=bn, BK=64, SPLIT_K=sk, num_warps=w,
+                                          num_stages=3, FACTORED=True)
+                                     for bn, sk, w in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8))]
     if M <= 16:
-        return [dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
-                for bn, bk, sk, w, st in itertools.product((32, 64), (128, 256), (1, 2, 4, 8), (4, 8), (3, 5))]
-    return [dict(BM=64, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=3)
-            for bn, bk, sk in itertools.product((32, 64), (128, 256), (1, 2, 4))]
+        return factored + [dict(BM=16, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w, num_stages=3)
+                           for bn, bk, sk, w in itertools.product((32, 64), (128, 256), (1, 2, 4, 8), (4, 8))]
+    return factored + [dict(BM=64, BN=bn, BK=bk, SPLIT_K=sk, num_warps=4, num_stages=3)
+                       for bn, bk, sk in itertools.product((32, 64), (128, 256), (1, 2, 4))]
 
 
 def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep):
@@ -95,13 +101,19 @@ def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep):
     if bits != 16:
         out = run(None)
         row["max_rel_err"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-        row["default"] = ql.config(M, N, K, 128 if bits == 4 else 0) if M <= ql.MAX_ROWS else "dequantized + cuBLAS"
+        group = 128 if bits == 4 else 0
+        row["default"] = (ql.gemv_config(N, K, group) if M == 1 and group else ql.config(M, N, K, group)
+                          if M <= ql.MAX_ROWS
+                          else "dequantized + cuBLAS")
         row["us"] = do_bench(lambda: run(None))
+        if M == 1 and bits == 4:                   # the tensor-core tiles that one row took before the word kernel
+            tiles = ql.config(M, N, K, group)
+            row["tiles_us"] = do_bench(lambda: run(tiles))
         if do_sweep:
             best = (row["us"], row["default"])
-            for cfg in sweep(M):
+            for cfg in sweep(M, bits):
                 try:
-                    us = do_bench(lambda: run(cfg))
+                    us = do_bench(lambda: run(cfg), rep=8)
                 except Exception:                  # noqa: BLE001 - out of shared memory etc.
                     continue
                 if us < best[0]:
@@ -112,6 +124,7 @@ def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep):
     results["rows"].append(row)
     extra = f" torchao {row['torchao_us']:.1f}" if isinstance(row.get("torchao_us"), float) else ""
     best = f" best {row['best_us']:.1f} {row['best']}" if "best" in row else ""
+    extra += f" tiles {row['tiles_us']:.1f}" if "tiles_us" in row else ""
     err = f" err {row['max_rel_err']:.1e}" if "max_rel_err" in row else ""
     log(f"{name:8s} [{N}x{K}] M={M:5d} {bits:2d}-bit: {row['us']:8.1f} us ({row['GBs']:.0f} GB/s, "
         f"{row['of_copy']:.0%} of copy){extra}{best}{err}")
@@ -122,6 +135,8 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--shapes", default="7b,0.5b")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, e.g. 1,16")
+    ap.add_argument("--names", default="", help="only these Linears, e.g. gate+up,down")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from precision_bench import ensure_torchao
@@ -132,9 +147,11 @@ def main():
     log(json.dumps(results))
     for shape in args.shapes.split(","):
         for name, (N, K) in SHAPES[shape].items():
-            for M in ROWS:
+            if args.names and name not in args.names.split(","):
+                continue
+            for M in map(int, args.rows.split(",")):
                 for bits in (16, 8, 4):
-                    do_sweep = not args.no_sweep and shape == "7b" and M in (1, 64)
+                    do_sweep = not args.no_sweep and shape == "7b" and M in (1, 16, 64)
                     try:
                         bench_shape(f"{shape} {name}", N, K, M, bits, results, copy_gbs, do_sweep)
                     except Exception as err:       # noqa: BLE001 - keep the other rows

@@ -2,7 +2,8 @@
 # Every GPU step of issue 22 in one device call (carry .bench/wheels: torchao for the GPU machine,
 # which has no registry):
 #   bash benchmarks/precision_on_device.sh [--shapes 7b,0.5b]  -> $OUT/linear/*, $OUT/precision/*
-# SKIP_LINEAR=1 leaves out the products alone (linear_bench.py, ~4 min).
+# SKIP_LINEAR=1 leaves out the products alone (linear_bench.py, ~4 min; LINEAR_ARGS passes it options);
+# SKIP_PRECISION=1 runs only them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/out}"
@@ -14,5 +15,6 @@ if [ -z "${SKIP_LINEAR:-}" ]; then
     PYTHONUNBUFFERED=1 timeout "${LINEAR_TIMEOUT:-240}" python3 benchmarks/linear_bench.py --out "$out/linear" \
         ${LINEAR_ARGS:-} 2>&1 | tee "$out/linear/log.txt"
 fi
+[ -n "${SKIP_PRECISION:-}" ] && exit 0
 PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --out "$out/precision" "$@" 2>&1 \
     | grep -v "Loading weights\|_pytree" | tee "$out/precision/log.txt"

@@ -15,12 +15,19 @@ twice bf16's time and a clip's prefill five times (H200, benchmarks/results/h200
 
 Few rows (an answer token, a question: up to MAX_ROWS) are bound by the weight's bytes: one kernel
 streams the weight, each program a narrow band of outputs, split along K where N alone leaves SMs
-idle (the split's float32 partial sums are added in a fixed order by a second small kernel, so
-answers do not change from run to run). x stays in its half dtype (bf16 or fp16); a dequantized
-int4 tile is rounded to it once (int8 is exact in it), the sums run in float32 on tensor cores, and
-the output is rounded once. Many rows (a clip's prefill) are bound by the tensor cores: the weight
-is dequantized to a transient half copy and cuBLAS multiplies, as it would the unquantized weight.
-The tile settings come from benchmarks/linear_bench.py on an H200.
+idle. The split's float32 partial sums are added by the split that finishes last, in split order
+(a counter per band of outputs), so answers do not change from run to run and no second kernel is
+launched. x stays in its half dtype (bf16 or fp16); the sums run in float32.
+  int4, one row: `_gemv_int4_kernel` reads the weight as int32 words and multiplies on the FMA
+        units (a tile of tensor-core products would waste 15 of its 16 rows);
+  int4, 2-16 rows: tiles dequantized in registers (rounded once to x's dtype), tensor cores;
+  int4, 17-64 rows: `FACTORED` tiles: 2^e + q exactly in x's dtype, each group's scale and minimum
+        applied to the tensor cores' sums;
+  int8, up to 64 rows: tiles of q in x's dtype (exact), the row's scale applied to the sums. (A
+        word kernel like int4's was no faster for int8: H100, 2026-12-06, BENCHMARKS.md.)
+Many rows (a clip's prefill) are bound by the tensor cores: the weight is dequantized to a transient
+half copy and cuBLAS multiplies, as it would the unquantized weight.
+The tile settings come from benchmarks/linear_bench.py (H100 and H200).
 """
 
 from __future__ import annotations
@@ -67,27 +74,71 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     M = rows.shape[0]
-    if M > MAX_ROWS and cfg is None:
+    if int4 and M == 1 and (cfg is None or "GPS" in cfg) and _words_fit(q):
+        out = _gemv_int4(rows, q, scale, minimum, group, cfg or gemv_config(N, K, group))
+    elif M > MAX_ROWS and cfg is None:
         if int4:
             out = torch.nn.functional.linear(rows, dequantize_int4_to(q, scale, minimum, group, x.dtype))
-        else:                                                        # exact in x's dtype; scaled after
-            out = (torch.nn.functional.linear(rows, q.to(x.dtype)) * scale.reshape(-1)).to(x.dtype)
+        else:
+            out = torch.nn.functional.linear(rows, dequantize_int8_to(q, scale, x.dtype))
     else:
         cfg = dict(cfg or config(M, N, K, group))
-        split = cfg.pop("SPLIT_K")
+        grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]), cfg.pop("SPLIT_K"))
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
+        part, counts = _partials(grid, M, N, x.device)
         if M:
-            grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]), split)
-            _product_kernel[grid](rows, q, scale, minimum if int4 else scale, part, M, N, K, rows.stride(0),
-                                  q.stride(0), part.stride(-2), M * N, scale.stride(0), split, INT4=int4,
-                                  GROUP=max(group, 2), SPLIT=split > 1, **cfg)
-            if split > 1:
-                _sum_splits_kernel[(M, triton.cdiv(N, 1024))](part, scale, out, M * N, N, split, SCALE=not int4,
-                                                              BLOCK=1024)
+            _product_kernel[grid](rows, q, scale, minimum if int4 else scale, out, part, counts, M, N, K,
+                                  rows.stride(0), q.stride(0), out.stride(0), M * N, scale.stride(0), grid[2],
+                                  INT4=int4, GROUP=max(group, 2), SPLIT=grid[2] > 1, **cfg)
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], N)
+
+
+def _words_fit(q: torch.Tensor) -> bool:
+    """Whether q's rows can be read as int32 words (four int8 or eight int4 a word)."""
+    return q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
+
+
+def _gemv_int4(row, q, scale, minimum, group, cfg) -> torch.Tensor:
+    """One row times an int4 weight read as int32 words (_gemv_int4_kernel)."""
+    cfg = dict(cfg)
+    N, bn = q.shape[0], cfg.pop("BN")
+    grid = (triton.cdiv(N, bn), 1, cfg.pop("SPLIT_K"))
+    out = torch.empty(1, N, dtype=row.dtype, device=row.device)
+    part, counts = _partials(grid, 1, N, row.device)
+    w = q.view(torch.int32)
+    _gemv_int4_kernel[grid](row, w, scale, minimum, out, part, counts, N, w.shape[1], w.stride(0), scale.stride(0),
+                            N, grid[2], W=group // 8, BN=bn, SPLIT=grid[2] > 1, **cfg)
+    return out
+
+
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+_MAX_BANDS = 1 << 16
+
+
+def _partials(grid, M, N, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Where a split product leaves its partial sums, and the counters of its bands of outputs:
+    zeros that each product's last split leaves at zero again (so a graph replays them as recorded).
+    One set per device: the engine's products run one after another."""
+    if grid[2] == 1:
+        return None, None
+    assert grid[0] * grid[1] <= _MAX_BANDS, "a split product with more bands of outputs than counters"
+    counts = _COUNTS.get(device)
+    if counts is None:
+        counts = _COUNTS[device] = torch.zeros(_MAX_BANDS, dtype=torch.int32, device=device)
+    return torch.empty(grid[2], M, N, dtype=torch.float32, device=device), counts
+
+
+def gemv_config(N: int, K: int, group: int) -> dict:
+    """Settings for one row times an [N, K] int4 weight: BN outputs a program, GPS groups a step,
+    split along K up to 8 ways while fewer than ~1,000 programs run (H100 sweep, 2026-12-06)."""
+    bn, gps = (128 if N >= 16384 else 64), 2
+    steps = K // group // gps
+    programs, split = triton.cdiv(N, bn), 1
+    while split < 8 and programs * split < 1024 and steps >= 2 * split:
+        split *= 2
+    return dict(BN=bn, GPS=gps, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
 def dequantize_int4_to(q, scale, minimum, group, dtype) -> torch.Tensor:
@@ -99,8 +150,23 @@ def dequantize_int4_to(q, scale, minimum, group, dtype) -> torch.Tensor:
     return out
 
 
+def dequantize_int8_to(q, scale, dtype) -> torch.Tensor:
+    """An int8 weight [N, K] at `dtype`: q * scale rounded once. (q at `dtype` and the scale applied
+    to cuBLAS's output took twice bf16's time for a clip's prefill: two more passes over the output.)"""
+    N, K = q.shape
+    out = torch.empty(N, K, dtype=dtype, device=q.device)
+    _dequantize_int8_kernel[(N, triton.cdiv(K, 2048))](q, scale, out, K, q.stride(0), scale.stride(-1), BLOCK=2048)
+    return out
+
+
 def config(M: int, N: int, K: int, group: int) -> dict:
     """Tile settings for M <= MAX_ROWS rows times an [N, K] weight (int4 where group > 0)."""
+    if group and M > 16:                                      # FACTORED: one group a step
+        bm, bn = (32 if M <= 32 else 64), (128 if N >= 16384 else 64)
+        programs, split = triton.cdiv(N, bn), 1
+        while split < 8 and programs * split < 512 and K // group >= 4 * split:
+            split *= 2
+        return dict(BM=bm, BN=bn, BK=group // 2, SPLIT_K=split, num_warps=4, num_stages=3, FACTORED=True)
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
     bn = 32 if M <= 16 else 64
     bk = 128 if group else (256 if M <= 16 else 128)          # int8: inputs; int4: bytes (two inputs each)
@@ -115,12 +181,12 @@ def config(M: int, N: int, K: int, group: int) -> dict:
 
 if triton is not None:
     @triton.jit(do_not_specialize=["M", "split"])
-    def _product_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, sx, sq, so, s_split, ss, split,
+    def _product_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, M, N, K, sx, sq, so, s_split,
+                        ss, split,
                         INT4: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FACTORED: tl.constexpr = False):
         """One program per (BN outputs, BM rows, 1/split of K). BK: inputs (int8) or bytes (int4,
-        two inputs each, whole groups) per step. SPLIT: float32 partial sums into out[split index]
-        (unscaled for int8), else the output itself."""
+        two inputs each, whole groups) per step."""
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         m_ok, n_ok = m < M, n < N
@@ -133,7 +199,26 @@ if triton is not None:
             b = b0 + tl.arange(0, BK)
             b_ok = b < end
             w = tl.load(q_ptr + n[None, :] * sq + b[:, None], mask=b_ok[:, None] & n_ok[None, :], other=0)
-            if INT4:
+            if INT4 and FACTORED:
+                # one group a step (BK = GROUP / 2 bytes): the nibbles become 2^e + q in x's dtype by an
+                # OR into the mantissa (exact), the tensor cores sum x (2^e + q), and the group's scale,
+                # minimum and the 2^e sum(x) are applied to the [BM, BN] sums once a group
+                magic: tl.constexpr = 0x4300 if x_ptr.dtype.element_ty == tl.bfloat16 else 0x6400
+                base: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
+                g = b0 // BK
+                s = tl.load(s_ptr + g * ss + n, mask=n_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * ss + n, mask=n_ok, other=0.0).to(tl.float32)
+                k_lo = g * GROUP + (b - b0)
+                x_lo = tl.load(x_ptr + m[:, None] * sx + k_lo[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
+                x_hi = tl.load(x_ptr + m[:, None] * sx + (k_lo + BK)[None, :], mask=m_ok[:, None] & b_ok[None, :],
+                               other=0.0)
+                lo = ((w & 15).to(tl.int16) | magic).to(x_lo.dtype, bitcast=True)
+                hi = ((w >> 4).to(tl.int16) | magic).to(x_lo.dtype, bitcast=True)
+                d = tl.dot(x_lo, lo)
+                d = tl.dot(x_hi, hi, d)
+                xs = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+                acc += (d - base * xs[:, None]) * s[None, :] + xs[:, None] * z[None, :]
+            elif INT4:
                 half: tl.constexpr = GROUP // 2
                 groups: tl.constexpr = BK // half
                 g = b0 // half + tl.arange(0, groups)                  # one scale and minimum a group and output
@@ -157,25 +242,96 @@ if triton is not None:
                 xk = tl.load(x_ptr + m[:, None] * sx + b[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
                 acc += tl.dot(xk, w.to(xk.dtype))                      # int8 -> bf16 / fp16 is exact (|q| <= 127)
         mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT:
-            tl.store(out_ptr + tl.program_id(2) * s_split + m[:, None] * so + n[None, :], acc, mask=mask)
-        else:
+        band = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        acc, last = _add_up_splits(acc, part_ptr, count_ptr, band, m[:, None] * N + n[None, :], mask, s_split, split,
+                                   SPLIT)
+        if last:
             if not INT4:
                 acc *= tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + m[:, None] * so + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _sum_splits_kernel(part_ptr, s_ptr, out_ptr, MN, N, split, SCALE: tl.constexpr, BLOCK: tl.constexpr):
-        """out[m, n] = sum over the splits, in their order (scale[n] times it for int8)."""
-        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = n < N
-        at = tl.program_id(0) * N + n
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, split):
-            acc += tl.load(part_ptr + i * MN + at, mask=ok, other=0.0)
-        if SCALE:
-            acc *= tl.load(s_ptr + n, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    def _add_up_splits(acc, part_ptr, count_ptr, band, at, mask, s_split, split, SPLIT: tl.constexpr):
+        """(acc, whether this program stores the output). SPLIT: acc is one split's partial sums of
+        its band of outputs; it is left at part[split index], and the band's counter counts the splits
+        done. The last split to finish adds all partials in split order and sets the counter back to
+        0. The barrier and the acquire-release atomic make the other splits' partials visible to it."""
+        if SPLIT:
+            tl.store(part_ptr + tl.program_id(2) * s_split + at, acc, mask=mask)
+            tl.debug_barrier()
+            last = tl.atomic_add(count_ptr + band, 1, sem="acq_rel", scope="gpu") == split - 1
+            if last:
+                acc = tl.zeros_like(acc)
+                for i in range(0, split):
+                    acc += tl.load(part_ptr + i * s_split + at, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(count_ptr + band, 0)
+        else:
+            last = True
+        return acc, last
+
+    # One row (an answer token) is bound by the weight's bytes, and a tile of tensor-core products
+    # wastes 15 of its 16 rows: the kernel below reads the weight as int32 words and multiplies on the
+    # FMA units. The integer-to-float conversion would be the limit there (16 a clock per SM on an
+    # H100/H200, against the 32 int4 values a clock per SM that the copy bandwidth brings), so a value
+    # becomes a float by a mask and an OR into the mantissa of a power of two: 2^e + q exactly, one
+    # instruction. The 2^e sum(x) that this adds is the same for every output and subtracted once a word.
+
+    @triton.jit(do_not_specialize=["split"])
+    def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, N, words, sw, ss, s_split,
+                          split,
+                          W: tl.constexpr, BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr):
+        """out[n] = sum_k x[k] (q[n, k] scale[g, n] + minimum[g, n]), GPS groups (W words each) a
+        step. Word j of a group holds bytes 4j .. 4j + 3: nibble p = 2i + h is byte i's low (h = 0) or
+        high (h = 1) nibble, input 4j + i (+ GROUP / 2 for h = 1). Even nibbles are moved to bits 16-19
+        under the exponent of 128 (128 + q), odd ones to bits 12-15 under that of 2048 (2048 + q): four
+        shifts a word, not seven. A group's sums stay small, so 2048 costs no accuracy that matters."""
+        GROUP: tl.constexpr = W * 8
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        n_ok = n < N
+        groups = words // W
+        per_split = tl.cdiv(tl.cdiv(groups, split), GPS) * GPS
+        start = tl.program_id(2) * per_split
+        end = tl.minimum(start + per_split, groups)
+        j = tl.arange(0, W)
+        acc = tl.zeros([BN, GPS, W], dtype=tl.float32)
+        for g0 in range(start, end, GPS):
+            g = g0 + tl.arange(0, GPS)
+            g_ok = g < end
+            ok2 = n_ok[:, None] & g_ok[None, :]
+            w = tl.load(w_ptr + n[:, None, None] * sw + g[None, :, None] * W + j[None, None, :],
+                        mask=ok2[:, :, None], other=0)
+            s = tl.load(s_ptr + g[None, :] * ss + n[:, None], mask=ok2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g[None, :] * ss + n[:, None], mask=ok2, other=0.0).to(tl.float32)
+            k0 = g[:, None] * GROUP + 4 * j[None, :]                         # [GPS, W]: byte 0's low nibble
+            dot = tl.zeros([BN, GPS, W], dtype=tl.float32)
+            offset = tl.zeros([GPS, W], dtype=tl.float32)
+            xs = tl.zeros([GPS, W], dtype=tl.float32)
+            for p in tl.static_range(8):
+                xp = tl.load(x_ptr + k0 + (p // 2) + (p % 2) * (GROUP // 2), mask=g_ok[:, None],
+                             other=0.0).to(tl.float32)
+                if p == 0:
+                    b = w << 16
+                elif p == 1 or p == 2:
+                    b = w << 8
+                elif p == 3 or p == 4:
+                    b = w
+                elif p == 5 or p == 6:
+                    b = w >> 8
+                else:
+                    b = w >> 16
+                if p % 2 == 0:
+                    f = ((b & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)     # 128 + q
+                    offset += 128.0 * xp
+                else:
+                    f = ((b & 0x0000F000) | 0x45000000).to(tl.float32, bitcast=True)     # 2048 + q
+                    offset += 2048.0 * xp
+                dot += f * xp[None, :, :]
+                xs += xp
+            acc += (dot - offset[None, :, :]) * s[:, :, None] + z[:, :, None] * xs[None, :, :]
+        total, last = _add_up_splits(tl.sum(tl.sum(acc, axis=2), axis=1), part_ptr, count_ptr, tl.program_id(0), n,
+                                     n_ok, s_split, split, SPLIT)
+        if last:
+            tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _dequantize_int4_kernel(q_ptr, s_ptr, z_ptr, out_ptr, half_k, sq, ss, GROUP: tl.constexpr,
@@ -193,6 +349,16 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         tl.store(out_ptr + row * half_k * 2 + k_lo, ((w & 15).to(tl.float32) * s + z).to(dtype), mask=ok)
         tl.store(out_ptr + row * half_k * 2 + k_lo + half, ((w >> 4).to(tl.float32) * s + z).to(dtype), mask=ok)
+
+    @triton.jit
+    def _dequantize_int8_kernel(q_ptr, s_ptr, out_ptr, K, sq, ss, BLOCK: tl.constexpr):
+        """One output row's BLOCK int8 weights -> out's dtype, times the row's scale."""
+        row = tl.program_id(0)
+        k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = k < K
+        s = tl.load(s_ptr + row * ss).to(tl.float32)
+        w = tl.load(q_ptr + row * sq + k, mask=ok, other=0).to(tl.float32) * s
+        tl.store(out_ptr + row * K + k, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def pack_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
