@@ -129,6 +129,7 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
                                   ingest_ms_per_frame=ingest_ms, memory_tokens=stats["device_tokens"],
                                   memory_bytes=stats["device_bytes"], allocated_bytes=allocated,
                                   peak_bytes=peak, device_used_bytes=device_used_bytes(),
+                                  reserved_bytes=torch.cuda.memory_reserved() if torch.cuda.is_available() else 0,
                                   launch=engine.config.launch,
                                   decode_graph=engine.decode_step is not None and engine.decode_step.graph is not None,
                                   replay_equals_static=static.token_ids == replayed.token_ids)
@@ -145,7 +146,8 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
                                       same_first_token_as_kv_bf16=bool(first.argmax() == ref.argmax()))
             log(f"{shape} weights={weights} kv={kv_dtype}: ttft {ttft * 1e3:.1f} ms, decode {tps:.0f} tok/s, ingest "
                 f"{ingest_ms:.1f} ms/frame, allocated {allocated / 1e9:.2f} GB (peak {peak / 1e9:.2f}), device used "
-                f"{device_used_bytes() / 1e9:.2f} GB, replay==static {static.token_ids == replayed.token_ids}")
+                f"{device_used_bytes() / 1e9:.2f} GB (torch reserved {rows[kv_dtype]['reserved_bytes'] / 1e9:.2f}), "
+                f"replay==static {static.token_ids == replayed.token_ids}")
         except Exception as err:                   # noqa: BLE001 - keep the other rows
             rows[kv_dtype] = dict(base, error=f"{type(err).__name__}: {err}"[:400])
             log(f"!! {shape} {weights} {kv_dtype}: {traceback.format_exc()}")
