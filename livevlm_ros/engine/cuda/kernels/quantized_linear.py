@@ -20,9 +20,9 @@ idle. The split's float32 partial sums are added by the split that finishes last
 launched. x stays in its half dtype (bf16 or fp16); the sums run in float32.
   int4, one row: `_gemv_int4_kernel` reads the weight as int32 words and multiplies on the FMA
         units (a tile of tensor-core products would waste 15 of its 16 rows);
-  int4, 2-16 rows: tiles dequantized in registers (rounded once to x's dtype), tensor cores;
-  int4, 17-64 rows: `FACTORED` tiles: 2^e + q exactly in x's dtype, each group's scale and minimum
-        applied to the tensor cores' sums;
+  int4, 2-32 rows: tiles dequantized in registers (rounded once to x's dtype), tensor cores;
+  int4, 33-64 rows: `FACTORED` tiles: 2^e + q exactly in x's dtype, each group's scale and minimum
+        applied to the tensor cores' sums (faster at 64 rows, slower at 32: H100 and H200, BENCHMARKS.md);
   int8, up to 64 rows: tiles of q in x's dtype (exact), the row's scale applied to the sums. (A
         word kernel like int4's was no faster for int8: H100, 2026-12-06, BENCHMARKS.md.)
 Many rows (a clip's prefill) are bound by the tensor cores: the weight is dequantized to a transient
@@ -161,8 +161,8 @@ def dequantize_int8_to(q, scale, dtype) -> torch.Tensor:
 
 def config(M: int, N: int, K: int, group: int) -> dict:
     """Tile settings for M <= MAX_ROWS rows times an [N, K] weight (int4 where group > 0)."""
-    if group and M > 16:                                      # FACTORED: one group a step
-        bm, bn = (32 if M <= 32 else 64), (128 if N >= 16384 else 64)
+    if group and M > 32:                                      # FACTORED: one group a step
+        bm, bn = 64, (128 if N >= 16384 else 64)
         programs, split = triton.cdiv(N, bn), 1
         while split < 8 and programs * split < 512 and K // group >= 4 * split:
             split *= 2
