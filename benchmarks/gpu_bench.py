@@ -74,6 +74,12 @@ def sync():
 
 
 def build_adapter(shape: str, device: str, dtype: torch.dtype) -> LlavaOnevisionAdapter:
+    model, tok = build_model(shape, device, dtype)
+    return LlavaOnevisionAdapter(model, tok, [0.5] * 3, [0.5] * 3)
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype):
+    """(a random-weight LLaVA-OneVision at `shape`, built on `device`, its tokenizer)."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     s = SHAPES[shape]
@@ -91,7 +97,7 @@ def build_adapter(shape: str, device: str, dtype: torch.dtype) -> LlavaOnevision
     torch.set_default_dtype(old)
     model.config.text_config._attn_implementation = "sdpa"
     model.config.vision_config._attn_implementation = "sdpa"
-    return LlavaOnevisionAdapter(model.eval(), tok, [0.5] * 3, [0.5] * 3)
+    return model.eval(), tok
 
 
 def flops_per_frame(adapter, context_tokens: int) -> dict:

@@ -181,6 +181,32 @@ def bench_sized(shape, device, dtype, weights, budget_gb, frames) -> dict:
     return out
 
 
+def bench_load(shape, device, dtype, weights, placed: bool) -> dict:
+    """What loading takes on the device. placed: the model comes from the CPU through
+    quantize.place, each language-model Linear quantized as it arrives (the engine's load path);
+    else it is built on the device at `dtype` and quantized there (the path before)."""
+    from gpu_bench import build_model
+    from livevlm_ros.engine.models.llava_onevision import LlavaOnevisionAdapter
+
+    reset_peak()
+    t = time.time()
+    model, tok = build_model(shape, "cpu" if placed else device, dtype)
+    if placed:
+        model = quantize.place(model, device, weights)
+    adapter = LlavaOnevisionAdapter(model, tok, [0.5] * 3, [0.5] * 3)
+    quantize.apply(adapter, weights)
+    sync()
+    allocated, peak = gpu_mem()
+    out = dict(placed=placed, seconds=round(time.time() - t, 1), load_peak_bytes=peak, allocated_bytes=allocated,
+               device_used_bytes=device_used_bytes(), reserved_bytes=torch.cuda.memory_reserved())
+    log(f"{shape} {weights} {'placed from the CPU' if placed else 'built on the device'}: peak "
+        f"{peak / 1e9:.2f} GB while loading, then allocated {allocated / 1e9:.2f} GB, device used "
+        f"{out['device_used_bytes'] / 1e9:.2f} GB (torch reserved {out['reserved_bytes'] / 1e9:.2f}), "
+        f"{out['seconds']} s")
+    free(adapter)
+    return out
+
+
 def table(results) -> str:
     lines = ["shape weights kv | resident GB (device used) | TTFT ms | decode tok/s (x bf16) | ingest ms/frame"]
     for shape, by_w in results["rows"].items():
@@ -207,6 +233,8 @@ def main():
     ap.add_argument("--row", default="", help="shape:weights:kv_dtype: one row only (what each child process runs)")
     ap.add_argument("--sized-only", action="store_true", help="only the gpu_memory_budget_gb run")
     ap.add_argument("--no-sized", action="store_true", help="skip the gpu_memory_budget_gb run")
+    ap.add_argument("--load", action="store_true", help="only what loading takes: placed from the CPU or not")
+    ap.add_argument("--load-row", default="", help="shape:weights:placed|device: one load (a child process)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torchao_from = ensure_torchao()
@@ -214,7 +242,7 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     results = run_header(device, torchao=torchao_from, rows={})
-    if not (args.row or args.sized_only):
+    if not (args.row or args.sized_only or args.load_row):
         log(json.dumps(results))
     frames = random_frames(16)
     firsts_dir = args.out / "first_logits"
@@ -225,6 +253,22 @@ def main():
         budget = BUDGET if shape != "tiny" else 34 + 2 * 16 + 256
         rows = bench_one(shape, device, dtype, weights, [kv], budget, frames, 8 if args.tiny else 32, firsts_dir)
         (args.out / f"row_{shape}_{weights}_{kv}.json").write_text(json.dumps(rows[kv], default=str))
+        return
+    if args.load_row:
+        shape, weights, how = args.load_row.split(":")
+        row = bench_load(shape, device, dtype, weights, how == "placed")
+        (args.out / f"load_{shape}_{weights}_{how}.json").write_text(json.dumps(row))
+        return
+    if args.load:
+        results["load"] = {}
+        for shape in shapes:
+            for weights in args.weights.split(","):
+                for how in ("device", "placed"):
+                    child = [sys.executable, __file__, "--out", str(args.out), "--load-row", f"{shape}:{weights}:{how}"]
+                    subprocess.run(child + (["--tiny"] if args.tiny else []), check=False)
+                    part = args.out / f"load_{shape}_{weights}_{how}.json"
+                    results["load"][f"{shape}:{weights}:{how}"] = json.loads(part.read_text()) if part.exists() else {}
+        (args.out / "load.json").write_text(json.dumps(results, indent=1, default=str))
         return
     if args.sized_only:
         results["sized_7b_int4"] = bench_sized("7b", device, dtype, "int4", args.sized_gb, frames)

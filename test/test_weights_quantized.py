@@ -183,6 +183,52 @@ def test_quantized_weights_run_bounded_memory_and_static_steps_and_save_memory(t
     assert engine.ask(QUESTION, max_new_tokens=4).token_ids == answers[1].token_ids
 
 
+def _quantized_tensors(adapter) -> dict[str, torch.Tensor]:
+    """Every tensor the language model's quantized modules hold, by name (int8: torchao's data and
+    scales; int4: packed, scale, minimum; the int8 token table)."""
+    out = {}
+    for name, m in adapter.model.named_modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear) and quantize.is_quantized(weight):
+            out[name + ".qdata"], out[name + ".scale"] = weight.qdata, weight.scale
+        for buffer in ("packed", "scale", "minimum", "qdata"):
+            if isinstance(m, (quantize.Int4Linear, quantize.Int8Embedding)) and hasattr(m, buffer):
+                out[f"{name}.{buffer}"] = getattr(m, buffer)
+    return out
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_loading_quantizes_each_linear_on_its_way_as_quantizing_afterwards_would(tiny_model_path, frames,
+                                                                                 weights):
+    """load_adapter quantizes the language model one Linear at a time as it moves it to the device
+    (quantize.place: a 16 GB robot never holds 7B's bf16 weights); the same checkpoint loaded at
+    full size and quantized afterwards (quantize.apply, the path before) holds the same modules and
+    bytes and gives the same first-token logits."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = quantize.place(LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_path), "cpu", weights)
+    lm = model.model.language_model                                   # quantized by place itself
+    k_proj = lm.layers[0].self_attn.k_proj
+    assert isinstance(lm.embed_tokens, quantize.Int8Embedding)
+    assert isinstance(k_proj, quantize.Int4Linear) if weights == "int4" else quantize.is_quantized(k_proj.weight)
+
+    placed = load_adapter(tiny_model_path, "cpu", "float32", weights=weights)
+    after = load_adapter(tiny_model_path, "cpu", "float32")
+    assert quantize.apply(after, weights) == quantize.apply(placed, weights) > 0    # the second: nothing left
+    kinds = lambda a: [(n, type(m).__name__) for n, m in a.model.named_modules()]       # noqa: E731
+    assert kinds(placed) == kinds(after)
+    a, b = _quantized_tensors(placed), _quantized_tensors(after)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logits, video = [], frames(4)
+    for adapter in (placed, after):
+        engine = LiveVLMEngine(EngineConfig(weights=weights, policy="full", budget_tokens=None, sample_fps=0),
+                               adapter=adapter)
+        for i, f in enumerate(video):
+            engine.ingest(f, float(i))
+        logits.append(engine.ask(QUESTION, max_new_tokens=1, return_logits=True).first_logits)
+    assert torch.equal(logits[0], logits[1])
+
+
 def test_an_adapter_of_other_weights_is_refused(tiny_model_path):
     adapter = load_adapter(tiny_model_path, "cpu", "float32")
     with pytest.raises(ConfigError, match="int8 asked for, but the adapter given holds bf16"):

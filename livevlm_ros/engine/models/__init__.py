@@ -23,8 +23,8 @@ def load_adapter(model_path: str, device: str, dtype: str, weights: str = "bf16"
     why = quantize.refusal(weights, _torch_device(device))
     if why:                                       # before minutes of loading
         raise ModelLoadError(why)
-    adapter = _load(model_path, device, dtype, **options)
-    quantize.apply(adapter, weights)
+    adapter = _load(model_path, device, dtype, weights=weights, **options)   # quantized on the way (place)
+    quantize.apply(adapter, weights)          # counts, checks, rebuilds the fused layers
     return adapter
 
 

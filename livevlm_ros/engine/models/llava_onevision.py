@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import quantize
 from .base import DTYPES, ModelLoadError, TransformersLanguageModel, VideoLLMAdapter
 
 
@@ -37,15 +38,17 @@ class LlavaOnevisionAdapter(TransformersLanguageModel, VideoLLMAdapter):
         self._std = torch.tensor(image_std, dtype=torch.float32, device=param.device).view(1, 3, 1, 1)
 
     @classmethod
-    def from_pretrained(cls, path: Path, device: str, dtype: str, **_) -> "LlavaOnevisionAdapter":
+    def from_pretrained(cls, path: Path, device: str, dtype: str, weights: str = "bf16",
+                        **_) -> "LlavaOnevisionAdapter":
         from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
         try:
             model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                str(path), dtype=DTYPES[dtype], attn_implementation="sdpa").to(device)
+                str(path), dtype=DTYPES[dtype], attn_implementation="sdpa")
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load a LLaVA-OneVision checkpoint from {path}: {err}") from err
+        model = quantize.place(model, device, weights)
         mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]          # SigLIP's normalisation
         proc_file = path / "preprocessor_config.json"
         if proc_file.exists():

@@ -66,30 +66,33 @@ def _import_torchao():
         log.setLevel(level)
 
 
+def place(model: torch.nn.Module, device, weights: str) -> torch.nn.Module:
+    """A transformers model just loaded on the CPU, moved to `device` with its language model
+    quantized to `weights` on the way (what every adapter's from_pretrained calls): each Linear, and
+    the token embedding, goes to the device alone and is quantized there, so the device never holds
+    the full-size language model (7B: 16.1 GB at bf16, against 5.2 GB at int4). Then the rest
+    (vision tower, projector, norms) follows at its dtype. `apply` then finds the work done."""
+    if weights != "bf16":
+        why = refusal(weights, torch.device(device))
+        if why:
+            raise ModelLoadError(why)
+        _quantize_language(model, model.get_decoder(), model.get_output_embeddings(), weights, torch.device(device))
+    return model.to(device)
+
+
 def apply(adapter, weights: str) -> int:
-    """Quantize the adapter's language model to `weights` in place; returns the Linears quantized.
-    Raises ModelLoadError with the reason when the device or library cannot."""
+    """Quantize the adapter's language model to `weights` in place (what `place` left undone: nothing
+    when the adapter was loaded through it); returns the Linears that are quantized. Raises
+    ModelLoadError with the reason when the device or library cannot."""
     why = refusal(weights, adapter.kv.device)
     if why:
         raise ModelLoadError(why)
     if weights == "bf16":
         return 0
-    linears = language_linears(adapter)
-    with torch.no_grad():
-        if weights == "int8":
-            from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-            # set_inductor_config=False: we do not compile, and it would change torch's global settings
-            config = Int8WeightOnlyConfig(set_inductor_config=False)
-            for linear in linears:
-                quantize_(linear, config)
-            quantized = sum(is_quantized(linear.weight) for linear in linears)
-        else:
-            quantized = _to_int4(adapter, linears)
-        if quantized == 0:
-            raise ModelLoadError(f"weights {weights}: none of the language model's {len(linears)} Linears could "
-                                 f"be quantized (int4 needs input sizes divisible by 32)")
-        _embedding_to_int8(adapter)
+    quantized, total, adapter._lm_head = _quantize_language(adapter.model, adapter._lm, adapter._lm_head, weights)
+    if quantized == 0:
+        raise ModelLoadError(f"weights {weights}: none of the language model's {total} Linears could "
+                             f"be quantized (int4 needs input sizes divisible by 32)")
     adapter.weights = weights
     adapter.rebuild_fused_layers()        # the gate/up merge was made from the unquantized weights
     # full-size weights left in reference cycles stay on the device until the collector happens to
@@ -100,18 +103,76 @@ def apply(adapter, weights: str) -> int:
     return quantized
 
 
+def _quantize_language(model, decoder, head, weights: str, device: torch.device | None = None):
+    """Quantize the decoder's Linears and an untied head to `weights` (int8: torchao's tensor in the
+    same nn.Linear; int4: an Int4Linear in its place), and the token embedding to int8 (a tied head
+    then reads it), one module at a time, each moved to `device` first when one is given; modules
+    already quantized are left. Returns (Linears quantized, Linears in all, the head module now)."""
+    tied = _tied(decoder, head)
+    linears = [m for m in decoder.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
+    if isinstance(head, (torch.nn.Linear, Int4Linear)) and not tied:
+        linears.append(head)
+    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    config = None
+    if weights == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        # set_inductor_config=False: we do not compile, and it would change torch's global settings
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
+    quantized = 0
+    with torch.no_grad():
+        for linear in linears:
+            if _is_quantized_linear(linear):
+                quantized += 1
+                continue
+            if device is not None:
+                linear.to(device)
+            if weights == "int8":
+                from torchao.quantization import quantize_
+
+                quantize_(linear, config)
+                quantized += is_quantized(linear.weight)
+                continue
+            group = int4_group(linear.in_features)
+            if group is None:
+                continue                           # stays as it is
+            packed = Int4Linear(linear, group)
+            parent, name = parents[id(linear)]
+            setattr(parent, name, packed)
+            if linear is head:
+                head = packed
+            linear.weight = None                   # the full-size weight goes now, not when `linears` does
+            quantized += 1
+        embed = decoder.embed_tokens
+        if isinstance(embed, torch.nn.Embedding):
+            if device is not None:
+                embed.to(device)
+            table = Int8Embedding(embed)
+            decoder.embed_tokens = table
+            if tied:
+                parent, name = parents[id(head)]
+                head = Int8TiedHead(table)
+                setattr(parent, name, head)
+            embed.weight = None                    # the full-size table goes now
+    return quantized, len(linears), head
+
+
+def _is_quantized_linear(module) -> bool:
+    return isinstance(module, Int4Linear) or is_quantized(module.weight)
+
+
 def language_linears(adapter) -> list[torch.nn.Linear]:
-    """The Linears of the language model: every one in the decoder, and the lm_head unless tied."""
+    """The nn.Linears of the language model: every one in the decoder, and the lm_head unless tied."""
     linears = [m for m in adapter._lm.modules() if isinstance(m, torch.nn.Linear)]
     head = adapter._lm_head
-    if isinstance(head, torch.nn.Linear) and not _tied(adapter):
+    if isinstance(head, torch.nn.Linear) and not _tied(adapter._lm, head):
         linears.append(head)
     return linears
 
 
-def _tied(adapter) -> bool:
-    weight = getattr(adapter._lm.embed_tokens, "weight", None)
-    return weight is not None and getattr(adapter._lm_head, "weight", None) is weight
+def _tied(decoder, head) -> bool:
+    weight = getattr(decoder.embed_tokens, "weight", None)
+    return weight is not None and getattr(head, "weight", None) is weight
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
@@ -153,33 +214,6 @@ def int4_group(in_features: int) -> int | None:
     return next((g for g in (INT4_GROUP, 64, 32) if in_features % g == 0), None)
 
 
-def _to_int4(adapter, linears: list[torch.nn.Linear]) -> int:
-    """Swap each Linear that int4_group can split for an Int4Linear, in its parent module, one at a
-    time (the full-size weight of one Linear at most is held beside the packed ones)."""
-    swapped, parents = 0, _parents(adapter)
-    for linear in linears:
-        group = int4_group(linear.in_features)
-        if group is None:
-            continue
-        _swap_module(adapter, linear, Int4Linear(linear, group), parents)
-        linear.weight = None                   # the full-size weight goes now, not when `linears` does
-        swapped += 1
-    return swapped
-
-
-def _parents(adapter) -> dict:
-    """id(module) -> (its parent, its name there), over the adapter's model."""
-    return {id(child): (parent, name) for parent in adapter.model.modules() for name, child in parent.named_children()}
-
-
-def _swap_module(adapter, old: torch.nn.Module, new: torch.nn.Module, parents: dict | None = None):
-    """Put `new` where `old` is in the adapter's model (and in `adapter._lm_head` if it is the head)."""
-    parent, name = (parents or _parents(adapter))[id(old)]
-    setattr(parent, name, new)
-    if old is adapter._lm_head:
-        adapter._lm_head = new
-
-
 class Int8Embedding(torch.nn.Module):
     """The token embedding in int8: a scale per token (row), symmetric; a lookup dequantizes only
     the rows it gathers."""
@@ -213,16 +247,3 @@ class Int8TiedHead(torch.nn.Module):
         if quantized_linear.takes(hidden):
             return quantized_linear.product(hidden, e.qdata, e.scale.reshape(1, -1), None, 0, None)
         return torch.nn.functional.linear(hidden, (e.qdata.float() * e.scale[:, None]).to(hidden.dtype))
-
-
-def _embedding_to_int8(adapter):
-    """Swap the language model's token embedding (and a head tied to it) for the int8 ones."""
-    embed = adapter._lm.embed_tokens
-    if not isinstance(embed, torch.nn.Embedding):
-        return
-    tied = _tied(adapter)
-    table = Int8Embedding(embed)
-    adapter._lm.embed_tokens = table
-    if tied:
-        _swap_module(adapter, adapter._lm_head, Int8TiedHead(table))
-    embed.weight = None                        # the full-size table goes now

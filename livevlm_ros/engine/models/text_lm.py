@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import quantize
 from .base import DTYPES, ModelLoadError, TransformersLanguageModel, VideoLLMAdapter
 
 
@@ -26,16 +27,18 @@ class TextLMAdapter(TransformersLanguageModel, VideoLLMAdapter):
         self.tokens_per_frame = tokens_per_frame
 
     @classmethod
-    def from_pretrained(cls, path: Path, device: str, dtype: str, tokens_per_frame: int = 32, **_):
+    def from_pretrained(cls, path: Path, device: str, dtype: str, tokens_per_frame: int = 32,
+                        weights: str = "bf16", **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype],
-                                                         attn_implementation="sdpa", **extra).to(device)
+                                                         attn_implementation="sdpa", **extra)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load a causal LM from {path}: {err}") from err
+        model = quantize.place(model, device, weights)
         return cls(model, tokenizer, tokens_per_frame)
 
     def preprocess(self, frames: list[np.ndarray]) -> torch.Tensor:
