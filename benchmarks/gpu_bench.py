@@ -78,8 +78,10 @@ def build_adapter(shape: str, device: str, dtype: torch.dtype) -> LlavaOnevision
     return LlavaOnevisionAdapter(model, tok, [0.5] * 3, [0.5] * 3)
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype):
-    """(a random-weight LLaVA-OneVision at `shape`, built on `device`, its tokenizer)."""
+def build_model(shape: str, device: str, dtype: torch.dtype, tiled: bool = False):
+    """(a random-weight LLaVA-OneVision at `shape`, built on `device`, its tokenizer). tiled: every
+    parameter filled from one random block instead of its own initialisation, buffers (RoPE's
+    frequencies) left unset: building 7B on a CPU otherwise took minutes. Only for measuring memory."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     s = SHAPES[shape]
@@ -92,9 +94,17 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
-    with torch.device(device):
+    with torch.device("meta" if tiled else device):
         model = LlavaOnevisionForConditionalGeneration(cfg)
     torch.set_default_dtype(old)
+    if tiled:
+        model.to_empty(device=device)
+        block = torch.randn(1 << 22, dtype=dtype) * 0.02
+        with torch.no_grad():
+            for t in model.parameters():
+                flat = t.view(-1)
+                for i in range(0, flat.numel(), block.numel()):
+                    flat[i:i + block.numel()] = block[:flat.numel() - i]
     model.config.text_config._attn_implementation = "sdpa"
     model.config.vision_config._attn_implementation = "sdpa"
     return model.eval(), tok

@@ -190,7 +190,7 @@ def bench_load(shape, device, dtype, weights, placed: bool) -> dict:
 
     reset_peak()
     t = time.time()
-    model, tok = build_model(shape, "cpu" if placed else device, dtype)
+    model, tok = build_model(shape, "cpu" if placed else device, dtype, tiled=True)
     if placed:
         model = quantize.place(model, device, weights)
     adapter = LlavaOnevisionAdapter(model, tok, [0.5] * 3, [0.5] * 3)
