@@ -22,8 +22,11 @@ tower and projector stay at `dtype` (a small share of the bytes, run once per fr
 token). The engine's forward hooks on q_proj / k_proj are registered after this runs, on whatever
 module is then there, and see the quantized products exactly as the attention does.
 
-One place, applied after any adapter has loaded (`apply`): every adapter built on
-`TransformersLanguageModel` gets it without changes.
+Two entry points, one code path (`_quantize_language`): `place`, which every adapter's
+from_pretrained calls to move the model it loaded on the CPU to the device, quantizing the language
+model one Linear at a time on arrival (the device never holds it at full size), and `apply`, run on
+the built adapter (by load_adapter, and by benchmarks that build a model on the device), which
+quantizes what is left, counts, and rebuilds the fused layers.
 """
 
 from __future__ import annotations
