@@ -48,7 +48,7 @@ def test_query_narration_and_status_while_frames_stream(client, start, tiny_mode
         n = client.narrations[-1]
         assert n.span_start.sec >= int(t0) and (n.span_end.sec, n.span_end.nanosec) >= (n.span_start.sec, n.span_start.nanosec)
         status = client.node_status()
-        assert status["level"] == 0 and int(status["device_tokens"]) <= 34 + 2 * 16 + 64
+        assert status["level"] == 0 and int(status["device_tokens"]) <= 34 + 2 * 16 + 64, status
         assert 0 <= float(status["lag_s"]) < 5.0        # newest ingested vs newest received frame (camera time)
     finally:
         stop.set()
