@@ -73,8 +73,9 @@ def place(model: torch.nn.Module, device, weights: str) -> torch.nn.Module:
     """A transformers model just loaded on the CPU, moved to `device` with its language model
     quantized to `weights` on the way (what every adapter's from_pretrained calls): each Linear, and
     the token embedding, goes to the device alone and is quantized there, so the device never holds
-    the full-size language model (7B: 16.1 GB at bf16, against 5.2 GB at int4). Then the rest
-    (vision tower, projector, norms) follows at its dtype. `apply` then finds the work done."""
+    the full-size language model (7B's: 15.2 GB at bf16; the whole model then holds 5.2 GB at
+    int4). Then the rest (vision tower, projector, norms) follows at its dtype. `apply` then finds
+    the work done."""
     if weights != "bf16":
         why = refusal(weights, torch.device(device))
         if why:
