@@ -119,7 +119,7 @@ def _quantize_language(model, decoder, head, weights: str, device: torch.device 
     parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
     config = None
     if weights == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         # set_inductor_config=False: we do not compile, and it would change torch's global settings
         config = Int8WeightOnlyConfig(set_inductor_config=False)
@@ -132,8 +132,6 @@ def _quantize_language(model, decoder, head, weights: str, device: torch.device 
             if device is not None:
                 linear.to(device)
             if weights == "int8":
-                from torchao.quantization import quantize_
-
                 quantize_(linear, config)
                 quantized += is_quantized(linear.weight)
                 continue

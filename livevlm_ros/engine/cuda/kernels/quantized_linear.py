@@ -96,7 +96,7 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
 
 
 def _words_fit(q: torch.Tensor) -> bool:
-    """Whether q's rows can be read as int32 words (four int8 or eight int4 a word)."""
+    """Whether an int4 weight's rows can be read as int32 words (eight values a word)."""
     return q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
 
 
@@ -231,8 +231,8 @@ if triton is not None:
                 x_lo = tl.load(x_ptr + m[:, None] * sx + k_lo[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
                 x_hi = tl.load(x_ptr + m[:, None] * sx + (k_lo + half)[None, :], mask=m_ok[:, None] & b_ok[None, :],
                                other=0.0)
-                # one row reads the weight at only ~25-30% of the copy bandwidth here (7B, H200); two
-                # variants without this conversion ran slower (BENCHMARKS.md, issue 22)
+                # 2-32 rows. One row read the weight at only 23-33% of the copy bandwidth here (7B,
+                # H200): the conversions, likely; it now takes _gemv_int4_kernel (BENCHMARKS.md, issue 22)
                 lo, hi = (w3 & 15).to(tl.float32), (w3 >> 4).to(tl.float32)
                 w_lo = tl.reshape(lo * s + z, [BK, BN]).to(x_lo.dtype)
                 w_hi = tl.reshape(hi * s + z, [BK, BN]).to(x_lo.dtype)
