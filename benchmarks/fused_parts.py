@@ -19,7 +19,8 @@ import triton.testing as tt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livevlm_ros.engine.cuda.kernels import clip_attention, decode_attention, fused_layers, page_kernels  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import clip_attention, decode_attention, fused_layers  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import merged_products, page_kernels  # noqa: E402
 from livevlm_ros.engine.hook import attention, received, rope  # noqa: E402
 
 
@@ -218,7 +219,7 @@ def main():
         lin.weight.data.normal_(0, 0.02)
     xs = {rows: torch.randn(1, rows, hidden, device=dev, dtype=dt) for rows in (1, 32, 1568)}
     plain = {rows: (mlp(x), graph_us(lambda x=x: mlp(x))) for rows, x in xs.items()}
-    gate_up = fused_layers._merge_gate_up(mlp)
+    gate_up = merged_products.merge([mlp.gate_proj, mlp.up_proj])
     mlps = {}
     for rows, x in xs.items():
         got = fused_layers._silu_mlp(mlp, gate_up, x)

@@ -150,6 +150,7 @@ def check_quantized_linear():
                             (1, 200, 512, None),                   # one row, int4: the word kernel (gemv_config)
                             (1, 72, 1024, dict(BN=32, GPS=2, SPLIT_K=3)),
                             (1, 40, 768, dict(BN=16, GPS=1, SPLIT_K=1)),
+                            (1, 256, 1024, dict(BN=64, GPS=2, SPLIT_K=2)),      # EVEN: no masks
                             (24, 64, 1024, None),                  # int4: FACTORED tiles
                             (9, 40, 512, dict(BM=16, BN=32, SPLIT_K=2, FACTORED=True)),   # BK: a group's bytes
                             (7, 96, 768, dict(BM=16, BN=16, BK=128, SPLIT_K=4)),

@@ -29,9 +29,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from livevlm_ros.engine.cuda.kernels import quantized_linear as ql  # noqa: E402
 
 SHAPES = {   # name: (N out, K in)
-    "7b": {"q/o": (3584, 3584), "k/v": (512, 3584), "gate/up": (18944, 3584), "gate+up": (37888, 3584),
-           "down": (3584, 18944), "lm_head": (152064, 3584)},
-    "0.5b": {"q/o": (896, 896), "k/v": (128, 896), "gate/up": (4864, 896), "down": (896, 4864)},
+    "7b": {"q/o": (3584, 3584), "k/v": (512, 3584), "q+k+v": (4608, 3584), "gate/up": (18944, 3584),
+           "gate+up": (37888, 3584), "down": (3584, 18944), "lm_head": (152064, 3584)},
+    "0.5b": {"q/o": (896, 896), "k/v": (128, 896), "q+k+v": (1152, 896), "gate/up": (4864, 896),
+             "down": (896, 4864)},
 }
 ROWS = (1, 16, 64, 1568)
 
@@ -52,7 +53,7 @@ def sweep(M: int, bits: int) -> list[dict]:
         return []                                  # dequantized, then cuBLAS
     if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config)
         return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3)
-                for bn, gps, sk, w in itertools.product((64, 128, 256), (1, 2, 4), (1, 2, 4, 8), (4, 8))]
+                for bn, gps, sk, w in itertools.product((64, 128, 256, 512), (1, 2), (1, 2, 4, 8), (4, 8))]
     factored = [] if bits == 8 else [dict(BM=16 if M <= 16 else 64, BN=bn, BK=64, SPLIT_K=sk, num_warps=w,
                                           num_stages=3, FACTORED=True)
                                      for bn, sk, w in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8))]
@@ -63,7 +64,22 @@ def sweep(M: int, bits: int) -> list[dict]:
                        for bn, bk, sk in itertools.product((32, 64), (128, 256), (1, 2, 4))]
 
 
-def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep):
+def load_against(path: Path):
+    """Another version of quantized_linear.py (say `git show <commit>:livevlm_ros/engine/cuda/kernels/
+    quantized_linear.py`), imported on its own to be timed beside this one."""
+    import importlib.util
+    import tempfile
+    source = path.read_text().replace("from .triton_lang import tl, triton",
+                                      "import triton\nimport triton.language as tl")
+    copy = Path(tempfile.mkdtemp()) / "quantized_linear_against.py"
+    copy.write_text(source)
+    spec = importlib.util.spec_from_file_location("quantized_linear_against", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None):
     torch.manual_seed(0)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -109,6 +125,12 @@ def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep):
         if M == 1 and bits == 4:                   # the tensor-core tiles that one row took before the word kernel
             tiles = ql.config(M, N, K, group)
             row["tiles_us"] = do_bench(lambda: run(tiles))
+        if against is not None:                    # the other version's default, same tensors
+            qa = packed if bits == 4 else qw.qdata
+            sa, za = (scale, minimum) if bits == 4 else (qw.scale.reshape(1, -1), None)
+            out_a = against.product(x, qa, sa, za, group, None)
+            row["against_max_rel_err"] = ((out_a.float() - ref).abs().max() / ref.abs().max()).item()
+            row["against_us"] = do_bench(lambda: against.product(x, qa, sa, za, group, None))
         if do_sweep:
             best = (row["us"], row["default"])
             for cfg in sweep(M, bits):
@@ -125,6 +147,7 @@ def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep):
     extra = f" torchao {row['torchao_us']:.1f}" if isinstance(row.get("torchao_us"), float) else ""
     best = f" best {row['best_us']:.1f} {row['best']}" if "best" in row else ""
     extra += f" tiles {row['tiles_us']:.1f}" if "tiles_us" in row else ""
+    extra += f" against {row['against_us']:.1f}" if "against_us" in row else ""
     err = f" err {row['max_rel_err']:.1e}" if "max_rel_err" in row else ""
     log(f"{name:8s} [{N}x{K}] M={M:5d} {bits:2d}-bit: {row['us']:8.1f} us ({row['GBs']:.0f} GB/s, "
         f"{row['of_copy']:.0%} of copy){extra}{best}{err}")
@@ -137,13 +160,16 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, e.g. 1,16")
     ap.add_argument("--names", default="", help="only these Linears, e.g. gate+up,down")
+    ap.add_argument("--against", type=Path, help="another quantized_linear.py, timed beside (its defaults)")
     args = ap.parse_args()
+    against = load_against(args.against) if args.against else None
     args.out.mkdir(parents=True, exist_ok=True)
     from precision_bench import ensure_torchao
     torchao_from = ensure_torchao()
     from gpu_bench import bench_matmul_and_copy, run_header
     tflops, copy_gbs = bench_matmul_and_copy("cuda")
-    results = run_header("cuda", torchao=torchao_from, bf16_tflops=tflops, copy_gbs=copy_gbs, rows=[])
+    results = run_header("cuda", torchao=torchao_from, bf16_tflops=tflops, copy_gbs=copy_gbs, rows=[],
+                         against=str(args.against) if args.against else None)
     log(json.dumps(results))
     for shape in args.shapes.split(","):
         for name, (N, K) in SHAPES[shape].items():
@@ -153,7 +179,7 @@ def main():
                 for bits in (16, 8, 4):
                     do_sweep = not args.no_sweep and shape == "7b" and M in (1, 16, 64)
                     try:
-                        bench_shape(f"{shape} {name}", N, K, M, bits, results, copy_gbs, do_sweep)
+                        bench_shape(f"{shape} {name}", N, K, M, bits, results, copy_gbs, do_sweep, against)
                     except Exception as err:       # noqa: BLE001 - keep the other rows
                         log(f"!! {shape} {name} M={M} {bits}: {type(err).__name__}: {err}")
                     torch.cuda.empty_cache()

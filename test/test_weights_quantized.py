@@ -16,7 +16,7 @@ import torch
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine
 from livevlm_ros.engine.config import ConfigError
-from livevlm_ros.engine.cuda.kernels.fused_layers import _merge_gate_up
+from livevlm_ros.engine.cuda.kernels.merged_products import merge
 from livevlm_ros.engine.models import load_adapter, quantize
 
 QUESTION = "Is the door on the left open?"
@@ -95,16 +95,16 @@ def test_int8_answer_equals_offline_forward_of_the_int8_model(tiny_model_path, f
 
 
 def test_gate_up_merge_skips_quantized_weights(tiny_model_path):
-    """fused_layers merges gate and up weights into one tensor; quantized weights only on CUDA, in
+    """merged_products merges gate and up weights into one tensor; quantized weights only on CUDA, in
     their own format (a plain concatenation would make them one full-size tensor), so on a CPU
     they are left as they are."""
     adapter = load_adapter(tiny_model_path, "cpu", "float32", weights="int8")
     mlp = adapter._lm.layers[0].mlp
     before = mlp.gate_proj.weight
-    assert _merge_gate_up(mlp) is None
+    assert merge([mlp.gate_proj, mlp.up_proj]) is None
     assert mlp.gate_proj.weight is before and quantize.is_quantized(mlp.gate_proj.weight)
     plain = load_adapter(tiny_model_path, "cpu", "float32")._lm.layers[0].mlp
-    assert _merge_gate_up(plain) is not None                    # and a plain MLP is still merged
+    assert merge([plain.gate_proj, plain.up_proj]) is not None                    # and a plain MLP is still merged
 
 
 def test_unknown_precision_is_refused_with_the_reason():

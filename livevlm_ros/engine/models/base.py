@@ -127,7 +127,7 @@ class TransformersLanguageModel:
 
     def rebuild_fused_layers(self):
         """The fused kernels for the decoder and lm_head as their weights are now (again after
-        quantization: the gate/up merge is remade in the quantized format, fused_layers._merge_gate_up)."""
+        quantization: the gate/up and q/k/v merges are remade in the quantized format, merged_products.py)."""
         self._fused_layers = self._fused_head = None  # the old merge's tensor goes before a new one is made
         self._fused_layers = FusedLayers(self._lm)    # nothing to swap without CUDA and Triton
         self._fused_head = FusedLayers(self._lm_head)

@@ -8,16 +8,17 @@ kernel:
   RMSNorm      one program per row: the mean square in float32, rounded to the input dtype, then
                scaled by the weight (the order transformers' Qwen2/Llama RMSNorm uses);
   SiLU gate    act(gate) * up in one pass (Qwen2/Llama MLP with hidden_act "silu"), after one
-               product with the gate and up weights side by side (_merge_gate_up);
+               product with the gate and up weights side by side (merged_products.py);
+  q, k, v      one product for a decoded token's query, key and value projections (merged_products.py);
   RoPE         the query and key rotation of every attention layer (rope.rotate_into);
   int8 Linear  a torchao int8 weight-only Linear (the decoder's and the lm_head), reading the int8
                weight once (quantized_linear.py; `weights: int8`; int4 Linears call it themselves).
 The same idea as transformers' `kernels` hub (which swaps layer forwards for hub kernels), without
 the hub: nothing is downloaded, and only layers whose forward is known to compute exactly this are
 swapped. `FusedLayers` swaps them in for the engine's forwards only, like attention.in_use, and
-does nothing without CUDA or Triton. The one lasting change: the gate and up weights are moved into
-one tensor at start-up, and the two Linears keep views of it, so the model computes the same
-everywhere else.
+does nothing without CUDA or Triton. The one lasting change: the gate and up weights, and the query,
+key and value weights, are moved into one tensor each at start-up, and the Linears keep views of it,
+so the model computes the same everywhere else.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import torch
 
 from . import quantized_linear
+from .merged_products import QueryKeyValue, merge
 from .triton_lang import tl, triton
 
 from ...hook.rope import rotate_into
@@ -35,23 +37,36 @@ from ...hook.rope import rotate_into
 # transformers classes whose forward is exactly what the kernels compute
 _RMS_NORMS = {"Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2_5_VLRMSNorm", "Qwen3VLTextRMSNorm"}
 _SILU_MLPS = {"Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3VLTextMLP"}
+# ... whose forward calls q_proj, k_proj and v_proj, in that order, on the same hidden states
+_ATTENTIONS = {"Qwen2Attention", "LlamaAttention", "MistralAttention", "Qwen2_5_VLAttention", "Qwen3VLTextAttention"}
 
 
 class FusedLayers:
-    """`with FusedLayers(lm):` the decoder's RMSNorms, SiLU MLPs and RoPE run fused kernels, and its
-    int8 Linears the int8 product (`lm` may also be a lone lm_head)."""
+    """`with FusedLayers(lm):` the decoder's RMSNorms, SiLU MLPs and RoPE run fused kernels, its
+    query, key and value projections one product for a decoded token, and its int8 Linears the int8
+    product (`lm` may also be a lone lm_head)."""
 
     def __init__(self, lm: torch.nn.Module):
         self._swaps: list[tuple[object, str, object, object]] = []    # (owner, name, fused, original)
         param = next(lm.parameters(), None)
         if param is None or not param.is_cuda or triton is None:
             return
+        merged = set()                                 # the projections QueryKeyValue swaps (before their turn)
         for m in lm.modules():
             name = type(m).__name__
             if name in _RMS_NORMS:
                 self._swaps.append((m, "forward", functools.partial(_rms_norm, m), None))
             elif name in _SILU_MLPS and getattr(m.config, "hidden_act", None) == "silu":
-                self._swaps.append((m, "forward", functools.partial(_silu_mlp, m, _merge_gate_up(m)), None))
+                gate_up = merge([m.gate_proj, m.up_proj])
+                self._swaps.append((m, "forward", functools.partial(_silu_mlp, m, gate_up), None))
+            elif name in _ATTENTIONS:
+                product = merge([m.q_proj, m.k_proj, m.v_proj])
+                if product is not None:
+                    for linear, forward in QueryKeyValue(m, product, own_product).forwards():
+                        self._swaps.append((linear, "forward", forward, None))
+                        merged.add(id(linear))
+            elif id(m) in merged:
+                continue
             elif isinstance(m, torch.nn.Linear) and type(m.weight).__name__ == "Int8Tensor":
                 # weights: int8 (models/quantize.py): the int8 weight read once (quantized_linear.py)
                 self._swaps.append((m, "forward", functools.partial(_int8_linear_forward, m), None))
@@ -103,52 +118,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate.shape)
 
 
-def _merge_gate_up(mlp):
-    """One product for the gate and up projections, [.., hidden] -> [.., 2 * inter], the two
-    Linears' weights becoming views of its halves (same values, no extra memory once the old ones
-    are freed). One product reads both at once: an answer token at 7B shapes took 110 us for it
-    instead of 2 x 65.5 (H100). Quantized weights are merged in their own format (an int8 weight's
-    int8 rows and scales; an int4 Linear's packed rows, scales and minimums). None where the two
-    are not bias-free and of one kind, shape and device."""
-    g, u = mlp.gate_proj, mlp.up_proj
-    if getattr(g, "bias", None) is not None or getattr(u, "bias", None) is not None or type(g) is not type(u):
-        return None
-    if type(g) is torch.nn.Linear:
-        gw, uw = g.weight, u.weight
-        if type(gw) is not type(uw) or gw.shape[1] != uw.shape[1] or gw.dtype != uw.dtype or gw.device != uw.device:
-            return None
-        if type(gw) in (torch.Tensor, torch.nn.Parameter):
-            with torch.no_grad():
-                both = torch.cat([gw, uw])
-                g.weight.data, u.weight.data = both[:gw.shape[0]], both[gw.shape[0]:]
-            return functools.partial(torch.nn.functional.linear, weight=both)
-        if type(gw).__name__ == "Int8Tensor" and gw.qdata.is_cuda:           # weights: int8
-            q, scale = torch.cat([gw.qdata, uw.qdata]), torch.cat([gw.scale, uw.scale])
-            n = gw.qdata.shape[0]
-            gw.qdata, uw.qdata, gw.scale, uw.scale = q[:n], q[n:], scale[:n], scale[n:]
-            return functools.partial(_merged_product, q, scale.reshape(1, -1), None, 0)
-        return None
-    if type(g).__name__ == "Int4Linear" and g.packed.is_cuda and g.group == u.group:      # weights: int4
-        packed = torch.cat([g.packed, u.packed])
-        scale, minimum = torch.cat([g.scale, u.scale], dim=1), torch.cat([g.minimum, u.minimum], dim=1)
-        n = g.packed.shape[0]
-        g.packed, u.packed, g.scale, u.scale = packed[:n], packed[n:], scale[:, :n], scale[:, n:]
-        g.minimum, u.minimum = minimum[:, :n], minimum[:, n:]
-        return functools.partial(_merged_product, packed, scale, minimum, g.group)
-    return None
-
-
-def _merged_product(q, scale, minimum, group, x):
-    """The merged quantized product, or None where the kernel cannot take x (not a CUDA half)."""
-    if not quantized_linear.takes(x):
-        return None
-    return quantized_linear.product(x, q, scale, minimum, group, None)
-
-
 def _int8_linear_forward(module, x):
     if quantized_linear.int8_fits(x, module.weight):
         return quantized_linear.int8_linear(x, module.weight, module.bias)
     return torch.nn.functional.linear(x, module.weight, module.bias)
+
+
+def own_product(module, x):
+    """A Linear's own product (int8 weights: the int8 kernel), where a merged one is not taken."""
+    if isinstance(module, torch.nn.Linear) and type(module.weight).__name__ == "Int8Tensor":
+        return _int8_linear_forward(module, x)
+    return type(module).forward(module, x)
 
 
 def _rms_norm(module, hidden_states):

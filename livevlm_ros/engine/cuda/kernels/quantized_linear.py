@@ -32,6 +32,8 @@ The tile settings come from benchmarks/linear_bench.py (H100 and H200).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .triton_lang import tl, triton
@@ -103,14 +105,22 @@ def _words_fit(q: torch.Tensor) -> bool:
 def _gemv_int4(row, q, scale, minimum, group, cfg) -> torch.Tensor:
     """One row times an int4 weight read as int32 words (_gemv_int4_kernel)."""
     cfg = dict(cfg)
-    N, bn = q.shape[0], cfg.pop("BN")
+    N, K, bn = q.shape[0], q.shape[1] * 2, cfg.pop("BN")
     grid = (triton.cdiv(N, bn), 1, cfg.pop("SPLIT_K"))
     out = torch.empty(1, N, dtype=row.dtype, device=row.device)
     part, counts = _partials(grid, 1, N, row.device)
     w = q.view(torch.int32)
+    even = N % bn == 0 and (K // group) % (cfg["GPS"] * grid[2]) == 0
     _gemv_int4_kernel[grid](row, w, scale, minimum, out, part, counts, N, w.shape[1], w.stride(0), scale.stride(0),
-                            N, grid[2], W=group // 8, BN=bn, SPLIT=grid[2] > 1, **cfg)
+                            N, grid[2], W=group // 8, BN=bn, SPLIT=grid[2] > 1, EVEN=even,
+                            ASM=not _interpreted(), **cfg)
     return out
+
+
+def _interpreted() -> bool:
+    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1: no inline assembly there)."""
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
 _COUNTS: dict[torch.device, torch.Tensor] = {}
@@ -274,17 +284,33 @@ if triton is not None:
     # FMA units. The integer-to-float conversion would be the limit there (16 a clock per SM on an
     # H100/H200, against the 32 int4 values a clock per SM that the copy bandwidth brings), so a value
     # becomes a float by a mask and an OR into the mantissa of a power of two: 2^e + q exactly, one
-    # instruction. The 2^e sum(x) that this adds is the same for every output and subtracted once a word.
+    # LOP3 (_nibble). The 2^e sum(x) that this adds is the same for every output: subtracted once a
+    # group. What is left a value is one LOP3, one FMA and half a shift, and the SM's integer pipe
+    # (64 a clock) and its issue rate (128 a clock) are the limits, not the bytes: every instruction
+    # in the loop counts (its SASS is counted offline, benchmarks/kernels_interpreted.py --sass).
+
+    @triton.jit
+    def _nibble(b, MASK: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+        """(b & MASK) | MAGIC read as a float32. ASM: written as one lop3; the compiler otherwise
+        spends two on it (an instruction holds one 32-bit constant). Triton's interpreter runs no
+        inline assembly, so it takes the two operators."""
+        if ASM:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                             [b, tl.full(b.shape, MASK, tl.int32), tl.full(b.shape, MAGIC, tl.int32)],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return ((b & MASK) | MAGIC).to(tl.float32, bitcast=True)
 
     @triton.jit(do_not_specialize=["split"])
     def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, N, words, sw, ss, s_split,
                           split,
-                          W: tl.constexpr, BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr):
+                          W: tl.constexpr, BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
+                          EVEN: tl.constexpr, ASM: tl.constexpr):
         """out[n] = sum_k x[k] (q[n, k] scale[g, n] + minimum[g, n]), GPS groups (W words each) a
         step. Word j of a group holds bytes 4j .. 4j + 3: nibble p = 2i + h is byte i's low (h = 0) or
-        high (h = 1) nibble, input 4j + i (+ GROUP / 2 for h = 1). Even nibbles are moved to bits 16-19
-        under the exponent of 128 (128 + q), odd ones to bits 12-15 under that of 2048 (2048 + q): four
-        shifts a word, not seven. A group's sums stay small, so 2048 costs no accuracy that matters."""
+        high (h = 1) nibble, input 4j + i (+ GROUP / 2 for h = 1). Low nibbles are moved to bits 16-19
+        under the exponent of 128 (128 + q), high ones to bits 12-15 under that of 2048 (2048 + q):
+        four shifts a word, not seven. A group's sums stay small, so 2048 costs no accuracy that
+        matters. EVEN: N is a multiple of BN and every split holds whole steps (no masks)."""
         GROUP: tl.constexpr = W * 8
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_ok = n < N
@@ -293,22 +319,32 @@ if triton is not None:
         start = tl.program_id(2) * per_split
         end = tl.minimum(start + per_split, groups)
         j = tl.arange(0, W)
-        acc = tl.zeros([BN, GPS, W], dtype=tl.float32)
+        scaled = tl.zeros([BN, GPS, W], dtype=tl.float32)       # sum of scale * (2^e + q) x, word by word
+        offsets = tl.zeros([BN, GPS], dtype=tl.float32)         # sum of minimum * sum(x) - scale * 2^e sum(x)
         for g0 in range(start, end, GPS):
             g = g0 + tl.arange(0, GPS)
             g_ok = g < end
             ok2 = n_ok[:, None] & g_ok[None, :]
-            w = tl.load(w_ptr + n[:, None, None] * sw + g[None, :, None] * W + j[None, None, :],
-                        mask=ok2[:, :, None], other=0)
-            s = tl.load(s_ptr + g[None, :] * ss + n[:, None], mask=ok2, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g[None, :] * ss + n[:, None], mask=ok2, other=0.0).to(tl.float32)
+            at_w = w_ptr + n[:, None, None] * sw + g[None, :, None] * W + j[None, None, :]
+            at_s = g[None, :] * ss + n[:, None]
+            if EVEN:
+                w = tl.load(at_w)
+                s = tl.load(s_ptr + at_s).to(tl.float32)
+                z = tl.load(z_ptr + at_s).to(tl.float32)
+            else:
+                w = tl.load(at_w, mask=ok2[:, :, None], other=0)
+                s = tl.load(s_ptr + at_s, mask=ok2, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + at_s, mask=ok2, other=0.0).to(tl.float32)
             k0 = g[:, None] * GROUP + 4 * j[None, :]                         # [GPS, W]: byte 0's low nibble
             dot = tl.zeros([BN, GPS, W], dtype=tl.float32)
-            offset = tl.zeros([GPS, W], dtype=tl.float32)
-            xs = tl.zeros([GPS, W], dtype=tl.float32)
+            x_low = tl.zeros([GPS, W], dtype=tl.float32)                       # sum of x under low nibbles
+            x_high = tl.zeros([GPS, W], dtype=tl.float32)
             for p in tl.static_range(8):
-                xp = tl.load(x_ptr + k0 + (p // 2) + (p % 2) * (GROUP // 2), mask=g_ok[:, None],
-                             other=0.0).to(tl.float32)
+                at_x = x_ptr + k0 + (p // 2) + (p % 2) * (GROUP // 2)
+                if EVEN:
+                    xp = tl.load(at_x).to(tl.float32)
+                else:
+                    xp = tl.load(at_x, mask=g_ok[:, None], other=0.0).to(tl.float32)
                 if p == 0:
                     b = w << 16
                 elif p == 1 or p == 2:
@@ -320,16 +356,16 @@ if triton is not None:
                 else:
                     b = w >> 16
                 if p % 2 == 0:
-                    f = ((b & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)     # 128 + q
-                    offset += 128.0 * xp
+                    dot += _nibble(b, 0x000F0000, 0x43000000, ASM) * xp[None, :, :]     # 128 + q
+                    x_low += xp
                 else:
-                    f = ((b & 0x0000F000) | 0x45000000).to(tl.float32, bitcast=True)     # 2048 + q
-                    offset += 2048.0 * xp
-                dot += f * xp[None, :, :]
-                xs += xp
-            acc += (dot - offset[None, :, :]) * s[:, :, None] + z[:, :, None] * xs[None, :, :]
-        total, last = _add_up_splits(tl.sum(tl.sum(acc, axis=2), axis=1), part_ptr, count_ptr, tl.program_id(0), n,
-                                     n_ok, s_split, split, SPLIT)
+                    dot += _nibble(b, 0x0000F000, 0x45000000, ASM) * xp[None, :, :]     # 2048 + q
+                    x_high += xp
+            scaled += dot * s[:, :, None]
+            low, high = tl.sum(x_low, axis=1), tl.sum(x_high, axis=1)                # [GPS]: a group's sums
+            offsets += z * (low + high)[None, :] - s * (128.0 * low + 2048.0 * high)[None, :]
+        total = tl.sum(tl.sum(scaled, axis=2), axis=1) + tl.sum(offsets, axis=1)
+        total, last = _add_up_splits(total, part_ptr, count_ptr, tl.program_id(0), n, n_ok, s_split, split, SPLIT)
         if last:
             tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
