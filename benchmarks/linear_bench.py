@@ -160,6 +160,7 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, e.g. 1,16")
     ap.add_argument("--names", default="", help="only these Linears, e.g. gate+up,down")
+    ap.add_argument("--sweep-bits", default="8,4", help="sweep tile settings for these precisions")
     ap.add_argument("--against", type=Path, help="another quantized_linear.py, timed beside (its defaults)")
     args = ap.parse_args()
     against = load_against(args.against) if args.against else None
@@ -177,7 +178,8 @@ def main():
                 continue
             for M in map(int, args.rows.split(",")):
                 for bits in (16, 8, 4):
-                    do_sweep = not args.no_sweep and shape == "7b" and M in (1, 16, 64)
+                    do_sweep = (not args.no_sweep and shape == "7b" and M in (1, 16, 64)
+                                and str(bits) in args.sweep_bits.split(","))
                     try:
                         bench_shape(f"{shape} {name}", N, K, M, bits, results, copy_gbs, do_sweep, against)
                     except Exception as err:       # noqa: BLE001 - keep the other rows

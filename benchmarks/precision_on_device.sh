@@ -2,6 +2,7 @@
 # Every GPU step of issue 22 in one device call (carry .bench/wheels: torchao for the GPU machine,
 # which has no registry):
 #   bash benchmarks/precision_on_device.sh [--shapes 7b,0.5b]  -> $OUT/linear/*, $OUT/precision/*
+# merged_on_device.py checks the merged q/k/v and gate/up products first (~1 min).
 # SKIP_LINEAR=1 leaves out the products alone (linear_bench.py, ~4 min; LINEAR_ARGS passes it options);
 # SKIP_PRECISION=1 runs only them; LOAD=1 adds what loading takes on the device (precision_bench --load:
 # 7B int4 and int8 built on the device against placed from the CPU one Linear at a time).
@@ -12,6 +13,7 @@ mkdir -p "$out/linear" "$out/precision" "$out/load"
 python3 -m pip install -q --no-deps .bench/wheels/torchao-*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, triton, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
+PYTHONUNBUFFERED=1 python3 benchmarks/merged_on_device.py --out "$out/merged.json" 2>&1 | tail -8
 if [ -z "${SKIP_LINEAR:-}" ]; then
     PYTHONUNBUFFERED=1 timeout "${LINEAR_TIMEOUT:-240}" python3 benchmarks/linear_bench.py --out "$out/linear" \
         ${LINEAR_ARGS:-} 2>&1 | tee "$out/linear/log.txt"
