@@ -151,6 +151,8 @@ def check_quantized_linear():
                             (1, 72, 1024, dict(BN=32, GPS=2, SPLIT_K=3)),
                             (1, 40, 768, dict(BN=16, GPS=1, SPLIT_K=1)),
                             (1, 256, 1024, dict(BN=64, GPS=2, SPLIT_K=2)),      # EVEN: no masks
+                            (1, 200, 512, dict(BN=64, BW=16, SPLIT_K=3)),       # int8's word kernel
+                            (1, 256, 1024, dict(BN=64, BW=32, SPLIT_K=2)),      # ... EVEN
                             (24, 64, 1024, None),                  # int4: FACTORED tiles
                             (9, 40, 512, dict(BM=16, BN=32, SPLIT_K=2, FACTORED=True)),   # BK: a group's bytes
                             (7, 96, 768, dict(BM=16, BN=16, BK=128, SPLIT_K=4)),
@@ -160,7 +162,7 @@ def check_quantized_linear():
         x = torch.randn(rows, K).half()                       # the interpreter's bf16 is not a GPU's (above)
         how = f"split {cfg['SPLIT_K']}" if cfg else "default" if rows <= ql.MAX_ROWS else "dequantized"
         name = f"{rows} rows x [{N}, {K}], {how}"
-        for group in (128, 64, 32):
+        for group in (() if cfg and "BW" in cfg else (128, 64, 32)):
             packed, s, z = ql.pack_int4(torch.randn(N, K).half(), group)
             out = ql.product(x, packed, s, z, group, None, dict(cfg, BK=group // 2) if cfg and "FACTORED" in cfg
                              else cfg)

@@ -54,6 +54,9 @@ def sweep(M: int, bits: int) -> list[dict]:
     if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config)
         return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3)
                 for bn, gps, sk, w in itertools.product((64, 128, 256, 512), (1, 2), (1, 2, 4, 8), (4, 8))]
+    if M == 1:                                     # int8's word kernel (quantized_linear.gemv_int8_config)
+        return [dict(BN=bn, BW=bw, SPLIT_K=sk, num_warps=w, num_stages=3)
+                for bn, bw, sk, w in itertools.product((32, 64, 128), (32, 64, 128), (1, 2, 4, 8), (4, 8))]
     factored = [] if bits == 8 else [dict(BM=16 if M <= 16 else 64, BN=bn, BK=64, SPLIT_K=sk, num_warps=w,
                                           num_stages=3, FACTORED=True)
                                      for bn, sk, w in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8))]
@@ -118,11 +121,10 @@ def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None):
         out = run(None)
         row["max_rel_err"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         group = 128 if bits == 4 else 0
-        row["default"] = (ql.gemv_config(N, K, group) if M == 1 and group else ql.config(M, N, K, group)
-                          if M <= ql.MAX_ROWS
-                          else "dequantized + cuBLAS")
+        row["default"] = (ql.gemv_config(N, K, group) if M == 1 and group else ql.gemv_int8_config(N, K)
+                          if M == 1 else ql.config(M, N, K, group) if M <= ql.MAX_ROWS else "dequantized + cuBLAS")
         row["us"] = do_bench(lambda: run(None))
-        if M == 1 and bits == 4:                   # the tensor-core tiles that one row took before the word kernel
+        if M == 1:                                 # the tensor-core tiles that one row took before the word kernels
             tiles = ql.config(M, N, K, group)
             row["tiles_us"] = do_bench(lambda: run(tiles))
         if against is not None:                    # the other version's default, same tensors

@@ -23,8 +23,9 @@ launched. x stays in its half dtype (bf16 or fp16); the sums run in float32.
   int4, 2-32 rows: tiles dequantized in registers (rounded once to x's dtype), tensor cores;
   int4, 33-64 rows: `FACTORED` tiles: 2^e + q exactly in x's dtype, each group's scale and minimum
         applied to the tensor cores' sums (faster at 64 rows, slower at 32: H100 and H200, BENCHMARKS.md);
-  int8, up to 64 rows: tiles of q in x's dtype (exact), the row's scale applied to the sums. (A
-        word kernel like int4's was no faster for int8: H100, 2026-12-06, BENCHMARKS.md.)
+  int8, one row: `_gemv_int8_kernel`, words and the FMA units as for int4 (a first word kernel
+        that converted with the integer-to-float unit was no faster than the tiles: H100, 2026-12-06);
+  int8, 2-64 rows: tiles of q in x's dtype (exact), the row's scale applied to the sums.
 Many rows (a clip's prefill) are bound by the tensor cores: the weight is dequantized to a transient
 half copy and cuBLAS multiplies, as it would the unquantized weight.
 The tile settings come from benchmarks/linear_bench.py (H100 and H200).
@@ -76,8 +77,11 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     M = rows.shape[0]
-    if int4 and M == 1 and (cfg is None or "GPS" in cfg) and _words_fit(q):
-        out = _gemv_int4(rows, q, scale, minimum, group, cfg or gemv_config(N, K, group))
+    if M == 1 and (cfg is None or ("GPS" if int4 else "BW") in cfg) and _words_fit(q):
+        if int4:
+            out = _gemv_int4(rows, q, scale, minimum, group, cfg or gemv_config(N, K, group))
+        else:
+            out = _gemv_int8(rows, q, scale, cfg or gemv_int8_config(N, K))
     elif M > MAX_ROWS and cfg is None:
         if int4:
             out = torch.nn.functional.linear(rows, dequantize_int4_to(q, scale, minimum, group, x.dtype))
@@ -98,7 +102,7 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
 
 
 def _words_fit(q: torch.Tensor) -> bool:
-    """Whether an int4 weight's rows can be read as int32 words (eight values a word)."""
+    """Whether a weight's rows (int8 or packed int4 bytes) can be read as int32 words."""
     return q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
 
 
@@ -121,6 +125,20 @@ def _interpreted() -> bool:
     """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1: no inline assembly there)."""
     knobs = getattr(triton, "knobs", None)
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _gemv_int8(row, q, scale, cfg) -> torch.Tensor:
+    """One row times an int8 weight read as int32 words (_gemv_int8_kernel); scale [1, N]."""
+    cfg = dict(cfg)
+    N, bn, bw = q.shape[0], cfg.pop("BN"), cfg.pop("BW")
+    grid = (triton.cdiv(N, bn), 1, cfg.pop("SPLIT_K"))
+    out = torch.empty(1, N, dtype=row.dtype, device=row.device)
+    part, counts = _partials(grid, 1, N, row.device)
+    w = q.view(torch.int32)
+    even = N % bn == 0 and w.shape[1] % (bw * grid[2]) == 0
+    _gemv_int8_kernel[grid](row, w, scale, out, part, counts, N, w.shape[1], w.stride(0), scale.stride(-1), N,
+                            grid[2], BN=bn, BW=bw, SPLIT=grid[2] > 1, EVEN=even, ASM=not _interpreted(), **cfg)
+    return out
 
 
 _COUNTS: dict[torch.device, torch.Tensor] = {}
@@ -149,6 +167,17 @@ def gemv_config(N: int, K: int, group: int) -> dict:
     while split < 8 and programs * split < 1024 and steps >= 2 * split:
         split *= 2
     return dict(BN=bn, GPS=gps, SPLIT_K=split, num_warps=4, num_stages=3)
+
+
+def gemv_int8_config(N: int, K: int) -> dict:
+    """Settings for one row times an [N, K] int8 weight: BN outputs and BW words (4 inputs each) a
+    program a step, split along K while fewer than ~1,000 programs run (a first guess; linear_bench
+    sweeps them)."""
+    bn, bw = 64, 64
+    programs, split = triton.cdiv(N, bn), 1
+    while split < 8 and programs * split < 1024 and K // 4 // bw >= 4 * split:
+        split *= 2
+    return dict(BN=bn, BW=bw, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
 def dequantize_int4_to(q, scale, minimum, group, dtype) -> torch.Tensor:
@@ -284,13 +313,13 @@ if triton is not None:
     # FMA units. The integer-to-float conversion would be the limit there (16 a clock per SM on an
     # H100/H200, against the 32 int4 values a clock per SM that the copy bandwidth brings), so a value
     # becomes a float by a mask and an OR into the mantissa of a power of two: 2^e + q exactly, one
-    # LOP3 (_nibble). The 2^e sum(x) that this adds is the same for every output: subtracted once a
+    # LOP3 (_field_as_float). The 2^e sum(x) that this adds is the same for every output: subtracted once a
     # group. What is left a value is one LOP3, one FMA and half a shift, and the SM's integer pipe
     # (64 a clock) and its issue rate (128 a clock) are the limits, not the bytes: every instruction
     # in the loop counts (its SASS is counted offline, benchmarks/kernels_interpreted.py --sass).
 
     @triton.jit
-    def _nibble(b, MASK: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    def _field_as_float(b, MASK: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
         """(b & MASK) | MAGIC read as a float32. ASM: written as one lop3; the compiler otherwise
         spends two on it (an instruction holds one 32-bit constant). Triton's interpreter runs no
         inline assembly, so it takes the two operators."""
@@ -356,15 +385,63 @@ if triton is not None:
                 else:
                     b = w >> 16
                 if p % 2 == 0:
-                    dot += _nibble(b, 0x000F0000, 0x43000000, ASM) * xp[None, :, :]     # 128 + q
+                    dot += _field_as_float(b, 0x000F0000, 0x43000000, ASM) * xp[None, :, :]     # 128 + q
                     x_low += xp
                 else:
-                    dot += _nibble(b, 0x0000F000, 0x45000000, ASM) * xp[None, :, :]     # 2048 + q
+                    dot += _field_as_float(b, 0x0000F000, 0x45000000, ASM) * xp[None, :, :]     # 2048 + q
                     x_high += xp
             scaled += dot * s[:, :, None]
             low, high = tl.sum(x_low, axis=1), tl.sum(x_high, axis=1)                # [GPS]: a group's sums
             offsets += z * (low + high)[None, :] - s * (128.0 * low + 2048.0 * high)[None, :]
         total = tl.sum(tl.sum(scaled, axis=2), axis=1) + tl.sum(offsets, axis=1)
+        total, last = _add_up_splits(total, part_ptr, count_ptr, tl.program_id(0), n, n_ok, s_split, split, SPLIT)
+        if last:
+            tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    # One row times an int8 weight, the same way: a byte q becomes u = q + 128 by one XOR a word (four
+    # values), and u is moved to bits 15-22 under the exponent of 256: 256 + u exactly, one LOP3 (an
+    # integer-to-float conversion, 16 a clock per SM, was the limit of the tensor-core tiles for one
+    # row: 16 int8 values a clock per SM is what the copy bandwidth brings). The row's scale and the
+    # 384 sum(x) that this adds are applied once, to the sums.
+
+    @triton.jit(do_not_specialize=["split"])
+    def _gemv_int8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, N, words, sw, ss, s_split, split,
+                          BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
+                          ASM: tl.constexpr):
+        """out[n] = scale[n] sum_k x[k] q[n, k], BW words (inputs 4j .. 4j + 3, byte i input 4j + i) a
+        step. EVEN: N is a multiple of BN and every split holds whole steps (no masks)."""
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        n_ok = n < N
+        per_split = tl.cdiv(tl.cdiv(words, split), BW) * BW
+        start = tl.program_id(2) * per_split
+        end = tl.minimum(start + per_split, words)
+        dot = tl.zeros([BN, BW], dtype=tl.float32)              # sum of (384 + q) x, word by word
+        xs = tl.zeros([BW], dtype=tl.float32)
+        for j0 in range(start, end, BW):
+            j = j0 + tl.arange(0, BW)
+            j_ok = j < end
+            if EVEN:
+                w = tl.load(w_ptr + n[:, None] * sw + j[None, :])
+            else:
+                w = tl.load(w_ptr + n[:, None] * sw + j[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0)
+            u = w ^ -0x7F7F7F80                                     # 0x80808080: each byte q -> q + 128
+            for i in tl.static_range(4):
+                if EVEN:
+                    xi = tl.load(x_ptr + 4 * j + i).to(tl.float32)
+                else:
+                    xi = tl.load(x_ptr + 4 * j + i, mask=j_ok, other=0.0).to(tl.float32)
+                if i == 0:
+                    b = u << 15
+                elif i == 1:
+                    b = u << 7
+                elif i == 2:
+                    b = u >> 1
+                else:
+                    b = u >> 9
+                dot += _field_as_float(b, 0x007F8000, 0x43800000, ASM) * xi[None, :]            # 256 + u
+                xs += xi
+        total = (tl.sum(dot, axis=1) - 384.0 * tl.sum(xs, axis=0)) * tl.load(s_ptr + n * ss, mask=n_ok,
+                                                                             other=0.0).to(tl.float32)
         total, last = _add_up_splits(total, part_ptr, count_ptr, tl.program_id(0), n, n_ok, s_split, split, SPLIT)
         if last:
             tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
