@@ -160,8 +160,10 @@ def _partials(grid, M, N, device) -> tuple[torch.Tensor | None, torch.Tensor | N
 
 def gemv_config(N: int, K: int, group: int) -> dict:
     """Settings for one row times an [N, K] int4 weight: BN outputs a program, GPS groups a step,
-    split along K up to 8 ways while fewer than ~1,000 programs run (H100 sweep, 2026-12-06)."""
-    bn, gps = (128 if N >= 16384 else 64), 2
+    split along K up to 8 ways while fewer than ~1,000 programs run. BN 256 and one group a step
+    take the fewest instructions a value (8 rows a thread share the x work: benchmarks/kernel_sass.py)
+    where N leaves enough programs."""
+    bn, gps = (256 if N >= 16384 else 64), 1
     steps = K // group // gps
     programs, split = triton.cdiv(N, bn), 1
     while split < 8 and programs * split < 1024 and steps >= 2 * split:
