@@ -51,9 +51,11 @@ def sweep(M: int, bits: int) -> list[dict]:
     """Tile settings tried for M rows."""
     if M > ql.MAX_ROWS:
         return []                                  # dequantized, then cuBLAS
-    if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config)
-        return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3)
-                for bn, gps, sk, w in itertools.product((64, 128, 256, 512), (1, 2), (1, 2, 4, 8), (4, 8))]
+    if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config), and
+        return ([dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3)     # the tensor cores' FACTORED tiles
+                 for bn, gps, sk, w in itertools.product((64, 128, 256, 512), (1, 2), (1, 2, 4, 8), (4, 8))]
+                + [dict(BM=16, BN=bn, BK=64, SPLIT_K=sk, num_warps=w, num_stages=3, FACTORED=True)
+                   for bn, sk, w in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8))])
     if M == 1:                                     # int8's word kernel (quantized_linear.gemv_int8_config)
         return [dict(BN=bn, BW=bw, SPLIT_K=sk, num_warps=w, num_stages=3)
                 for bn, bw, sk, w in itertools.product((32, 64, 128), (32, 64, 128), (1, 2, 4, 8), (4, 8))]
