@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import quantize
+from . import prequantized
 from .base import DTYPES, ModelLoadError, TransformersLanguageModel, VideoLLMAdapter
 
 
@@ -43,12 +43,11 @@ class LlavaOnevisionAdapter(TransformersLanguageModel, VideoLLMAdapter):
         from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
         try:
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                str(path), dtype=DTYPES[dtype], attn_implementation="sdpa")
+            model = prequantized.load(LlavaOnevisionForConditionalGeneration, path, device, weights, DTYPES[dtype],
+                                      attn_implementation="sdpa")
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load a LLaVA-OneVision checkpoint from {path}: {err}") from err
-        model = quantize.place(model, device, weights)
         mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]          # SigLIP's normalisation
         proc_file = path / "preprocessor_config.json"
         if proc_file.exists():

@@ -195,6 +195,18 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("minimum", minimum)
         self.bias = linear.bias
 
+    @classmethod
+    def from_packed(cls, packed, scale, minimum, group: int, in_features: int, bias=None) -> "Int4Linear":
+        """An Int4Linear holding tensors already packed (a pre-quantized checkpoint, prequantized.py)."""
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features, self.group = in_features, packed.shape[0], group
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("minimum", minimum)
+        self.bias = bias
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if quantized_linear.takes(x):
             return quantized_linear.int4_linear(x, self.packed, self.scale, self.minimum, self.group, self.bias)
@@ -232,6 +244,16 @@ class Int8Embedding(torch.nn.Module):
             q[i:i + rows_at_once] = (rows / scale[i:i + rows_at_once, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.register_buffer("qdata", q)
         self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_quantized(cls, qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> "Int8Embedding":
+        """An Int8Embedding holding int8 rows and their scales (a pre-quantized checkpoint)."""
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self.dtype = dtype
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale", scale)
+        return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.qdata[ids].float() * self.scale[ids].unsqueeze(-1)).to(self.dtype)

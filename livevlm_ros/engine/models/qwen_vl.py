@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..hook.positions import grid_of_one_block, grid_of_wrapped_frames
-from . import quantize
+from . import prequantized
 from .base import DTYPES, ModelLoadError, TransformersLanguageModel, VideoLLMAdapter
 
 DEFAULT_GRID = 14         # tokens per side of a frame by default: 196, as LLaVA-OneVision's 384-px frame
@@ -73,12 +73,11 @@ class _QwenVL(TransformersLanguageModel, VideoLLMAdapter):
         from transformers import AutoTokenizer
 
         try:
-            model = getattr(transformers, cls.model_class).from_pretrained(
-                str(path), dtype=DTYPES[dtype], attn_implementation="sdpa")
+            model = prequantized.load(getattr(transformers, cls.model_class), path, device, weights, DTYPES[dtype],
+                                      attn_implementation="sdpa")
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load a {cls.model_type} checkpoint from {path}: {err}") from err
-        model = quantize.place(model, device, weights)
         proc_file = path / "preprocessor_config.json"
         processor_config = json.loads(proc_file.read_text()) if proc_file.exists() else {}
         return cls(model, tokenizer, processor_config, frame_pixels, sample_fps)

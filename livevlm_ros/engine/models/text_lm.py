@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import quantize
+from . import prequantized, quantize
 from .base import DTYPES, ModelLoadError, TransformersLanguageModel, VideoLLMAdapter
 
 
@@ -34,11 +34,14 @@ class TextLMAdapter(TransformersLanguageModel, VideoLLMAdapter):
         folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype],
-                                                         attn_implementation="sdpa", **extra)
+            if extra:                                 # a GGUF file: transformers dequantizes it
+                model = quantize.place(AutoModelForCausalLM.from_pretrained(
+                    str(folder), dtype=DTYPES[dtype], attn_implementation="sdpa", **extra), device, weights)
+            else:
+                model = prequantized.load(AutoModelForCausalLM, folder, device, weights, DTYPES[dtype],
+                                          attn_implementation="sdpa")
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load a causal LM from {path}: {err}") from err
-        model = quantize.place(model, device, weights)
         return cls(model, tokenizer, tokens_per_frame)
 
     def preprocess(self, frames: list[np.ndarray]) -> torch.Tensor:
