@@ -67,3 +67,25 @@ def test_a_saved_checkpoint_refuses_another_precision_or_dtype_with_the_reason(t
         load_adapter(str(dst), "cpu", "float32", weights="int8")
     with pytest.raises(ModelLoadError, match="saved at dtype float32"):
         load_adapter(str(dst), "cpu", "bfloat16", weights="int4")
+
+
+def test_a_text_model_with_a_tied_head_saves_and_loads(tmp_path):
+    """A causal LM whose lm_head is the token embedding (Qwen2-0.5B, SmolLM2): the int8 table is
+    saved once and the head reads it again after loading."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from livevlm_ros.tools.make_tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    dst = prequantized.save(tmp_path / "src", tmp_path / "int4", "int4", dtype="float32")
+    assert json.loads((dst / prequantized.MARKER).read_text())["aliases"]        # the table, once
+    reference = load_adapter(str(tmp_path / "src"), "cpu", "float32", weights="int4")
+    loaded = load_adapter(str(dst), "cpu", "float32", weights="int4")
+    head = loaded.model.get_output_embeddings()
+    assert type(head).__name__ == "Int8TiedHead" and head.embedding is loaded.model.get_input_embeddings()
+    torch.testing.assert_close(first_logits(loaded), first_logits(reference), rtol=0, atol=0)

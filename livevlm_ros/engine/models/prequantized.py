@@ -53,9 +53,12 @@ def load(model_class, path: Path, device, weights: str, dtype: torch.dtype, **fr
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
 
-    config = model_class.config_class.from_pretrained(str(path))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    build = getattr(model_class, "_from_config", None) or model_class.from_config      # a model class, or an Auto one
     with init_empty_weights(include_buffers=False):        # parameters without memory; small buffers made
-        model = model_class._from_config(config, dtype=dtype, **from_pretrained)
+        model = build(config, dtype=dtype, **from_pretrained)
     tensors = load_file(str(path / WEIGHTS_FILE))
     for alias, kept in saved["aliases"].items():
         tensors[alias] = tensors[kept]
