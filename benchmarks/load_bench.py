@@ -1,7 +1,7 @@
 """Host memory that loading takes: an ordinary bf16 checkpoint quantized while it loads (from_pretrained,
 then quantize.place) against the same checkpoint saved pre-quantized (models/prequantized.py). A
 Jetson's CPU and GPU share one memory, so the host's peak is what decides whether 7B loads in 16 GB.
-Each load runs in its own process; its peak resident memory (ru_maxrss) is reported.
+Each load runs in its own process; its peak resident memory (VmHWM) is reported.
 
     python3 benchmarks/load_bench.py --shape 1.5b --weights int4 --out results/cpu_load.json      # CPU, ~5 min
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,13 +48,30 @@ def build_model(path: str, shape: str):
 
 def child(path: str, weights: str) -> dict:
     """One load in this process: the adapter as the node would load it, on the CPU."""
+    import torch
+
     from livevlm_ros.engine.models import load_adapter
     start = time.perf_counter()
     adapter = load_adapter(path, "cpu", "bfloat16", weights=weights)
     seconds = time.perf_counter() - start
     int4 = sum(1 for m in adapter.model.modules() if type(m).__name__ == "Int4Linear")
-    return dict(seconds=seconds, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    after_load = peak_resident_bytes()
+    # tensors read from a file may still be pages on disk (memory-mapped): read every byte once, as
+    # the first answer would, and measure again
+    for t in adapter.model.state_dict().values():
+        for part in ((t.qdata, t.scale) if hasattr(t, "qdata") else (t,)):
+            part.contiguous().view(torch.uint8).max()          # touches every byte, allocates nothing
+    return dict(seconds=seconds, peak_rss_gb=after_load / 1e9, peak_rss_after_reading_gb=peak_resident_bytes() / 1e9,
                 int4_linears=int4)
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (VmHWM: its own; ru_maxrss would carry the parent's peak
+    across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main():
