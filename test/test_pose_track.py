@@ -55,8 +55,25 @@ def test_out_of_order_poses_find_their_place_and_a_jump_back_starts_over():
     assert track.add(10 * S, Pose(10.0, 0.0, 0.0)) == "kept"
     assert track.add(1 * S, Pose(5.0, 5.0, 0.0)) == "jump"                  # the bag again: starts over
     assert track.counts.pose_time_jumps == 1 and track.newest == 1 * S
-    assert track.at(10 * S) is None                          # the old timeline's poses are gone
     assert close(track.at(S), (5.0, 5.0, 0.0, 0, 0, 0, 1))
+    assert track.at(S // 2) is None                          # before the new timeline's first pose
+    assert track.at(5 * S) is None                           # in the old track's 8 s gap: unknown
+
+
+def test_a_frame_from_before_a_time_jump_ingested_after_it_finds_its_pose():
+    """A worker busy while the bag looped ingests the last pass's frame after the poses jumped back:
+    its stamp, far beyond the new timeline, is looked up in the track as it was before the jump."""
+    track = PoseTrack(max_gap_s=1.0, jump_tolerance_s=1.0)
+    for t in range(50, 61):
+        track.add(t * S, Pose(float(t), 0.0, 0.0))
+    for t in range(0, 3):                                     # the bag again
+        track.add(t * S, Pose(-float(t), 1.0, 0.0))
+    assert track.counts.pose_time_jumps == 1
+    assert close(track.at(59 * S + S // 2), (59.5, 0.0, 0.0, 0, 0, 0, 1))  # the frame of the last pass
+    assert close(track.at(1 * S), (-1.0, 1.0, 0.0, 0, 0, 0, 1))           # the new pass's own
+    assert track.at(45 * S) is None                           # before the old track too: unknown
+    track.add(60 * S, Pose(1.0, 2.0, 3.0))                    # the new pass reaches 60 s: its own pose now
+    assert close(track.at(60 * S), (1.0, 2.0, 3.0, 0, 0, 0, 1))
 
 
 def test_unstamped_poses_are_refused_and_old_ones_forgotten():

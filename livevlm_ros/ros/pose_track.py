@@ -11,7 +11,10 @@ geometry_msgs/PoseStamped or PoseWithCovarianceStamped (the node converts). Rule
               pose, and across a larger gap: unknown (None), never guessed;
   out of order a pose older than the newest (within the jump tolerance) is put in its place;
   time jumps  a pose stamped more than `jump_tolerance_s` before the newest (a bag replayed again):
-              the track is cleared and starts over from it, as the camera intake does for images;
+              the track starts over from it, as the camera intake does for images. The track before
+              the jump is kept for one kind of stamp: one more than `jump_tolerance_s` after the new
+              track's newest pose, which belongs to the time before the jump (a frame taken at the
+              end of the bag's last pass, ingested by a worker that was busy while the bag looped);
   stamp 0     an unset header stamp: refused and counted.
 Poses older than `keep_s` behind the newest are forgotten (images are sampled within seconds).
 """
@@ -41,6 +44,7 @@ class PoseTrack:
         self.max_gap, self.jump_tolerance, self.keep = (int(x * NS) for x in (max_gap_s, jump_tolerance_s, keep_s))
         self._stamps: list[int] = []
         self._poses: list[Pose] = []
+        self._before_jump: tuple[list[int], list[Pose]] = ([], [])
         self.counts = PoseCounts()
 
     @property
@@ -56,6 +60,7 @@ class PoseTrack:
         outcome = "kept"
         if self._stamps and stamp < self._stamps[-1] - self.jump_tolerance:
             self.counts.pose_time_jumps += 1
+            self._before_jump = (self._stamps, self._poses)
             self._stamps, self._poses = [], []
             outcome = "jump"
         at = bisect.bisect_right(self._stamps, stamp)
@@ -79,17 +84,21 @@ class PoseTrack:
         return pose
 
     def _lookup(self, stamp: int) -> Pose | None:
-        s = self._stamps
+        if self._stamps and stamp > self._stamps[-1] + self.jump_tolerance and self._before_jump[0]:
+            return self._lookup_in(*self._before_jump, stamp)          # from before the last time jump
+        return self._lookup_in(self._stamps, self._poses, stamp)
+
+    def _lookup_in(self, s: list[int], poses: list[Pose], stamp: int) -> Pose | None:
         if not s or stamp < s[0]:
             return None
         i = bisect.bisect_right(s, stamp) - 1          # s[i] <= stamp
         if s[i] == stamp:
-            return self._poses[i]
+            return poses[i]
         if i == len(s) - 1:                            # after the newest: held within the gap
-            return self._poses[i] if stamp - s[i] <= self.max_gap else None
+            return poses[i] if stamp - s[i] <= self.max_gap else None
         if s[i + 1] - s[i] > self.max_gap:
             return None
-        return interpolate(self._poses[i], self._poses[i + 1], (stamp - s[i]) / (s[i + 1] - s[i]))
+        return interpolate(poses[i], poses[i + 1], (stamp - s[i]) / (s[i + 1] - s[i]))
 
 
 def interpolate(a: Pose, b: Pose, t: float) -> Pose:
