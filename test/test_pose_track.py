@@ -72,8 +72,18 @@ def test_a_frame_from_before_a_time_jump_ingested_after_it_finds_its_pose():
     assert close(track.at(59 * S + S // 2), (59.5, 0.0, 0.0, 0, 0, 0, 1))  # the frame of the last pass
     assert close(track.at(1 * S), (-1.0, 1.0, 0.0, 0, 0, 0, 1))           # the new pass's own
     assert track.at(45 * S) is None                           # before the old track too: unknown
-    track.add(60 * S, Pose(1.0, 2.0, 3.0))                    # the new pass reaches 60 s: its own pose now
-    assert close(track.at(60 * S), (1.0, 2.0, 3.0, 0, 0, 0, 1))
+    track.add(49 * S, Pose(1.0, 2.0, 3.0))                    # the new pass reaches the old one's time:
+    assert track.at(55 * S) is None                           # the old track is gone, nothing guessed
+    assert close(track.at(49 * S), (1.0, 2.0, 3.0, 0, 0, 0, 1))
+
+
+def test_after_a_jump_a_frame_just_past_the_newest_pose_holds_it_even_with_no_jump_tolerance():
+    track = PoseTrack(max_gap_s=0.5, jump_tolerance_s=0.0)
+    for t in range(10, 21):
+        track.add(t * S, Pose(float(t), 0.0, 0.0))
+    track.add(1 * S, Pose(1.0, 0.0, 0.0))                     # a jump back
+    assert close(track.at(S + S // 5), (1.0, 0.0, 0.0, 0, 0, 0, 1))        # 0.2 s after: held, as without a jump
+    assert close(track.at(15 * S), (15.0, 0.0, 0.0, 0, 0, 0, 1))           # the pass before the jump's
 
 
 def test_unstamped_poses_are_refused_and_old_ones_forgotten():

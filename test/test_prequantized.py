@@ -67,6 +67,11 @@ def test_a_saved_checkpoint_refuses_another_precision_or_dtype_with_the_reason(t
         load_adapter(str(dst), "cpu", "float32", weights="int8")
     with pytest.raises(ModelLoadError, match="saved at dtype float32"):
         load_adapter(str(dst), "cpu", "bfloat16", weights="int4")
+    config = json.loads((dst / "config.json").read_text())      # a config the file does not fit
+    config["text_config"]["intermediate_size"] *= 2
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="does not fit its config"):
+        load_adapter(str(dst), "cpu", "float32", weights="int4")
 
 
 def test_a_text_model_with_a_tied_head_saves_and_loads(tmp_path):

@@ -12,9 +12,11 @@ geometry_msgs/PoseStamped or PoseWithCovarianceStamped (the node converts). Rule
   out of order a pose older than the newest (within the jump tolerance) is put in its place;
   time jumps  a pose stamped more than `jump_tolerance_s` before the newest (a bag replayed again):
               the track starts over from it, as the camera intake does for images. The track before
-              the jump is kept for one kind of stamp: one more than `jump_tolerance_s` after the new
-              track's newest pose, which belongs to the time before the jump (a frame taken at the
-              end of the bag's last pass, ingested by a worker that was busy while the bag looped);
+              the jump answers one kind of stamp: one the new track does not know, more than both
+              `jump_tolerance_s` and `max_gap_s` after its newest pose, which belongs to the time
+              before the jump (a frame taken at the end of the bag's last pass, ingested by a worker
+              that was busy while the bag looped). It is dropped once the new track reaches its
+              time, where it could only guess;
   stamp 0     an unset header stamp: refused and counted.
 Poses older than `keep_s` behind the newest are forgotten (images are sampled within seconds).
 """
@@ -72,6 +74,9 @@ class PoseTrack:
         old = bisect.bisect_left(self._stamps, self._stamps[-1] - self.keep)
         if old:
             del self._stamps[:old], self._poses[:old]
+        before = self._before_jump[0]
+        if before and self._stamps[-1] >= before[0] - self.jump_tolerance:
+            self._before_jump = ([], [])                 # the new pass reached the old one's time
         return outcome
 
     def at(self, stamp: int) -> Pose | None:
@@ -84,9 +89,11 @@ class PoseTrack:
         return pose
 
     def _lookup(self, stamp: int) -> Pose | None:
-        if self._stamps and stamp > self._stamps[-1] + self.jump_tolerance and self._before_jump[0]:
-            return self._lookup_in(*self._before_jump, stamp)          # from before the last time jump
-        return self._lookup_in(self._stamps, self._poses, stamp)
+        pose = self._lookup_in(self._stamps, self._poses, stamp)
+        if (pose is None and self._before_jump[0] and self._stamps
+                and stamp > self._stamps[-1] + max(self.jump_tolerance, self.max_gap)):
+            pose = self._lookup_in(*self._before_jump, stamp)           # from before the last time jump
+        return pose
 
     def _lookup_in(self, s: list[int], poses: list[Pose], stamp: int) -> Pose | None:
         if not s or stamp < s[0]:

@@ -60,11 +60,19 @@ def load(model_class, path: Path, device, weights: str, dtype: torch.dtype, **fr
     with init_empty_weights(include_buffers=False):        # parameters without memory; small buffers made
         model = build(config, dtype=dtype, **from_pretrained)
     tensors = load_file(str(path / WEIGHTS_FILE))
-    for alias, kept in saved["aliases"].items():
-        tensors[alias] = tensors[kept]
-    _put_quantized(model, tensors, saved, dtype)
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    try:
+        for alias, kept in saved["aliases"].items():
+            tensors[alias] = tensors[kept]
+        _put_quantized(model, tensors, saved, dtype)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except (KeyError, RuntimeError, ModelLoadError) as err:     # a tensor missing, or not the config's shape
+        raise ModelLoadError(f"{path}/{WEIGHTS_FILE} does not fit its config: {err}") from err
+    del tensors                                       # the file's CPU tensors go as the model moves
+    buffers = dict(model.named_buffers())
+    empty = [name for name, t in [*model.named_parameters(), *buffers.items()] if t.is_meta]
+    built = tuple(f"{name}." for name in [*saved["int4"], *saved["int8"], *saved["int8_embeddings"],
+                                          *saved["tied_heads"]])      # the quantized modules: made from the file
+    empty += [name for name in missing if name in buffers and not name.startswith(built)]    # the constructor's
     if unexpected or empty:
         raise ModelLoadError(f"{path}/{WEIGHTS_FILE} does not fit its config: unexpected {unexpected[:5]}, "
                              f"missing {empty[:5]}")
@@ -94,6 +102,13 @@ def save(src: Path, dst: Path, weights: str, dtype: str = "bfloat16") -> Path:
         elif isinstance(m, quantize.Int8TiedHead):
             saved["tied_heads"][name] = names[id(m.embedding)]
     tensors, kept_at = {}, {}
+    for name in saved["int8"]:                         # weight-only, symmetric, a scale per row: what loading rebuilds
+        w = model.get_submodule(name).weight
+        extra = [f for f in ("act_quant_scale", "act_quant_zero_point", "act_pre_scale", "act_quant_kwargs")
+                 if getattr(w, f, None) is not None]
+        zero = getattr(w, "zero_point", None)
+        if extra or (zero is not None and bool(zero.any())) or tuple(w.block_size) != (1, w.qdata.shape[1]):
+            raise ValueError(f"{name}: an int8 weight this format does not hold ({extra or 'zero point / blocks'})")
     for key, t in model.state_dict().items():
         parts = {f"{key}.qdata": t.qdata, f"{key}.scale": t.scale} if quantize.is_quantized(t) else {key: t}
         for k, v in parts.items():
@@ -119,6 +134,7 @@ def _put_quantized(model, tensors: dict, saved: dict, dtype: torch.dtype):
 
     for name, group in saved["int4"].items():
         linear = model.get_submodule(name)
+        _same_shape(name, (linear.out_features, linear.in_features // 2), tensors[f"{name}.packed"])
         bias = tensors.pop(f"{name}.bias", None)
         _replace(model, name, quantize.Int4Linear.from_packed(
             tensors.pop(f"{name}.packed"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.minimum"), group,
@@ -126,15 +142,22 @@ def _put_quantized(model, tensors: dict, saved: dict, dtype: torch.dtype):
     for name in saved["int8"]:
         linear = model.get_submodule(name)
         qdata, scale = tensors.pop(f"{name}.weight.qdata"), tensors.pop(f"{name}.weight.scale")
+        _same_shape(name, tuple(linear.weight.shape), qdata)
         weight = Int8Tensor(qdata, scale, [1, qdata.shape[1]], dtype)
         linear.weight = torch.nn.Parameter(weight, requires_grad=False)
     for name in saved["int8_embeddings"]:
+        _same_shape(name, tuple(model.get_submodule(name).weight.shape), tensors[f"{name}.qdata"])
         _replace(model, name, quantize.Int8Embedding.from_quantized(
             tensors.pop(f"{name}.qdata"), tensors.pop(f"{name}.scale"), dtype))
     for name, embedding in saved["tied_heads"].items():
         for key in (f"{name}.embedding.qdata", f"{name}.embedding.scale"):
             tensors.pop(key, None)
         _replace(model, name, quantize.Int8TiedHead(model.get_submodule(embedding)))
+
+
+def _same_shape(name: str, expected: tuple, saved: torch.Tensor):
+    if tuple(saved.shape) != expected:
+        raise ModelLoadError(f"{name}: the file holds {tuple(saved.shape)}, the config makes {expected}")
 
 
 def _replace(model, name: str, module: torch.nn.Module):

@@ -55,7 +55,8 @@ def merge(linears: list) -> Callable[[torch.Tensor], torch.Tensor | None] | None
                     m.weight.data = rows
                 _share_bias(linears, bias)
             return functools.partial(torch.nn.functional.linear, weight=both, bias=bias)
-        if type(w0).__name__ == "Int8Tensor" and w0.qdata.is_cuda:               # weights: int8
+        if type(w0).__name__ == "Int8Tensor" and w0.qdata.is_cuda and all(_weight_only_int8(w) for w in weights):
+            # weights: int8
             q, scale = torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights])
             sizes = [w.qdata.shape[0] for w in weights]
             for w, q_rows, s_rows in zip(weights, q.split(sizes), scale.split(sizes)):
@@ -63,7 +64,9 @@ def merge(linears: list) -> Callable[[torch.Tensor], torch.Tensor | None] | None
             _share_bias(linears, bias)
             return functools.partial(_quantized_product, q, scale.reshape(1, -1), None, 0, bias)
         return None
-    if type(first).__name__ == "Int4Linear" and first.packed.is_cuda and all(m.group == first.group for m in linears):
+    if (type(first).__name__ == "Int4Linear" and first.packed.is_cuda
+            and all((m.group, m.in_features, m.scale.dtype) == (first.group, first.in_features, first.scale.dtype)
+                    for m in linears)):
         packed = torch.cat([m.packed for m in linears])                        # weights: int4
         scale, minimum = torch.cat([m.scale for m in linears], 1), torch.cat([m.minimum for m in linears], 1)
         sizes = [m.packed.shape[0] for m in linears]
@@ -107,6 +110,12 @@ class QueryKeyValue:
         if held is not None and held[0] is x:
             return held[2]
         return self._own(self._v, x)
+
+
+def _weight_only_int8(w) -> bool:
+    """A torchao Int8Tensor the int8 kernel computes: weight-only, a scale per output row."""
+    return (w.qdata.dim() == 2 and getattr(w, "act_quant_kwargs", 1) is None
+            and getattr(w, "act_pre_scale", 1) is None and tuple(w.block_size) == (1, w.qdata.shape[1]))
 
 
 def _share_bias(linears, bias):
