@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..cuda.kernels import quantized_linear
 from . import quantize
 from .base import ModelLoadError
 
@@ -104,11 +105,10 @@ def save(src: Path, dst: Path, weights: str, dtype: str = "bfloat16") -> Path:
     tensors, kept_at = {}, {}
     for name in saved["int8"]:                         # weight-only, symmetric, a scale per row: what loading rebuilds
         w = model.get_submodule(name).weight
-        extra = [f for f in ("act_quant_scale", "act_quant_zero_point", "act_pre_scale", "act_quant_kwargs")
-                 if getattr(w, f, None) is not None]
         zero = getattr(w, "zero_point", None)
-        if extra or (zero is not None and bool(zero.any())) or tuple(w.block_size) != (1, w.qdata.shape[1]):
-            raise ValueError(f"{name}: an int8 weight this format does not hold ({extra or 'zero point / blocks'})")
+        if not quantized_linear.weight_only_int8(w) or (zero is not None and bool(zero.any())):
+            raise ValueError(f"{name}: an int8 weight this format does not hold (activation scales, a zero "
+                             f"point or blocks other than a row)")
     for key, t in model.state_dict().items():
         parts = {f"{key}.qdata": t.qdata, f"{key}.scale": t.scale} if quantize.is_quantized(t) else {key: t}
         for k, v in parts.items():

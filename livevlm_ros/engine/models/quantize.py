@@ -98,7 +98,7 @@ def apply(adapter, weights: str) -> int:
         raise ModelLoadError(f"weights {weights}: none of the language model's {total} Linears could "
                              f"be quantized (int4 needs input sizes divisible by 32)")
     adapter.weights = weights
-    adapter.rebuild_fused_layers()        # the gate/up merge was made from the unquantized weights
+    adapter.rebuild_fused_layers()        # the gate/up and q/k/v merges were made from the unquantized weights
     # full-size weights left in reference cycles stay on the device until the collector happens to
     # run: torchao's int4 conversion left 7.9 GB at 7B (H200); collect them now
     gc.collect()

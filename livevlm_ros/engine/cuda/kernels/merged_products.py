@@ -35,13 +35,8 @@ def merge(linears: list) -> Callable[[torch.Tensor], torch.Tensor | None] | None
     first = linears[0]
     if any(type(m) is not type(first) for m in linears):
         return None
-    biases = [getattr(m, "bias", None) for m in linears]
-    if any((b is None) != (biases[0] is None) for b in biases):
+    if any((getattr(m, "bias", None) is None) != (getattr(first, "bias", None) is None) for m in linears):
         return None
-    bias = None
-    if biases[0] is not None:
-        with torch.no_grad():
-            bias = torch.cat([b.detach() for b in biases])
     if type(first) is torch.nn.Linear:
         weights = [m.weight for m in linears]
         w0 = weights[0]
@@ -53,16 +48,15 @@ def merge(linears: list) -> Callable[[torch.Tensor], torch.Tensor | None] | None
                 both = torch.cat([w.detach() for w in weights])
                 for m, rows in zip(linears, both.split([w.shape[0] for w in weights])):
                     m.weight.data = rows
-                _share_bias(linears, bias)
-            return functools.partial(torch.nn.functional.linear, weight=both, bias=bias)
-        if type(w0).__name__ == "Int8Tensor" and w0.qdata.is_cuda and all(_weight_only_int8(w) for w in weights):
+            return functools.partial(torch.nn.functional.linear, weight=both, bias=_merged_bias(linears))
+        if (type(w0).__name__ == "Int8Tensor" and w0.qdata.is_cuda
+                and all(quantized_linear.weight_only_int8(w) for w in weights)):
             # weights: int8
             q, scale = torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights])
             sizes = [w.qdata.shape[0] for w in weights]
             for w, q_rows, s_rows in zip(weights, q.split(sizes), scale.split(sizes)):
                 w.qdata, w.scale = q_rows, s_rows
-            _share_bias(linears, bias)
-            return functools.partial(_quantized_product, q, scale.reshape(1, -1), None, 0, bias)
+            return functools.partial(_quantized_product, q, scale.reshape(1, -1), None, 0, _merged_bias(linears))
         return None
     if (type(first).__name__ == "Int4Linear" and first.packed.is_cuda
             and all((m.group, m.in_features, m.scale.dtype) == (first.group, first.in_features, first.scale.dtype)
@@ -72,8 +66,7 @@ def merge(linears: list) -> Callable[[torch.Tensor], torch.Tensor | None] | None
         sizes = [m.packed.shape[0] for m in linears]
         for m, p, s, z in zip(linears, packed.split(sizes), scale.split(sizes, 1), minimum.split(sizes, 1)):
             m.packed, m.scale, m.minimum = p, s, z
-        _share_bias(linears, bias)
-        return functools.partial(_quantized_product, packed, scale, minimum, first.group, bias)
+        return functools.partial(_quantized_product, packed, scale, minimum, first.group, _merged_bias(linears))
     return None
 
 
@@ -112,17 +105,15 @@ class QueryKeyValue:
         return self._own(self._v, x)
 
 
-def _weight_only_int8(w) -> bool:
-    """A torchao Int8Tensor the int8 kernel computes: weight-only, a scale per output row."""
-    return (w.qdata.dim() == 2 and getattr(w, "act_quant_kwargs", 1) is None
-            and getattr(w, "act_pre_scale", 1) is None and tuple(w.block_size) == (1, w.qdata.shape[1]))
-
-
-def _share_bias(linears, bias):
-    """Each Linear's bias becomes a view of its part of the merged one."""
-    if bias is not None:
+def _merged_bias(linears) -> torch.Tensor | None:
+    """The Linears' biases in one tensor, each Linear's bias becoming a view of its part (None: none)."""
+    if linears[0].bias is None:
+        return None
+    with torch.no_grad():
+        bias = torch.cat([m.bias.detach() for m in linears])
         for m, rows in zip(linears, bias.split([m.bias.shape[0] for m in linears])):
             m.bias.data = rows
+    return bias
 
 
 def _quantized_product(q, scale, minimum, group, bias, x):

@@ -49,11 +49,17 @@ def takes(x: torch.Tensor) -> bool:
 
 
 def int8_fits(x: torch.Tensor, weight) -> bool:
-    """x [..., K] (takes) and a torchao Int8Tensor weight [N, K], per-row symmetric, weight-only."""
+    """x [..., K] (takes) and a torchao Int8Tensor weight [N, K] (weight_only_int8)."""
+    return (takes(x) and weight_only_int8(weight) and weight.qdata.stride(1) == 1
+            and x.shape[-1] == weight.qdata.shape[1])
+
+
+def weight_only_int8(weight) -> bool:
+    """A torchao Int8Tensor in the form the int8 kernels compute: int8 [N, K], one scale per output
+    row, no activation quantization (what the merges and pre-quantized checkpoints also require)."""
     q = getattr(weight, "qdata", None)
-    return (takes(x) and q is not None
-            and q.dtype == torch.int8 and q.dim() == 2 and q.stride(1) == 1 and x.shape[-1] == q.shape[1]
-            and getattr(weight, "act_quant_kwargs", 1) is None and getattr(weight, "act_pre_scale", 1) is None
+    return (q is not None and q.dtype == torch.int8 and q.dim() == 2
+            and all(getattr(weight, f, 1) is None for f in ("act_quant_kwargs", "act_pre_scale"))
             and tuple(weight.block_size) == (1, q.shape[1]))
 
 
@@ -319,7 +325,7 @@ if triton is not None:
     # LOP3 (_field_as_float). The 2^e sum(x) that this adds is the same for every output: subtracted once a
     # group. What is left a value is one LOP3, one FMA and half a shift, and the SM's integer pipe
     # (64 a clock) and its issue rate (128 a clock) are the limits, not the bytes: every instruction
-    # in the loop counts (its SASS is counted offline, benchmarks/kernels_interpreted.py --sass).
+    # in the loop counts (its SASS is counted offline: benchmarks/kernel_sass.py).
 
     @triton.jit
     def _field_as_float(b, MASK: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
