@@ -140,7 +140,7 @@ def main():
             0, scores.topk(256).indices, True)),
         top_fused_us=graph_us(lambda: page_kernels.top_pages(scores, 256)))
     print("pages", json.dumps(out["pages"]), flush=True)
-    del tier_all, order
+    tier_all = order = None                 # frees the GPU memory (a del would leave the closures unbound)
 
     # -- one answer token's attention over a 5,184-token context in a 6,144-slot buffer
     ak, av = torch.randn(1, H, 6144, D, device=dev, dtype=dt), torch.randn(1, H, 6144, D, device=dev, dtype=dt)
