@@ -140,7 +140,8 @@ class Client:
         raise TimeoutError(f"waited {timeout} s for the frame to take effect: {self.node_status(namespace)}")
 
     def settled(self, namespace: str = "", quiet_s: float = 1.0, timeout: float = 30.0) -> dict:
-        """The node's status once it has dealt with every frame it received: nothing queued and
+        """The node's status once it has dealt with every frame it received: nothing queued, no
+        sample in the worker's hands (one taken off the queue is ingested after it) and
         frames_received unchanged for quiet_s. Best-effort delivery may lose frames, so tests
         count what the node received (its own counters), never what was sent."""
         last, since = None, time.monotonic()
@@ -150,7 +151,8 @@ class Client:
             key = s and (s.get("frames_received"), s.get("frames_ingested"), s.get("frames_queued"))
             if key != last:
                 last, since = key, time.monotonic()
-            elif s and s.get("frames_queued") == "0" and time.monotonic() - since >= quiet_s:
+            elif (s and s.get("frames_queued") == "0" and s.get("worker_doing") != "sample"
+                  and time.monotonic() - since >= quiet_s):
                 return s
             time.sleep(0.05)
         raise TimeoutError(f"waited {timeout} s for the node to settle: {self.node_status(namespace)}")

@@ -3,6 +3,7 @@ answers questions about a place with evidence a planner can drive to, narrates w
 newest frame, refuses bad places, and says by name when the pose topic stops or jumps back."""
 
 import math
+import threading
 import time
 
 import pytest
@@ -37,7 +38,7 @@ def near(x: float, y: float, frame: str = "map") -> PointStamped:
 def test_poses_in_memory_questions_about_a_place_and_a_pose_topic_that_stops(client, start, tiny_model_path):  # noqa: F811
     node = start(node_params(tiny_model_path, sample_fps=2.0, evidence_frames=4, frame_queue_size=64,
                              budget_tokens=-1, policy="full", pose_source="topic", pose_topic="/odom",
-                             max_pose_gap_s=0.6, stale_camera_s=1.0, narration_period_s=0.5))
+                             max_pose_gap_s=0.6, pose_wait_s=1.0, stale_camera_s=1.0, narration_period_s=0.5))
     client.wait_ready(node)
     odom = client.node.create_publisher(Odometry, "/odom", qos_profile_sensor_data)
     client.wait_for(lambda: odom.get_subscription_count(), 10, "the node's pose subscription")
@@ -83,14 +84,27 @@ def test_poses_in_memory_questions_about_a_place_and_a_pose_topic_that_stops(cli
         r = client.query(QUESTION, **request)
         assert not r.success and reason in r.error_message, (request, r.error_message)
 
+    # a frame whose poses come after it (odometry's latency, a busy host): it waits for them (pose_wait_s)
+    # and takes the pose interpolated at its stamp. Taken at 107.8 s, 0.8 s past the newest pose (107.0),
+    # it would be unknown without the wait (past max_pose_gap_s).
+    before = int(client.node_status()["frames_with_pose"])
+    odom.publish(odometry(107.0))                         # odometry still coming (the same instant again)
+    client.wait_for(lambda: "no pose for" not in client.node_status()["message"], 5, "the pose topic live")
+    late_poses = threading.Timer(0.3, lambda: [odom.publish(odometry(t)) for t in (107.5, 108.0, 108.5)])
+    late_poses.start()
+    client.feed(client.image(107.8), until=lambda s: int(s["frames_with_pose"]) > before, timeout=5.0)
+    late_poses.join()
+    a = client.query(QUESTION, near=near(7.8, 0.0), radius_m=0.05)
+    assert a.success and [round(e.pose.pose.position.x, 6) for e in a.evidence] == [7.8], (a.error_message, a.evidence)
+
     # the pose topic stops: later frames have no pose (past max_pose_gap_s), and diagnostics say so
     for k in range(1, 5):
-        client.feed(client.image(107.0 + k / 2))
+        client.feed(client.image(109.0 + k / 2))
     s = client.settled()
     assert int(s["frames_without_pose"]) >= 3, s
     client.wait_for(lambda: "pose topic /odom: no pose for" in client.node_status()["message"], 10,
                     "a WARN naming the pose topic")
-    late = client.query(QUESTION, near=near(8.5, 0.0), radius_m=0.5)
+    late = client.query(QUESTION, near=near(10.5, 0.0), radius_m=0.5)
     assert not late.success and "keeps nothing" in late.error_message          # unknown, never guessed
 
     # a pose stamped far back (the bag again): the track starts over, counted

@@ -21,6 +21,7 @@ def report(core) -> tuple[int, str, dict]:
                               "loading" if core.loading else "unconfigured",
                     "worker_alive": bool(worker and worker.alive()),
                     "answering": bool(worker and worker.answering()),
+                    "worker_doing": worker.doing if worker else "nothing",   # a sample taken off the queue shows here
                     "callback_errors": core.callback_errors}
     if work is not None:
         with work.lock:

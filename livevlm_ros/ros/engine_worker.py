@@ -55,6 +55,7 @@ class EngineWorker:
         self._running = False
         self._stop_reason = ""
         self._current: QueryJob | None = None     # the question being answered
+        self.doing = "idle"                        # the job in hand: sample, query, narration, control or idle
         self._thread: threading.Thread | None = None
         self._types = {t: image_type(t) for t in topics}
 
@@ -101,10 +102,13 @@ class EngineWorker:
                 if reset:
                     self.engine.reset()
                     self.counts.memory_resets += 1
+                self.doing = kind
                 handlers[kind](job)
                 self.last_error = None
             except Exception as err:               # noqa: BLE001 - no silent death: report and go on
                 self._failed(kind, job, err)
+            finally:
+                self.doing = "idle"
             try:
                 self.stats = self.engine.stats()
             except Exception:                      # noqa: BLE001 - diagnostics keep the last stats

@@ -65,6 +65,9 @@ NODE_PARAMETERS = [
     ("max_pose_gap_s", 0.5, "A frame between two poses further apart than this, or this much newer than the "
      "newest, has no pose (interpolated between the two around its stamp, held after the newest, never "
      "extrapolated).", _float(0.0, 60.0)),
+    ("pose_wait_s", 0.2, "How long (wall seconds) a frame newer than every pose waits for the pose topic (or "
+     "tf) to reach its stamp: poses often arrive after their image. Only while poses are coming (one within "
+     "stale_camera_s); 0 = never wait.", _float(0.0, 5.0)),
     ("memory_file", "", "safetensors file memory is loaded from at start (if it exists) and saved to on a clean "
      "shutdown and by ~/save_memory; '' = none. A file made for another model or memory setting is refused."),
     ("model_path", "", "Local folder of a from_pretrained Video LLM checkpoint: LLaVA-OneVision, Qwen2.5-VL or "

@@ -43,11 +43,16 @@ class PoseCounts:
 
 class PoseTrack:
     def __init__(self, max_gap_s: float = 0.5, jump_tolerance_s: float = 1.0, keep_s: float = 30.0):
-        self.max_gap, self.jump_tolerance, self.keep = (int(x * NS) for x in (max_gap_s, jump_tolerance_s, keep_s))
+        self.keep = int(keep_s * NS)
+        self.set_tolerances(max_gap_s, jump_tolerance_s)
         self._stamps: list[int] = []
         self._poses: list[Pose] = []
         self._before_jump: tuple[list[int], list[Pose]] = ([], [])
         self.counts = PoseCounts()
+
+    def set_tolerances(self, max_gap_s: float, jump_tolerance_s: float):
+        """The two rules' seconds (parameters a running node may change)."""
+        self.max_gap, self.jump_tolerance = int(max_gap_s * NS), int(jump_tolerance_s * NS)
 
     @property
     def newest(self) -> int | None:

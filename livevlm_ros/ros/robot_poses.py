@@ -7,7 +7,11 @@
   tf     the transform from `fixed_frame` to each image's header.frame_id at its stamp (the camera's
          own pose), when tf2_ros is importable. Not exercised here: no tf2_ros wheel exists for these
          machines (README says so).
-Either way a frame whose pose cannot be had is unknown (None), never guessed.
+Either way a frame whose pose cannot be had is unknown (None), never guessed. Poses often arrive
+after the image they belong to (odometry has its own latency; a loaded host delays one executor
+more than the other), so a frame newer than every pose waits up to `pose_wait_s` for one, as a tf2
+lookup waits with a timeout; only while poses are coming (one within `stale_camera_s`), so a
+stopped pose topic costs no frame a wait.
 """
 
 from __future__ import annotations
@@ -48,11 +52,12 @@ class TopicPoses:
     """Poses from a topic: `pose_at(stamp_ns, frame_id)` for the worker thread, fed by a subscription."""
 
     def __init__(self, node, params: dict, guard):
-        self.topic, self.fixed_frame = params["pose_topic"], params["fixed_frame"]
+        self.p, self.topic, self.fixed_frame = params, params["pose_topic"], params["fixed_frame"]
         self.track = PoseTrack(params["max_pose_gap_s"], params["time_jump_tolerance_s"])
         self.refused_frame = self.refused_invalid = 0
         self.last_wall: float | None = None          # steady-clock seconds of the last pose received
         self._lock = threading.Lock()                # the executor adds, the engine worker reads
+        self._arrived = threading.Condition(self._lock)
         # raw: the stamp, frame and pose are read from the bytes (pose_from_cdr), not a built message
         self._type = _message_type(params["pose_topic_type"])
         self._odometry = params["pose_topic_type"] == "odometry"
@@ -90,13 +95,26 @@ class TopicPoses:
         except ValueError:
             self.refused_invalid += 1
             return
-        with self._lock:
+        with self._arrived:
             self.track.add(stamp, pose)
             self.last_wall = time.monotonic()
+            self._arrived.notify_all()
 
     def pose_at(self, stamp: int, frame_id: str = "") -> Pose | None:
-        with self._lock:
+        """The pose at `stamp` (the engine worker's thread); waits up to pose_wait_s for poses that
+        reach it, while the topic is live."""
+        deadline = time.monotonic() + self.p["pose_wait_s"]
+        with self._arrived:
+            self.track.set_tolerances(self.p["max_pose_gap_s"], self.p["time_jump_tolerance_s"])
+            while self._ahead_of_poses(stamp) and (left := deadline - time.monotonic()) > 0:
+                self._arrived.wait(left)
             return self.track.at(stamp)
+
+    def _ahead_of_poses(self, stamp: int) -> bool:
+        """Whether `stamp` is newer than every pose while poses are still coming."""
+        newest, last = self.track.newest, self.last_wall
+        return (newest is not None and stamp > newest and last is not None
+                and time.monotonic() - last < self.p["stale_camera_s"])
 
     def status(self, stale_s: float) -> tuple[dict, str | None]:
         """Diagnostics values, and a warning when the topic went quiet (or never spoke)."""
@@ -129,22 +147,28 @@ class TfPoses:
     def __init__(self, node, params: dict):
         import tf2_ros                               # noqa: F401 - only where it is installed
 
-        self.fixed_frame = params["fixed_frame"]
+        self.p, self.fixed_frame = params, params["fixed_frame"]
         self.buffer = tf2_ros.Buffer()
         self.listener = tf2_ros.TransformListener(self.buffer, node)
         self.known = self.unknown = 0
         self.last_error: str | None = None
+        self._last_found = False    # wait only while lookups find transforms (a frame tf never has costs no wait)
 
     def pose_at(self, stamp: int, frame_id: str = "") -> Pose | None:
+        from rclpy.duration import Duration
         from rclpy.time import Time
 
+        wait = Duration(seconds=self.p["pose_wait_s"] if self._last_found else 0.0)
         try:
-            t = self.buffer.lookup_transform(self.fixed_frame, frame_id, Time(nanoseconds=stamp)).transform
+            t = self.buffer.lookup_transform(self.fixed_frame, frame_id, Time(nanoseconds=stamp),
+                                             timeout=wait).transform
         except Exception as err:                    # noqa: BLE001 - tf2's lookup errors: unknown, never guessed
             self.unknown += 1
             self.last_error = f"{type(err).__name__}: {err}"
+            self._last_found = False
             return None
         self.known += 1
+        self._last_found = True
         return Pose(t.translation.x, t.translation.y, t.translation.z,
                     t.rotation.x, t.rotation.y, t.rotation.z, t.rotation.w)
 
