@@ -79,13 +79,16 @@ def main():
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--int8", action="store_true", help="the int8 kernel (BN outputs, BW words a step)")
     ap.add_argument("--bw", type=int, default=64)
+    ap.add_argument("--prefetch", action="store_true", help="PREFETCH: the next step's words loaded first")
     args = ap.parse_args()
     if args.int8:
-        kernel, constexprs = ql._gemv_int8_kernel, dict(BN=args.bn, BW=args.bw, SPLIT=False, EVEN=True, ASM=True)
+        kernel, constexprs = ql._gemv_int8_kernel, dict(BN=args.bn, BW=args.bw, SPLIT=False, EVEN=True, ASM=True,
+                                                      PREFETCH=args.prefetch)
         values, rate = args.bn * args.bw * 4 / (args.warps * 32), 16.2     # weight values a thread takes a step
     else:
         kernel = ql._gemv_int4_kernel
-        constexprs = dict(W=args.group // 8, BN=args.bn, GPS=args.gps, SPLIT=False, EVEN=True, ASM=True)
+        constexprs = dict(W=args.group // 8, BN=args.bn, GPS=args.gps, SPLIT=False, EVEN=True, ASM=True,
+                          PREFETCH=args.prefetch)
         values, rate = args.bn * args.gps * args.group / (args.warps * 32), 32.4
     text, registers = sass(kernel, constexprs, args.warps)
     loop = max(blocks(text), key=lambda b: len(b[1]))[1]                 # the step's block is the largest

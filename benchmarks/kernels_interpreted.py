@@ -153,6 +153,10 @@ def check_quantized_linear():
                             (1, 256, 1024, dict(BN=64, GPS=2, SPLIT_K=2)),      # EVEN: no masks
                             (1, 200, 512, dict(BN=64, BW=16, SPLIT_K=3)),       # int8's word kernel
                             (1, 256, 1024, dict(BN=64, BW=32, SPLIT_K=2)),      # ... EVEN
+                            (1, 72, 1024, dict(BN=32, GPS=2, SPLIT_K=3, PREFETCH=True)),   # the next step's
+                            (1, 256, 1024, dict(BN=64, GPS=2, SPLIT_K=2, PREFETCH=True)),  # words loaded
+                            (1, 200, 512, dict(BN=64, BW=16, SPLIT_K=3, PREFETCH=True)),   # before this
+                            (1, 256, 1024, dict(BN=64, BW=32, SPLIT_K=2, PREFETCH=True)),  # step's sums
                             (24, 64, 1024, None),                  # int4: FACTORED tiles
                             (9, 40, 512, dict(BM=16, BN=32, SPLIT_K=2, FACTORED=True)),   # BK: a group's bytes
                             (7, 96, 768, dict(BM=16, BN=16, BK=128, SPLIT_K=4)),
@@ -160,7 +164,8 @@ def check_quantized_linear():
                             (70, 48, 384, dict(BM=64, BN=32, BK=64, SPLIT_K=1)),
                             (70, 48, 384, None)):                  # more than MAX_ROWS: dequantized, then cuBLAS
         x = torch.randn(rows, K).half()                       # the interpreter's bf16 is not a GPU's (above)
-        how = f"split {cfg['SPLIT_K']}" if cfg else "default" if rows <= ql.MAX_ROWS else "dequantized"
+        how = (f"split {cfg['SPLIT_K']}{', prefetched' if cfg.get('PREFETCH') else ''}" if cfg
+               else "default" if rows <= ql.MAX_ROWS else "dequantized")
         name = f"{rows} rows x [{N}, {K}], {how}"
         for group in (() if cfg and "BW" in cfg else (128, 64, 32)):
             packed, s, z = ql.pack_int4(torch.randn(N, K).half(), group)

@@ -44,6 +44,7 @@ def log(*a):
 def do_bench(fn, rep=20):
     import triton.testing as tt
     fn()                                                                       # compiled before the capture
+    torch.cuda.synchronize()            # do_bench_cudagraph starts on its own stream without waiting for this one
     return tt.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3      # us
 
 
@@ -52,11 +53,12 @@ def sweep(M: int, bits: int) -> list[dict]:
     if M > ql.MAX_ROWS:
         return []                                  # dequantized, then cuBLAS
     if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config), and
-        return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3)      # (the FACTORED tiles lost to
-                for bn, gps, sk, w in itertools.product((128, 256, 512), (1, 2), (1, 2, 4, 8), (4, 8))]  # it, 12-06)
+        return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3, PREFETCH=pf)   # (the FACTORED tiles
+                for bn, gps, sk, w, pf in itertools.product((128, 256), (1, 2), (1, 2, 4, 8), (4, 8),   # lost to it,
+                                                            (False, True))]                            # 12-06)
     if M == 1:                                     # int8's word kernel (quantized_linear.gemv_int8_config)
-        return [dict(BN=bn, BW=bw, SPLIT_K=sk, num_warps=4, num_stages=3)
-                for bn, bw, sk in itertools.product((32, 64, 128), (32, 64, 128), (1, 2, 4, 8))]
+        return [dict(BN=bn, BW=bw, SPLIT_K=sk, num_warps=4, num_stages=3, PREFETCH=pf)
+                for bn, bw, sk, pf in itertools.product((32, 64), (64, 128), (1, 2, 4, 8), (False, True))]
     factored = [] if bits == 8 else [dict(BM=16 if M <= 16 else 64, BN=bn, BK=64, SPLIT_K=sk, num_warps=w,
                                           num_stages=3, FACTORED=True)
                                      for bn, sk, w in itertools.product((32, 64, 128), (1, 2, 4, 8), (4, 8))]
@@ -196,7 +198,26 @@ def main():
                         except Exception as err:   # noqa: BLE001 - keep the other rows
                             log(f"!! {shape} {name} M={M} {bits}: {type(err).__name__}: {err}")
                         torch.cuda.empty_cache()
+                results["overall"] = overall(results["rows"])
                 (args.out / "linear.json").write_text(json.dumps(results, indent=1, default=str))
+    log(f"one-row settings best over every swept shape: {json.dumps(results.get('overall', {}))}")
+
+
+def overall(rows) -> dict:
+    """Per precision, the one-row setting whose time over the best of each swept shape is lowest on
+    average (over the shapes where every setting ran): what gemv_config / gemv_int8_config should
+    take for every shape (precision_bench --gemv-from measures decode with it)."""
+    chosen = {}
+    for bits in (4, 8):
+        swept = [r for r in rows if r["bits"] == bits and r["M"] == 1 and r.get("tried")]
+        ratios: dict[str, list[float]] = {}
+        for r in swept:
+            for cfg, us in r["tried"]:
+                ratios.setdefault(json.dumps(cfg, sort_keys=True), []).append(us / r["best_us"])
+        full = {c: sum(v) / len(v) for c, v in ratios.items() if len(v) == len(swept)}
+        if full:
+            chosen[str(bits)] = json.loads(min(full, key=full.get))
+    return chosen
 
 
 if __name__ == "__main__":

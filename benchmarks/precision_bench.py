@@ -207,6 +207,19 @@ def bench_load(shape, device, dtype, weights, placed: bool) -> dict:
     return out
 
 
+def use_gemv_settings(path: Path):
+    """One-row settings that a linear_bench sweep chose, for every shape, in place of the defaults:
+    decode measured with them in the call that chose them, before they become the defaults."""
+    from livevlm_ros.engine.cuda.kernels import quantized_linear as ql
+    overall = json.loads(path.read_text())["overall"]
+    int4, int8 = overall.get("4"), overall.get("8")
+    if int4:
+        ql.gemv_config = lambda N, K, group: dict(int4)
+    if int8:
+        ql.gemv_int8_config = lambda N, K: dict(int8)
+    log(f"one-row settings from {path}: int4 {int4}, int8 {int8}")
+
+
 def table(results) -> str:
     lines = ["shape weights kv | resident GB (device used) | TTFT ms | decode tok/s (x bf16) | ingest ms/frame"]
     for shape, by_w in results["rows"].items():
@@ -235,7 +248,11 @@ def main():
     ap.add_argument("--no-sized", action="store_true", help="skip the gpu_memory_budget_gb run")
     ap.add_argument("--load", action="store_true", help="only what loading takes: placed from the CPU or not")
     ap.add_argument("--load-row", default="", help="shape:weights:placed|device: one load (a child process)")
+    ap.add_argument("--gemv-from", type=Path, help="a linear_bench linear.json: its one-row settings chosen over "
+                    "every shape ('overall') replace gemv_config / gemv_int8_config in every row")
     args = ap.parse_args()
+    if args.gemv_from:
+        use_gemv_settings(args.gemv_from)
     args.out.mkdir(parents=True, exist_ok=True)
     torchao_from = ensure_torchao()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -280,6 +297,7 @@ def main():
             results["rows"][shape][weights] = {}
             for kv in kvs:                         # each row in a fresh process: its memory is its own
                 child = [sys.executable, __file__, "--out", str(args.out), "--row", f"{shape}:{weights}:{kv}"]
+                child += ["--gemv-from", str(args.gemv_from)] if args.gemv_from else []
                 subprocess.run(child + (["--tiny"] if args.tiny else []), check=False)
                 part = args.out / f"row_{shape}_{weights}_{kv}.json"
                 results["rows"][shape][weights][kv] = (json.loads(part.read_text()) if part.exists()

@@ -1,31 +1,53 @@
 #!/usr/bin/env bash
-# Every GPU step of issue 22 in one device call (carry .bench/wheels: torchao for the GPU machine,
-# which has no registry):
-#   bash benchmarks/precision_on_device.sh [--shapes 7b,0.5b]  -> $OUT/merged.json, $OUT/precision/*, $OUT/linear/*
-# In order: merged_on_device.py checks the merged q/k/v and gate/up products (~1 min); precision_bench.py
-# (the arguments go to it); LOAD=1 adds what loading takes on the device (precision_bench --load: 7B
-# int4 and int8 built on the device against placed from the CPU one Linear at a time); last the
-# products alone (linear_bench.py; LINEAR_ARGS passes it options), in what is left of LINEAR_BUDGET
-# seconds (default 560) since the start, so a call that runs short still brings the decode figures.
-# SKIP_PRECISION=1 / SKIP_LINEAR=1 leave those parts out.
+# Every GPU step of issue 22 in one device call (carry .bench: .bench/wheels holds torchao for the GPU
+# machine, which has no registry; .bench/old_quantized_linear.py, if there, is timed beside):
+#   bash benchmarks/precision_on_device.sh [--shapes 7b,0.5b]  -> $OUT/*.json, $OUT/*.txt (8 files at most)
+# In order: merged_on_device.py checks the merged q/k/v and gate/up products and streams_on_device.py
+# split products on two streams (~1 min); precision_bench.py (the arguments go to it); LOAD=1 adds
+# what loading takes on the device (precision_bench --load); last the products alone (linear_bench.py;
+# LINEAR_ARGS passes it options), in what is left of LINEAR_BUDGET seconds (default 560) since the
+# start, so a call that runs short still brings the decode figures. TUNE=1 runs the products first
+# and precision_bench twice: with the defaults, and with the one-row settings the sweep chose
+# (--gemv-from). SKIP_PRECISION=1 / SKIP_LINEAR=1 / SKIP_CHECKS=1 leave those parts out. Every
+# part writes under $WORK (default /tmp/work); what comes back is copied to $OUT at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/out}"
-mkdir -p "$out/linear" "$out/precision" "$out/load"
+work="${WORK:-/tmp/work}"
+mkdir -p "$out" "$work/linear" "$work/precision" "$work/tuned" "$work/load"
 python3 -m pip install -q --no-deps .bench/wheels/torchao-*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, triton, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
-PYTHONUNBUFFERED=1 python3 benchmarks/merged_on_device.py --out "$out/merged.json" 2>&1 | tail -8
+against=()
+[ -f .bench/old_quantized_linear.py ] && against=(--against .bench/old_quantized_linear.py)
+if [ -z "${SKIP_CHECKS:-}" ]; then
+    PYTHONUNBUFFERED=1 python3 benchmarks/merged_on_device.py --out "$work/merged.json" 2>&1 | tail -8 | tee "$out/checks.txt"
+    PYTHONUNBUFFERED=1 python3 benchmarks/streams_on_device.py "${against[@]}" 2>&1 | tail -4 | tee -a "$out/checks.txt"
+fi
+linear() {
+    local left=$(( ${LINEAR_BUDGET:-560} - SECONDS ))
+    if [ -z "${SKIP_LINEAR:-}" ] && [ "$left" -gt 30 ]; then
+        PYTHONUNBUFFERED=1 timeout "$left" python3 benchmarks/linear_bench.py --out "$work/linear" \
+            ${LINEAR_ARGS:-} 2>&1 | tee "$work/linear/log.txt"
+        cp "$work/linear/linear.json" "$out/linear.json"; cp "$work/linear/log.txt" "$out/linear_log.txt"
+    fi
+}
+precision() {   # precision [extra precision_bench arguments] -- the script's own arguments follow
+    local dir="$1"; shift
+    PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --out "$work/$dir" "$@" 2>&1 \
+        | grep -v "Loading weights\|_pytree" | tee "$work/$dir/log.txt"
+    cp "$work/$dir/precision.json" "$out/$dir.json"; cp "$work/$dir/log.txt" "$out/${dir}_log.txt"
+}
+[ -n "${TUNE:-}" ] && linear
 if [ -z "${SKIP_PRECISION:-}" ]; then
-    PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --out "$out/precision" "$@" 2>&1 \
-        | grep -v "Loading weights\|_pytree" | tee "$out/precision/log.txt"
+    precision precision "$@"
+    if [ -n "${TUNE:-}" ] && [ -f "$work/linear/linear.json" ]; then
+        precision tuned --gemv-from "$work/linear/linear.json" "$@"
+    fi
 fi
 if [ -n "${LOAD:-}" ]; then
-    PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --shapes 7b --weights int4,int8 --load --out "$out/load" 2>&1 \
-        | grep -v "Loading weights\|_pytree" | tee "$out/load/log.txt"
+    PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --shapes 7b --weights int4,int8 --load --out "$work/load" 2>&1 \
+        | grep -v "Loading weights\|_pytree" | tee "$out/load_log.txt"
 fi
-left=$(( ${LINEAR_BUDGET:-560} - SECONDS ))
-if [ -z "${SKIP_LINEAR:-}" ] && [ "$left" -gt 30 ]; then
-    PYTHONUNBUFFERED=1 timeout "$left" python3 benchmarks/linear_bench.py --out "$out/linear" \
-        ${LINEAR_ARGS:-} 2>&1 | tee "$out/linear/log.txt"
-fi
+[ -z "${TUNE:-}" ] && linear
+true

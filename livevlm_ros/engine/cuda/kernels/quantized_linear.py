@@ -147,20 +147,25 @@ def _gemv_int8(row, q, scale, cfg) -> torch.Tensor:
     return out
 
 
-_COUNTS: dict[torch.device, torch.Tensor] = {}
+_COUNTS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _MAX_BANDS = 1 << 16
 
 
 def _partials(grid, M, N, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Where a split product leaves its partial sums, and the counters of its bands of outputs:
     zeros that each product's last split leaves at zero again (so a graph replays them as recorded).
-    One set per device: the engine's products run one after another."""
+    One set per stream: products on one stream run one after another, but two streams' products
+    may overlap, and sharing counters they would each count the other's splits (measured: a
+    benchmark's two streams left counts that spoilt every later product of those bands). A graph
+    keeps the set of the stream it was captured on."""
     if grid[2] == 1:
         return None, None
     assert grid[0] * grid[1] <= _MAX_BANDS, "a split product with more bands of outputs than counters"
-    counts = _COUNTS.get(device)
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counts = _COUNTS.get((device, stream))
     if counts is None:
-        counts = _COUNTS[device] = torch.zeros(_MAX_BANDS, dtype=torch.int32, device=device)
+        counts = _COUNTS[(device, stream)] = torch.zeros(_MAX_BANDS, dtype=torch.int32, device=device)
     return torch.empty(grid[2], M, N, dtype=torch.float32, device=device), counts
 
 
@@ -338,17 +343,26 @@ if triton is not None:
                                              dtype=tl.float32, is_pure=True, pack=1)
         return ((b & MASK) | MAGIC).to(tl.float32, bitcast=True)
 
+    @triton.jit
+    def _words(at, ok, EVEN: tl.constexpr):
+        """The weight words at `at` (where `ok`, else 0; EVEN: all of them)."""
+        if EVEN:
+            return tl.load(at)
+        return tl.load(at, mask=ok, other=0)
+
     @triton.jit(do_not_specialize=["split"])
     def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, N, words, sw, ss, s_split,
                           split,
                           W: tl.constexpr, BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
-                          EVEN: tl.constexpr, ASM: tl.constexpr):
+                          EVEN: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False):
         """out[n] = sum_k x[k] (q[n, k] scale[g, n] + minimum[g, n]), GPS groups (W words each) a
         step. Word j of a group holds bytes 4j .. 4j + 3: nibble p = 2i + h is byte i's low (h = 0) or
         high (h = 1) nibble, input 4j + i (+ GROUP / 2 for h = 1). Low nibbles are moved to bits 16-19
         under the exponent of 128 (128 + q), high ones to bits 12-15 under that of 2048 (2048 + q):
         four shifts a word, not seven. A group's sums stay small, so 2048 costs no accuracy that
-        matters. EVEN: N is a multiple of BN and every split holds whole steps (no masks)."""
+        matters. EVEN: N is a multiple of BN and every split holds whole steps (no masks). PREFETCH:
+        the next step's words are loaded before this step's arithmetic (Triton does not pipeline
+        loads that feed no dot: without it a program's loads wait idle while it computes)."""
         GROUP: tl.constexpr = W * 8
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_ok = n < N
@@ -359,18 +373,28 @@ if triton is not None:
         j = tl.arange(0, W)
         scaled = tl.zeros([BN, GPS, W], dtype=tl.float32)       # sum of scale * (2^e + q) x, word by word
         offsets = tl.zeros([BN, GPS], dtype=tl.float32)         # sum of minimum * sum(x) - scale * 2^e sum(x)
+        row_w = w_ptr + n[:, None, None] * sw + j[None, None, :]
+        if PREFETCH:
+            g = start + tl.arange(0, GPS)
+            w_next = _words(row_w + g[None, :, None] * W, (n_ok[:, None] & (g < end)[None, :])[:, :, None], EVEN)
         for g0 in range(start, end, GPS):
             g = g0 + tl.arange(0, GPS)
             g_ok = g < end
             ok2 = n_ok[:, None] & g_ok[None, :]
-            at_w = w_ptr + n[:, None, None] * sw + g[None, :, None] * W + j[None, None, :]
+            if PREFETCH:
+                w = w_next
+                g_next = g + GPS
+                if EVEN:                                            # the last step reads its own words again
+                    g_next = tl.where(g0 + GPS < end, g_next, g)
+                w_next = _words(row_w + g_next[None, :, None] * W,
+                                (n_ok[:, None] & (g_next < end)[None, :])[:, :, None], EVEN)
+            else:
+                w = _words(row_w + g[None, :, None] * W, ok2[:, :, None], EVEN)
             at_s = g[None, :] * ss + n[:, None]
             if EVEN:
-                w = tl.load(at_w)
                 s = tl.load(s_ptr + at_s).to(tl.float32)
                 z = tl.load(z_ptr + at_s).to(tl.float32)
             else:
-                w = tl.load(at_w, mask=ok2[:, :, None], other=0)
                 s = tl.load(s_ptr + at_s, mask=ok2, other=0.0).to(tl.float32)
                 z = tl.load(z_ptr + at_s, mask=ok2, other=0.0).to(tl.float32)
             k0 = g[:, None] * GROUP + 4 * j[None, :]                         # [GPS, W]: byte 0's low nibble
@@ -416,9 +440,10 @@ if triton is not None:
     @triton.jit(do_not_specialize=["split"])
     def _gemv_int8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, N, words, sw, ss, s_split, split,
                           BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
-                          ASM: tl.constexpr):
+                          ASM: tl.constexpr, PREFETCH: tl.constexpr = False):
         """out[n] = scale[n] sum_k x[k] q[n, k], BW words (inputs 4j .. 4j + 3, byte i input 4j + i) a
-        step. EVEN: N is a multiple of BN and every split holds whole steps (no masks)."""
+        step. EVEN: N is a multiple of BN and every split holds whole steps (no masks). PREFETCH: as
+        _gemv_int4_kernel's."""
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_ok = n < N
         per_split = tl.cdiv(tl.cdiv(words, split), BW) * BW
@@ -426,13 +451,21 @@ if triton is not None:
         end = tl.minimum(start + per_split, words)
         dot = tl.zeros([BN, BW], dtype=tl.float32)              # sum of (384 + q) x, word by word
         xs = tl.zeros([BW], dtype=tl.float32)
+        row_w = w_ptr + n[:, None] * sw
+        if PREFETCH:
+            j = start + tl.arange(0, BW)
+            w_next = _words(row_w + j[None, :], n_ok[:, None] & (j < end)[None, :], EVEN)
         for j0 in range(start, end, BW):
             j = j0 + tl.arange(0, BW)
             j_ok = j < end
-            if EVEN:
-                w = tl.load(w_ptr + n[:, None] * sw + j[None, :])
+            if PREFETCH:
+                w = w_next
+                j_next = j + BW
+                if EVEN:                                            # the last step reads its own words again
+                    j_next = tl.where(j0 + BW < end, j_next, j)
+                w_next = _words(row_w + j_next[None, :], n_ok[:, None] & (j_next < end)[None, :], EVEN)
             else:
-                w = tl.load(w_ptr + n[:, None] * sw + j[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0)
+                w = _words(row_w + j[None, :], n_ok[:, None] & j_ok[None, :], EVEN)
             u = w ^ -0x7F7F7F80                                     # 0x80808080: each byte q -> q + 128
             for i in tl.static_range(4):
                 if EVEN:
