@@ -8,7 +8,8 @@
 # LINEAR_ARGS passes it options), in what is left of LINEAR_BUDGET seconds (default 560) since the
 # start, so a call that runs short still brings the decode figures. TUNE=1 runs the products first
 # and precision_bench twice: with the defaults, and with the one-row settings the sweep chose
-# (--gemv-from). SKIP_PRECISION=1 / SKIP_LINEAR=1 / SKIP_CHECKS=1 leave those parts out. Every
+# (--gemv-from; TUNED_ONLY=1: only then). SKIP_PRECISION=1 / SKIP_LINEAR=1 / SKIP_CHECKS=1 / SKIP_MERGED=1
+# leave those parts out. Every
 # part writes under $WORK (default /tmp/work); what comes back is copied to $OUT at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,8 @@ python3 -c "import torch, transformers, triton, torchao; print('torch', torch.__
 against=()
 [ -f .bench/old_quantized_linear.py ] && against=(--against .bench/old_quantized_linear.py)
 if [ -z "${SKIP_CHECKS:-}" ]; then
-    PYTHONUNBUFFERED=1 python3 benchmarks/merged_on_device.py --out "$work/merged.json" 2>&1 | tail -8 | tee "$out/checks.txt"
+    [ -z "${SKIP_MERGED:-}" ] && PYTHONUNBUFFERED=1 python3 benchmarks/merged_on_device.py --out "$work/merged.json" 2>&1 \
+        | tail -8 | tee "$out/checks.txt"
     PYTHONUNBUFFERED=1 python3 benchmarks/streams_on_device.py "${against[@]}" 2>&1 | tail -4 | tee -a "$out/checks.txt"
 fi
 linear() {
@@ -40,7 +42,7 @@ precision() {   # precision [extra precision_bench arguments] -- the script's ow
 }
 [ -n "${TUNE:-}" ] && linear
 if [ -z "${SKIP_PRECISION:-}" ]; then
-    precision precision "$@"
+    [ -z "${TUNED_ONLY:-}" ] && precision precision "$@"
     if [ -n "${TUNE:-}" ] && [ -f "$work/linear/linear.json" ]; then
         precision tuned --gemv-from "$work/linear/linear.json" "$@"
     fi
