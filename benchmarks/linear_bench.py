@@ -48,10 +48,16 @@ def do_bench(fn, rep=20):
     return tt.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3      # us
 
 
-def sweep(M: int, bits: int) -> list[dict]:
-    """Tile settings tried for M rows."""
+def sweep(M: int, bits: int, small: bool = False) -> list[dict]:
+    """Tile settings tried for M rows (small: one row's likeliest, a third of them)."""
     if M > ql.MAX_ROWS:
         return []                                  # dequantized, then cuBLAS
+    if M == 1 and small:
+        if bits == 4:
+            return [dict(BN=bn, GPS=1, SPLIT_K=sk, num_warps=w, num_stages=3, PREFETCH=pf)
+                    for bn, sk, w, pf in itertools.product((128, 256), (2, 4, 8), (4, 8), (False, True))]
+        return [dict(BN=bn, BW=128, SPLIT_K=sk, num_warps=4, num_stages=3, PREFETCH=pf)
+                for bn, sk, pf in itertools.product((32, 64), (1, 2, 4), (False, True))]
     if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config), and
         return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3, PREFETCH=pf)   # (the FACTORED tiles
                 for bn, gps, sk, w, pf in itertools.product((128, 256), (1, 2), (1, 2, 4, 8), (4, 8),   # lost to it,
@@ -84,7 +90,7 @@ def load_against(path: Path):
     return module
 
 
-def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None):
+def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None, small=False):
     torch.manual_seed(0)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -137,7 +143,7 @@ def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None):
             row["against_us"] = do_bench(lambda: against.product(x, qa, sa, za, group, None))
         if do_sweep:                               # every setting's time, so a rule can be read across shapes
             best, row["tried"] = (row["us"], row["default"]), []
-            for cfg in sweep(M, bits):
+            for cfg in sweep(M, bits, small):
                 try:
                     us = do_bench(lambda: run(cfg), rep=8)
                 except Exception:                  # noqa: BLE001 - out of shared memory etc.
@@ -166,6 +172,7 @@ def main():
     ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, e.g. 1,16")
     ap.add_argument("--names", default="", help="only these Linears, e.g. gate+up,down")
     ap.add_argument("--sweep-bits", default="8,4", help="sweep tile settings for these precisions")
+    ap.add_argument("--small-sweep", action="store_true", help="one row: the likeliest third of the settings")
     ap.add_argument("--sweep-names", default="", help="sweep only these Linears, in this order (default: --names)")
     ap.add_argument("--against", type=Path, help="another quantized_linear.py, timed beside (its defaults)")
     args = ap.parse_args()
@@ -194,7 +201,8 @@ def main():
                         if swept and (M not in (1, 16, 64) or str(bits) not in args.sweep_bits.split(",")):
                             continue
                         try:
-                            bench_shape(f"{shape} {name}", N, K, M, bits, results, copy_gbs, swept, against)
+                            bench_shape(f"{shape} {name}", N, K, M, bits, results, copy_gbs, swept, against,
+                                        args.small_sweep)
                         except Exception as err:   # noqa: BLE001 - keep the other rows
                             log(f"!! {shape} {name} M={M} {bits}: {type(err).__name__}: {err}")
                         torch.cuda.empty_cache()
