@@ -34,7 +34,7 @@ TOPIC_TYPES = ("odometry", "pose_stamped", "pose_with_covariance_stamped")   # p
 # Best effort, so it matches every publisher (sensor-data and reliable alike), but a deep queue: a pose
 # is small, and each one lost is a hole the frames around it fall into. The sensor-data depth of 5 is
 # 50 ms of 100 Hz odometry; a host busy with the engine delayed this thread longer and lost poses
-# (the demo bag at 2x on 2 cores: 136-205 of 221 received in 3 of 6 runs, frames in the holes unknown).
+# (the demo bag at 2x on 2 cores: 136-218 of 221 received in 4 of 6 runs, frames in the holes unknown).
 POSE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=200, reliability=ReliabilityPolicy.BEST_EFFORT)
 
 
