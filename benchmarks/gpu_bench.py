@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
 import sys
 import time
 import traceback
@@ -34,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine  # noqa: E402
-from livevlm_ros.engine.memory.kv_buffer import Tokens  # noqa: E402
 from livevlm_ros.engine.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
 from livevlm_ros.tools.make_tiny_model import build_tokenizer  # noqa: E402
 
