@@ -90,7 +90,23 @@ def load_against(path: Path):
     return module
 
 
-def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None, small=False):
+def torchao_int4_us(x, w):
+    """torchao's int4 product (tinygemm) of the same weight, timed; or why it could not run."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
+                                            set_inductor_config=False))
+        return do_bench(lambda: torch.nn.functional.linear(x, lin.weight))
+    except Exception as err:                       # noqa: BLE001
+        return f"{type(err).__name__}: {err}"[:200]
+
+
+def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None, small=False, others=True):
+    """One row of results: this product's default (checked and timed), and with `others` what it is
+    compared with (torchao, the tiles, --against); with do_sweep every setting of sweep()."""
     torch.manual_seed(0)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -107,23 +123,15 @@ def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None, 
         qw = lin.weight
         ref = x.float() @ (qw.qdata.float() * qw.scale.float().reshape(-1, 1)).t()
         row["bytes"] = N * K + N * 2
-        row["torchao_us"] = do_bench(lambda: torch.nn.functional.linear(x, qw))
+        if others:
+            row["torchao_us"] = do_bench(lambda: torch.nn.functional.linear(x, qw))
         run = lambda cfg: ql.product(x, qw.qdata, qw.scale.reshape(1, -1), None, 0, None, cfg)  # noqa: E731
     else:
         packed, scale, minimum = ql.pack_int4(w, 128)
         ref = x.float() @ ql.dequantize_int4(packed, scale, minimum, 128).t()
         row["bytes"] = N * K // 2 + 2 * (K // 128) * N * 2
-        try:
-            from torchao.quantization import Int4WeightOnlyConfig, quantize_
-            lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
-            with torch.no_grad():
-                lin.weight.copy_(w)
-            quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
-                                                set_inductor_config=False))
-            row["torchao_us"] = do_bench(lambda: torch.nn.functional.linear(x, lin.weight))
-            del lin
-        except Exception as err:                   # noqa: BLE001
-            row["torchao_us"] = f"{type(err).__name__}: {err}"[:200]
+        if others:
+            row["torchao_us"] = torchao_int4_us(x, w)
         run = lambda cfg: ql.product(x, packed, scale, minimum, 128, None, cfg)  # noqa: E731
     if bits != 16:
         out = run(None)
@@ -132,10 +140,10 @@ def bench_shape(name, N, K, M, bits, results, copy_gbs, do_sweep, against=None, 
         row["default"] = (ql.gemv_config(N, K, group) if M == 1 and group else ql.gemv_int8_config(N, K)
                           if M == 1 else ql.config(M, N, K, group) if M <= ql.MAX_ROWS else "dequantized + cuBLAS")
         row["us"] = do_bench(lambda: run(None))
-        if M == 1:                                 # the tensor-core tiles that one row took before the word kernels
+        if M == 1 and others:                      # the tensor-core tiles that one row took before the word kernels
             tiles = ql.config(M, N, K, group)
             row["tiles_us"] = do_bench(lambda: run(tiles))
-        if against is not None:                    # the other version's default, same tensors
+        if against is not None and others:         # the other version's default, same tensors
             qa = packed if bits == 4 else qw.qdata
             sa, za = (scale, minimum) if bits == 4 else (qw.scale.reshape(1, -1), None)
             out_a = against.product(x, qa, sa, za, group, None)
@@ -201,8 +209,9 @@ def main():
                         if swept and (M not in (1, 16, 64) or str(bits) not in args.sweep_bits.split(",")):
                             continue
                         try:
+                            # a swept row's comparisons were timed in the first pass, if it had the row
                             bench_shape(f"{shape} {name}", N, K, M, bits, results, copy_gbs, swept, against,
-                                        args.small_sweep)
+                                        args.small_sweep, others=not (swept and name in names))
                         except Exception as err:   # noqa: BLE001 - keep the other rows
                             log(f"!! {shape} {name} M={M} {bits}: {type(err).__name__}: {err}")
                         torch.cuda.empty_cache()
