@@ -1,44 +1,49 @@
 #!/usr/bin/env bash
 # Every GPU step of issue 22 in one device call (carry .bench: .bench/wheels holds torchao for the GPU
 # machine, which has no registry; .bench/old_quantized_linear.py, if there, is timed beside):
-#   bash benchmarks/precision_on_device.sh [--shapes 7b,0.5b]  -> $OUT/*.json, $OUT/*.txt (8 files at most)
+#   bash benchmarks/precision_on_device.sh [--shapes 7b,0.5b]  -> $OUT/back.tar (every result file)
 # In order: merged_on_device.py checks the merged q/k/v and gate/up products and streams_on_device.py
-# split products on two streams (~1 min); precision_bench.py (the arguments go to it); LOAD=1 adds
-# what loading takes on the device (precision_bench --load); last the products alone (linear_bench.py;
+# split products on two streams (~1 min); precision_bench.py (the arguments go to it); PROFILE=1 adds
+# where an int4 answer token's GPU time goes (profile_answer.py, graph replay, int8 KV); LOAD=1 what
+# loading takes on the device (precision_bench --load); last the products alone (linear_bench.py;
 # LINEAR_ARGS passes it options), in what is left of LINEAR_BUDGET seconds (default 560) since the
 # start, so a call that runs short still brings the decode figures. TUNE=1 runs the products first
 # and precision_bench twice: with the defaults, and with the one-row settings the sweep chose
 # (--gemv-from; TUNED_ONLY=1: only then). SKIP_PRECISION=1 / SKIP_LINEAR=1 / SKIP_CHECKS=1 / SKIP_MERGED=1
-# leave those parts out. Every
-# part writes under $WORK (default /tmp/work); what comes back is copied to $OUT at the end.
+# leave those parts out. Every part writes under $WORK/back (default /tmp/work/back), which is packed
+# into $OUT/back.tar after each part (a device call brings back 8 files at most, and a call cut short
+# still brings what was done).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/out}"
 work="${WORK:-/tmp/work}"
-mkdir -p "$out" "$work/linear" "$work/precision" "$work/tuned" "$work/load"
+back="$work/back"
+mkdir -p "$out" "$back" "$work/linear" "$work/precision" "$work/tuned" "$work/load"
+pack() { tar -cf "$out/back.tar" -C "$work" back; }
 python3 -m pip install -q --no-deps .bench/wheels/torchao-*.whl 2>&1 | tail -1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, transformers, triton, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 | tee -a "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$back/gpu.txt"
+python3 -c "import torch, transformers, triton, torchao; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1 | tee -a "$back/gpu.txt"
 against=()
 [ -f .bench/old_quantized_linear.py ] && against=(--against .bench/old_quantized_linear.py)
 if [ -z "${SKIP_CHECKS:-}" ]; then
     [ -z "${SKIP_MERGED:-}" ] && PYTHONUNBUFFERED=1 python3 benchmarks/merged_on_device.py --out "$work/merged.json" 2>&1 \
-        | tail -8 | tee "$out/checks.txt"
-    PYTHONUNBUFFERED=1 python3 benchmarks/streams_on_device.py "${against[@]}" 2>&1 | tail -4 | tee -a "$out/checks.txt"
+        | tail -8 | tee "$back/checks.txt"; cp "$work/merged.json" "$back/" 2>/dev/null
+    PYTHONUNBUFFERED=1 python3 benchmarks/streams_on_device.py "${against[@]}" 2>&1 | tail -4 | tee -a "$back/checks.txt"
 fi
+pack
 linear() {
     local left=$(( ${LINEAR_BUDGET:-560} - SECONDS ))
     if [ -z "${SKIP_LINEAR:-}" ] && [ "$left" -gt 30 ]; then
         PYTHONUNBUFFERED=1 timeout "$left" python3 benchmarks/linear_bench.py --out "$work/linear" \
             ${LINEAR_ARGS:-} 2>&1 | tee "$work/linear/log.txt"
-        cp "$work/linear/linear.json" "$out/linear.json"; cp "$work/linear/log.txt" "$out/linear_log.txt"
+        cp "$work/linear/linear.json" "$back/linear.json"; cp "$work/linear/log.txt" "$back/linear_log.txt"; pack
     fi
 }
 precision() {   # precision [extra precision_bench arguments] -- the script's own arguments follow
     local dir="$1"; shift
     PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --out "$work/$dir" "$@" 2>&1 \
         | grep -v "Loading weights\|_pytree" | tee "$work/$dir/log.txt"
-    cp "$work/$dir/precision.json" "$out/$dir.json"; cp "$work/$dir/log.txt" "$out/${dir}_log.txt"
+    cp "$work/$dir/precision.json" "$back/$dir.json"; cp "$work/$dir/log.txt" "$back/${dir}_log.txt"; pack
 }
 [ -n "${TUNE:-}" ] && linear
 if [ -z "${SKIP_PRECISION:-}" ]; then
@@ -47,9 +52,15 @@ if [ -z "${SKIP_PRECISION:-}" ]; then
         precision tuned --gemv-from "$work/linear/linear.json" "$@"
     fi
 fi
+if [ -n "${PROFILE:-}" ]; then
+    PYTHONUNBUFFERED=1 python3 benchmarks/profile_answer.py --shape 7b --weights int4 --kv int8 --modes graph \
+        --rows 30 --out "$back/profile_int4.txt" 2>&1 | grep -v "Loading weights\|_pytree" | tail -3
+    pack
+fi
 if [ -n "${LOAD:-}" ]; then
     PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --shapes 7b --weights int4,int8 --load --out "$work/load" 2>&1 \
-        | grep -v "Loading weights\|_pytree" | tee "$out/load_log.txt"
+        | grep -v "Loading weights\|_pytree" | tee "$back/load_log.txt"
+    cp "$work/load/load.json" "$back/load.json"; pack
 fi
 [ -z "${TUNE:-}" ] && linear
 true

@@ -3,6 +3,7 @@ decode path (eager, static, graph), as wall time against the GPU's kernel time, 
 that take it. Memory is LiveVLM's, full (simulated fill, as in gpu_bench.py).
 
     python3 benchmarks/profile_answer.py --shape 7b --frames 1024 --out results/profile_7b.txt
+    python3 benchmarks/profile_answer.py --weights int4 --kv int8 --modes graph --out results/profile_int4.txt
 
 --ingest profiles a clip's way into memory instead (real frames, memory full), per launch mode.
 """
@@ -19,17 +20,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gpu_bench as gb
+from livevlm_ros.engine.models import quantize
 
 
-def kernels(fn):
-    """(total kernel seconds, number of kernels, table of the top kernels and of the host calls
-    that took the most time) of one call of fn."""
+def kernels(fn, rows=12):
+    """(total kernel seconds, number of kernels, table of the `rows` top kernels and of the host
+    calls that took the most time) of one call of fn."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         gb.sync()
     events = [e for e in prof.events() if e.device_type.name == "CUDA"]
     averages = prof.key_averages()
-    table = (averages.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=70)
+    table = (averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
              + averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
     return sum(e.device_time for e in events) * 1e-6, len(events), table
 
@@ -52,14 +54,19 @@ def main():
     ap.add_argument("--tokens", type=int, default=17)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ingest", action="store_true", help="profile ingest (1- and 8-frame clips) instead")
+    ap.add_argument("--weights", default="bf16", help="bf16 | int8 | int4: the language model's weights")
+    ap.add_argument("--kv", default="bf16", help="bf16 | int8: memory's KV")
+    ap.add_argument("--modes", default="eager,static,graph", help="decode paths to profile")
+    ap.add_argument("--rows", type=int, default=12, help="kernels listed per table")
     args = ap.parse_args()
     adapter = gb.build_adapter(args.shape, "cuda", torch.bfloat16)
+    quantize.apply(adapter, args.weights)
     if args.ingest:
         return profile_ingest(adapter, args.out)
-    engine = gb.make_engine(adapter, "livevlm", 12288, launch="eager")
+    engine = gb.make_engine(adapter, "livevlm", 12288, launch="eager", weights=args.weights, kv_dtype=args.kv)
     gb.simulate_fill(engine, args.frames)
     engine.model.stop_token_ids = ()              # random weights: every answer runs to its length
-    report, rows, runs = [], {}, ("eager", "static", "graph")
+    report, rows, runs = [], {}, tuple(args.modes.split(","))
     # wall times first, for every path: once the profiler has run, launches stay slower in this process
     for mode in runs:
         engine.reconfigure(launch=mode)
@@ -71,8 +78,9 @@ def main():
                           step_wall_ms=(answer_wall - prefill_wall) / (args.tokens - 1) * 1e3)
     for mode in runs:
         engine.reconfigure(launch=mode)
-        prefill_k, prefill_n, prefill_table = kernels(lambda: engine.ask(gb.QUESTION, max_new_tokens=1))
-        answer_k, answer_n, answer_table = kernels(lambda: engine.ask(gb.QUESTION, max_new_tokens=args.tokens))
+        prefill_k, prefill_n, prefill_table = kernels(lambda: engine.ask(gb.QUESTION, max_new_tokens=1), args.rows)
+        answer_k, answer_n, answer_table = kernels(lambda: engine.ask(gb.QUESTION, max_new_tokens=args.tokens),
+                                                   args.rows)
         steps = args.tokens - 1
         row = rows[mode]
         row.update(prefill_kernel_ms=prefill_k * 1e3, prefill_kernels=prefill_n,
@@ -82,8 +90,9 @@ def main():
                    f"-- answer of {args.tokens} tokens", answer_table]
         print(report[-4], flush=True)
     args.out.write_text("\n".join(report))
-    args.out.with_suffix(".json").write_text(json.dumps(dict(shape=args.shape, frames=args.frames,
-                                                              gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
+    summary = dict(shape=args.shape, frames=args.frames, weights=args.weights, kv=args.kv,
+                   gpu=torch.cuda.get_device_name(), rows=rows)
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
 
 
 def profile_ingest(adapter, out: Path, frames: int = 48):
