@@ -32,7 +32,8 @@ INTEGER_PIPE = {"LOP3", "SHF", "PRMT", "ISETP", "IADD3", "SEL", "LEA", "IABS", "
                 "VIADD", "IMNMX", "SGXT"}
 FMA_PIPE = {"FFMA", "FMUL", "FADD", "IMAD", "HFMA2", "FMNMX"}
 SIGNATURE = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32",
-                 count_ptr="*i32", N="i32", words="i32", sw="i32", ss="i32", s_split="i32", split="i32")
+                 count_ptr="*i32", N="i32", words="i32", sw="i32", ss="i32", s_split="i32", split="i32",
+                 b_ptr="*bf16")
 INT8_SIGNATURE = {k: v for k, v in SIGNATURE.items() if k != "z_ptr"}
 # what the JIT sees at 7B shapes: 16-byte aligned pointers, and sizes and strides that are multiples of 16
 ALIGNED = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "part_ptr", "count_ptr", "N", "words", "sw", "ss")

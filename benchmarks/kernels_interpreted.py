@@ -167,13 +167,17 @@ def check_quantized_linear():
         how = (f"split {cfg['SPLIT_K']}{', prefetched' if cfg.get('PREFETCH') else ''}" if cfg
                else "default" if rows <= ql.MAX_ROWS else "dequantized")
         name = f"{rows} rows x [{N}, {K}], {how}"
+        bias = torch.randn(N).half()
         for group in (() if cfg and "BW" in cfg else (128, 64, 32)):
             packed, s, z = ql.pack_int4(torch.randn(N, K).half(), group)
-            out = ql.product(x, packed, s, z, group, None, dict(cfg, BK=group // 2) if cfg and "FACTORED" in cfg
+            b = bias if group == 64 else None                     # with a bias, once a shape
+            out = ql.product(x, packed, s, z, group, b, dict(cfg, BK=group // 2) if cfg and "FACTORED" in cfg
                              else cfg)
             exact = x.float() @ ql.dequantize_int4(packed, s, z, group).half().float().t()
+            if b is not None:
+                exact += b.float()
             scale = exact.abs().max().item()
-            check(f"int4 product, groups of {group}, {name}, vs exact",
+            check(f"int4 product, groups of {group}{', bias' if b is not None else ''}, {name}, vs exact",
                   (out.float() - exact).abs().max().item() / scale, 1e-3)
         if cfg and ("GPS" in cfg or "FACTORED" in cfg):
             continue                                          # int4's kernels only
@@ -186,6 +190,10 @@ def check_quantized_linear():
         scale = exact.abs().max().item()
         check(f"int8 product, {name}, vs exact", (out.float() - exact).abs().max().item() / scale, 1e-3)
         check(f"int8 product, {name}, vs torchao", (out.float() - torchao).abs().max().item() / scale, 1e-3)
+        out = ql.product(x, w.qdata, w.scale.reshape(1, -1), None, 0, bias, cfg)
+        exact += bias.float()
+        check(f"int8 product, bias, {name}, vs exact",
+              (out.float() - exact).abs().max().item() / exact.abs().max().item(), 1e-3)
     left = max(int(c.abs().max()) for c in ql._COUNTS.values())
     check("split products leave their counters at 0 (a graph replays them as recorded)", left, 0)
 

@@ -84,11 +84,12 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
         rows = rows.contiguous()
     M = rows.shape[0]
     if M == 1 and (cfg is None or ("GPS" if int4 else "BW") in cfg) and _words_fit(q):
-        if int4:
-            out = _gemv_int4(rows, q, scale, minimum, group, cfg or gemv_config(N, K, group))
+        if int4:        # the bias is added where the sums are stored: one launch a product, as F.linear's
+            out = _gemv_int4(rows, q, scale, minimum, group, bias, cfg or gemv_config(N, K, group))
         else:
-            out = _gemv_int8(rows, q, scale, cfg or gemv_int8_config(N, K))
-    elif M > MAX_ROWS and cfg is None:
+            out = _gemv_int8(rows, q, scale, bias, cfg or gemv_int8_config(N, K))
+        return out.view(*x.shape[:-1], N)
+    if M > MAX_ROWS and cfg is None:
         if int4:
             out = torch.nn.functional.linear(rows, dequantize_int4_to(q, scale, minimum, group, x.dtype))
         else:
@@ -112,8 +113,8 @@ def _words_fit(q: torch.Tensor) -> bool:
     return q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.data_ptr() % 4 == 0
 
 
-def _gemv_int4(row, q, scale, minimum, group, cfg) -> torch.Tensor:
-    """One row times an int4 weight read as int32 words (_gemv_int4_kernel)."""
+def _gemv_int4(row, q, scale, minimum, group, bias, cfg) -> torch.Tensor:
+    """One row times an int4 weight read as int32 words (_gemv_int4_kernel), plus the bias (or None)."""
     cfg = dict(cfg)
     N, K, bn = q.shape[0], q.shape[1] * 2, cfg.pop("BN")
     grid = (triton.cdiv(N, bn), 1, cfg.pop("SPLIT_K"))
@@ -122,8 +123,8 @@ def _gemv_int4(row, q, scale, minimum, group, cfg) -> torch.Tensor:
     w = q.view(torch.int32)
     even = N % bn == 0 and (K // group) % (cfg["GPS"] * grid[2]) == 0
     _gemv_int4_kernel[grid](row, w, scale, minimum, out, part, counts, N, w.shape[1], w.stride(0), scale.stride(0),
-                            N, grid[2], W=group // 8, BN=bn, SPLIT=grid[2] > 1, EVEN=even,
-                            ASM=not _interpreted(), **cfg)
+                            N, grid[2], out if bias is None else bias, W=group // 8, BN=bn, SPLIT=grid[2] > 1,
+                            EVEN=even, ASM=not _interpreted(), BIAS=bias is not None, **cfg)
     return out
 
 
@@ -133,8 +134,9 @@ def _interpreted() -> bool:
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _gemv_int8(row, q, scale, cfg) -> torch.Tensor:
-    """One row times an int8 weight read as int32 words (_gemv_int8_kernel); scale [1, N]."""
+def _gemv_int8(row, q, scale, bias, cfg) -> torch.Tensor:
+    """One row times an int8 weight read as int32 words (_gemv_int8_kernel), plus the bias (or None);
+    scale [1, N]."""
     cfg = dict(cfg)
     N, bn, bw = q.shape[0], cfg.pop("BN"), cfg.pop("BW")
     grid = (triton.cdiv(N, bn), 1, cfg.pop("SPLIT_K"))
@@ -143,7 +145,8 @@ def _gemv_int8(row, q, scale, cfg) -> torch.Tensor:
     w = q.view(torch.int32)
     even = N % bn == 0 and w.shape[1] % (bw * grid[2]) == 0
     _gemv_int8_kernel[grid](row, w, scale, out, part, counts, N, w.shape[1], w.stride(0), scale.stride(-1), N,
-                            grid[2], BN=bn, BW=bw, SPLIT=grid[2] > 1, EVEN=even, ASM=not _interpreted(), **cfg)
+                            grid[2], out if bias is None else bias, BN=bn, BW=bw, SPLIT=grid[2] > 1, EVEN=even,
+                            ASM=not _interpreted(), BIAS=bias is not None, **cfg)
     return out
 
 
@@ -352,15 +355,17 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["split"])
     def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr, N, words, sw, ss, s_split,
-                          split,
+                          split, b_ptr,
                           W: tl.constexpr, BN: tl.constexpr, GPS: tl.constexpr, SPLIT: tl.constexpr,
-                          EVEN: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = False):
+                          EVEN: tl.constexpr, ASM: tl.constexpr, BIAS: tl.constexpr = False,
+                          PREFETCH: tl.constexpr = False):
         """out[n] = sum_k x[k] (q[n, k] scale[g, n] + minimum[g, n]), GPS groups (W words each) a
         step. Word j of a group holds bytes 4j .. 4j + 3: nibble p = 2i + h is byte i's low (h = 0) or
         high (h = 1) nibble, input 4j + i (+ GROUP / 2 for h = 1). Low nibbles are moved to bits 16-19
         under the exponent of 128 (128 + q), high ones to bits 12-15 under that of 2048 (2048 + q):
         four shifts a word, not seven. A group's sums stay small, so 2048 costs no accuracy that
-        matters. EVEN: N is a multiple of BN and every split holds whole steps (no masks). PREFETCH:
+        matters. EVEN: N is a multiple of BN and every split holds whole steps (no masks). BIAS: b[n] is
+        added to the sums before they are rounded to the output's dtype. PREFETCH:
         the next step's words are loaded before this step's arithmetic (Triton does not pipeline
         loads that feed no dot: without it a program's loads wait idle while it computes)."""
         GROUP: tl.constexpr = W * 8
@@ -429,6 +434,8 @@ if triton is not None:
         total = tl.sum(tl.sum(scaled, axis=2), axis=1) + tl.sum(offsets, axis=1)
         total, last = _add_up_splits(total, part_ptr, count_ptr, tl.program_id(0), n, n_ok, s_split, split, SPLIT)
         if last:
+            if BIAS:
+                total += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
     # One row times an int8 weight, the same way: a byte q becomes u = q + 128 by one XOR a word (four
@@ -439,11 +446,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["split"])
     def _gemv_int8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr, N, words, sw, ss, s_split, split,
-                          BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
-                          ASM: tl.constexpr, PREFETCH: tl.constexpr = False):
-        """out[n] = scale[n] sum_k x[k] q[n, k], BW words (inputs 4j .. 4j + 3, byte i input 4j + i) a
-        step. EVEN: N is a multiple of BN and every split holds whole steps (no masks). PREFETCH: as
-        _gemv_int4_kernel's."""
+                          b_ptr, BN: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
+                          ASM: tl.constexpr, BIAS: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+        """out[n] = scale[n] sum_k x[k] q[n, k] (+ b[n]), BW words (inputs 4j .. 4j + 3, byte i input
+        4j + i) a step. EVEN, BIAS, PREFETCH: as _gemv_int4_kernel's."""
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         n_ok = n < N
         per_split = tl.cdiv(tl.cdiv(words, split), BW) * BW
@@ -486,6 +492,8 @@ if triton is not None:
                                                                              other=0.0).to(tl.float32)
         total, last = _add_up_splits(total, part_ptr, count_ptr, tl.program_id(0), n, n_ok, s_split, split, SPLIT)
         if last:
+            if BIAS:
+                total += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
