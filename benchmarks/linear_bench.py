@@ -60,7 +60,7 @@ def sweep(M: int, bits: int, small: bool = False) -> list[dict]:
                 for bn, sk, pf in itertools.product((32, 64), (1, 2, 4), (False, True))]
     if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config), and
         return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3, PREFETCH=pf)   # (the FACTORED tiles
-                for bn, gps, sk, w, pf in itertools.product((128, 256), (1, 2), (1, 2, 4, 8), (4, 8),   # lost to it,
+                for bn, gps, sk, w, pf in itertools.product((128, 256), (1, 2), (1, 2, 4, 8, 16), (4, 8),  # lost to it,
                                                             (False, True))]                            # 12-06)
     if M == 1:                                     # int8's word kernel (quantized_linear.gemv_int8_config)
         return [dict(BN=bn, BW=bw, SPLIT_K=sk, num_warps=4, num_stages=3, PREFETCH=pf)

@@ -9,7 +9,8 @@
 # LINEAR_ARGS passes it options), in what is left of LINEAR_BUDGET seconds (default 560) since the
 # start, so a call that runs short still brings the decode figures. TUNE=1 runs the products first
 # and precision_bench twice: with the defaults, and with the one-row settings the sweep chose
-# (--gemv-from; TUNED_ONLY=1: only then). SKIP_PRECISION=1 / SKIP_LINEAR=1 / SKIP_CHECKS=1 / SKIP_MERGED=1
+# (--gemv-from; GEMV_FROM=linear.json: another run's; TUNED_ARGS: its own arguments; TUNED_ONLY=1:
+# only then). SKIP_PRECISION=1 / SKIP_LINEAR=1 / SKIP_CHECKS=1 / SKIP_MERGED=1
 # leave those parts out. Every part writes under $WORK/back (default /tmp/work/back), which is packed
 # into $OUT/back.tar after each part (a device call brings back 8 files at most, and a call cut short
 # still brings what was done).
@@ -48,8 +49,9 @@ precision() {   # precision [extra precision_bench arguments] -- the script's ow
 [ -n "${TUNE:-}" ] && linear
 if [ -z "${SKIP_PRECISION:-}" ]; then
     [ -z "${TUNED_ONLY:-}" ] && precision precision "$@"
-    if [ -n "${TUNE:-}" ] && [ -f "$work/linear/linear.json" ]; then
-        precision tuned --gemv-from "$work/linear/linear.json" "$@"
+    if [ -n "${TUNE:-}" ] && [ -f "${GEMV_FROM:-$work/linear/linear.json}" ]; then
+        if [ -n "${TUNED_ARGS:-}" ]; then set -- $TUNED_ARGS; fi
+        precision tuned --gemv-from "${GEMV_FROM:-$work/linear/linear.json}" "$@"
     fi
 fi
 if [ -n "${PROFILE:-}" ]; then

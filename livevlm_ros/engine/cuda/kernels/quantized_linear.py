@@ -173,16 +173,18 @@ def _partials(grid, M, N, device) -> tuple[torch.Tensor | None, torch.Tensor | N
 
 
 def gemv_config(N: int, K: int, group: int) -> dict:
-    """Settings for one row times an [N, K] int4 weight: BN outputs a program, GPS groups a step,
-    split along K up to 8 ways while fewer than ~1,000 programs run. BN 256 and one group a step
-    take the fewest instructions a value (8 rows a thread share the x work: 3.41 a value, against
-    3.89 at BN 128 and 5.08 at 64, benchmarks/kernel_sass.py); narrower N takes 128, so that split
-    8 ways it still gives every SM a program or two (7B's down: 28 x 8)."""
-    bn, gps = (256 if N >= 16384 else 128), 1
-    steps = K // group // gps
-    programs, split = triton.cdiv(N, bn), 1
-    while split < 8 and programs * split < 1024 and steps >= 2 * split:
+    """Settings for one row times an [N, K] int4 weight: 128 outputs a program, split along K up to 8
+    ways while fewer than ~1,000 programs run, two groups a step where a split still takes 16 groups
+    or more. Measured (one H100, 2026-12-07, benchmarks/linear_bench.py, 64 settings a shape): 128
+    outputs beat 256 on every 7B shape (fewer registers, so more programs in flight, which is what a
+    one-row product lacks: it waits on its loads); two groups a step were best for the long-K down
+    (21.5 us against 26.2 at one) and the lm_head (141.1 against 147.1), one for gate+up's 28 groups
+    split 4 ways (40.3 against 45.8)."""
+    bn, groups = 128, K // group
+    programs, split = -(-N // bn), 1
+    while split < 8 and programs * split < 1024 and groups >= 4 * split:
         split *= 2
+    gps = 2 if groups // split >= 16 else 1
     return dict(BN=bn, GPS=gps, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
