@@ -58,10 +58,10 @@ def sweep(M: int, bits: int, small: bool = False) -> list[dict]:
                     for bn, sk, w, pf in itertools.product((128, 256), (2, 4, 8), (4, 8), (False, True))]
         return [dict(BN=bn, BW=128, SPLIT_K=sk, num_warps=4, num_stages=3, PREFETCH=pf)
                 for bn, sk, pf in itertools.product((32, 64), (1, 2, 4), (False, True))]
-    if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config), and
-        return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3, PREFETCH=pf)   # (the FACTORED tiles
-                for bn, gps, sk, w, pf in itertools.product((128, 256), (1, 2), (1, 2, 4, 8, 16), (4, 8),  # lost to it,
-                                                            (False, True))]                            # 12-06)
+    if M == 1 and bits == 4:                       # the word kernel (quantized_linear.gemv_config; the FACTORED
+        # tiles lost to it, 12-06; PREFETCH was no faster at the best settings of any shape, 2026-12-07 06:39 H100)
+        return [dict(BN=bn, GPS=gps, SPLIT_K=sk, num_warps=w, num_stages=3)
+                for bn, gps, sk, w in itertools.product((64, 128, 256), (1, 2), (1, 2, 4, 8, 16), (4, 8))]
     if M == 1:                                     # int8's word kernel (quantized_linear.gemv_int8_config)
         return [dict(BN=bn, BW=bw, SPLIT_K=sk, num_warps=4, num_stages=3, PREFETCH=pf)
                 for bn, bw, sk, pf in itertools.product((32, 64), (64, 128), (1, 2, 4, 8), (False, True))]
