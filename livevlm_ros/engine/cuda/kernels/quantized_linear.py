@@ -173,17 +173,21 @@ def _partials(grid, M, N, device) -> tuple[torch.Tensor | None, torch.Tensor | N
 
 
 def gemv_config(N: int, K: int, group: int) -> dict:
-    """Settings for one row times an [N, K] int4 weight: 128 outputs a program, split along K up to 8
-    ways while fewer than ~1,000 programs run, two groups a step where a split still takes 16 groups
-    or more. Measured (one H100, 2026-12-07, benchmarks/linear_bench.py, 64 settings a shape): 128
-    outputs beat 256 on every 7B shape (fewer registers, so more programs in flight, which is what a
-    one-row product lacks: it waits on its loads); two groups a step were best for the long-K down
-    (21.5 us against 26.2 at one) and the lm_head (141.1 against 147.1), one for gate+up's 28 groups
-    split 4 ways (40.3 against 45.8)."""
+    """Settings for one row times an [N, K] int4 weight. A one-row product waits on its loads, so
+    what matters is how many programs are in flight: 128 outputs a program, split along K (doubled)
+    up to 16 ways while fewer than ~1,000 programs run and a split still holds 4 groups; where the
+    groups stop the splitting first (a short K and few outputs: the attention's projections), 64
+    outputs a program; two groups a step where a split still takes 16 or more. Measured on one H100
+    (2026-12-07 06:39 and 07:06, benchmarks/linear_bench.py, 60-64 settings a shape): 7B's down
+    18.0 us split 16 ways (21.2 at 8), q/o 5.9 at 64 outputs (7.1 at 128), the lm_head 141 with two
+    groups a step (147 with one), gate+up 40.3 with one (45.8 with two); 128 outputs beat 256
+    everywhere else (fewer registers, more programs in flight)."""
     bn, groups = 128, K // group
     programs, split = -(-N // bn), 1
-    while split < 8 and programs * split < 1024 and groups >= 4 * split:
+    while split < 16 and programs * split < 1024 and groups >= 4 * split:
         split *= 2
+    if split < 16 and programs * split < 1024:                       # the groups stopped the splitting
+        bn = 64
     gps = 2 if groups // split >= 16 else 1
     return dict(BN=bn, GPS=gps, SPLIT_K=split, num_warps=4, num_stages=3)
 
