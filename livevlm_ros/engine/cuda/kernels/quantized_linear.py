@@ -331,6 +331,13 @@ if triton is not None:
             last = True
         return acc, last
 
+    @triton.jit
+    def _store_row(out_ptr, b_ptr, n, n_ok, total, BIAS: tl.constexpr):
+        """out[n] = total (+ b[n] where BIAS), rounded once to the output's dtype."""
+        if BIAS:
+            total += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+
     # One row (an answer token) is bound by the weight's bytes, and a tile of tensor-core products
     # wastes 15 of its 16 rows: the kernel below reads the weight as int32 words and multiplies on the
     # FMA units. The integer-to-float conversion would be the limit there (16 a clock per SM on an
@@ -440,9 +447,7 @@ if triton is not None:
         total = tl.sum(tl.sum(scaled, axis=2), axis=1) + tl.sum(offsets, axis=1)
         total, last = _add_up_splits(total, part_ptr, count_ptr, tl.program_id(0), n, n_ok, s_split, split, SPLIT)
         if last:
-            if BIAS:
-                total += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            _store_row(out_ptr, b_ptr, n, n_ok, total, BIAS)
 
     # One row times an int8 weight, the same way: a byte q becomes u = q + 128 by one XOR a word (four
     # values), and u is moved to bits 15-22 under the exponent of 256: 256 + u exactly, one LOP3 (an
@@ -498,9 +503,7 @@ if triton is not None:
                                                                              other=0.0).to(tl.float32)
         total, last = _add_up_splits(total, part_ptr, count_ptr, tl.program_id(0), n, n_ok, s_split, split, SPLIT)
         if last:
-            if BIAS:
-                total += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            _store_row(out_ptr, b_ptr, n, n_ok, total, BIAS)
 
     @triton.jit
     def _dequantize_int4_kernel(q_ptr, s_ptr, z_ptr, out_ptr, half_k, sq, ss, GROUP: tl.constexpr,
