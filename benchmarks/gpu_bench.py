@@ -19,6 +19,7 @@ Two kinds of stream:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -77,9 +78,11 @@ def build_adapter(shape: str, device: str, dtype: torch.dtype) -> LlavaOnevision
 
 def build_model(shape: str, device: str, dtype: torch.dtype, tiled: bool = False):
     """(a random-weight LLaVA-OneVision at `shape`, built on `device`, its tokenizer). tiled: every
-    parameter filled from one random block instead of its own initialisation, buffers (RoPE's
-    frequencies) left unset: building 7B on a CPU otherwise took minutes. Only for measuring memory."""
+    parameter filled from one random block instead of its own initialisation (building 7B on a CPU
+    otherwise took minutes); the buffers (RoPE's frequencies, position ids) are built as usual, so
+    the model runs: for timing and memory, where the weights' values do not matter."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
     s = SHAPES[shape]
     tok = build_tokenizer()
@@ -91,11 +94,10 @@ def build_model(shape: str, device: str, dtype: torch.dtype, tiled: bool = False
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
-    with torch.device("meta" if tiled else device):
+    with torch.device(device), (no_init_weights() if tiled else contextlib.nullcontext()):
         model = LlavaOnevisionForConditionalGeneration(cfg)
     torch.set_default_dtype(old)
     if tiled:
-        model.to_empty(device=device)
         block = torch.randn(1 << 22, dtype=dtype) * 0.02
         with torch.no_grad():
             for t in model.parameters():

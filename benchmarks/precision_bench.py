@@ -80,23 +80,43 @@ def engine_for(adapter, weights, kv_dtype, budget, launch="auto", **kw):
     return LiveVLMEngine(cfg, adapter=adapter)
 
 
-def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_frames, firsts_dir: Path) -> dict:
+def load_adapter(shape, device, dtype, weights, placed: bool):
+    """The adapter at `weights`. placed: built on the CPU (tiled, gpu_bench.build_model) and moved
+    through quantize.place, each language-model Linear quantized as it arrives (the engine's load
+    path, so the device's memory is what a robot's would be); else built on the device at `dtype`
+    and quantized there. Raises ModelLoadError where `weights` cannot run."""
+    from gpu_bench import build_model
+    from livevlm_ros.engine.models.llava_onevision import LlavaOnevisionAdapter
+
+    if not placed:
+        adapter = build_adapter(shape, device, dtype)
+    else:
+        model, tok = build_model(shape, "cpu", dtype, tiled=True)
+        adapter = LlavaOnevisionAdapter(quantize.place(model, device, weights), tok, [0.5] * 3, [0.5] * 3)
+    try:
+        return adapter, quantize.apply(adapter, weights)
+    except ModelLoadError:
+        free(adapter)
+        raise
+
+
+def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_frames, firsts_dir: Path,
+              placed: bool = False) -> dict:
     """One freshly built model at `weights` (the same random weights for every precision: seed 0);
     a row per kv_dtype. Each row's first logits are kept in `firsts_dir`, where other rows (other
     processes) compare with them: quantized weights with bf16 weights at the same kv_dtype, int8
     KV with bf16 KV at the same weights (random weights: numerics, not answer quality)."""
     rows = {}
     t0 = time.time()
-    adapter = build_adapter(shape, device, dtype)
     try:
-        quantized = quantize.apply(adapter, weights)
+        adapter, quantized = load_adapter(shape, device, dtype, weights, placed)
     except ModelLoadError as err:
-        free(adapter)
         return {kv: {"refused": str(err)} for kv in kv_dtypes}
     sync()
-    base = dict(weights_bytes=module_bytes(adapter.model), lm_bytes=module_bytes(adapter._lm),
+    base = dict(placed=placed, weights_bytes=module_bytes(adapter.model), lm_bytes=module_bytes(adapter._lm),
                 linears_quantized=quantized, build_s=round(time.time() - t0, 1),
-                allocated_after_load=gpu_mem()[0], device_used_after_load=device_used_bytes())
+                allocated_after_load=gpu_mem()[0], device_used_after_load=device_used_bytes(),
+                reserved_after_load=torch.cuda.memory_reserved() if torch.cuda.is_available() else 0)
     for kv_dtype in kv_dtypes:
         try:
             engine = engine_for(adapter, weights, kv_dtype, budget)
@@ -182,19 +202,10 @@ def bench_sized(shape, device, dtype, weights, budget_gb, frames) -> dict:
 
 
 def bench_load(shape, device, dtype, weights, placed: bool) -> dict:
-    """What loading takes on the device. placed: the model comes from the CPU through
-    quantize.place, each language-model Linear quantized as it arrives (the engine's load path);
-    else it is built on the device at `dtype` and quantized there (the path before)."""
-    from gpu_bench import build_model
-    from livevlm_ros.engine.models.llava_onevision import LlavaOnevisionAdapter
-
+    """What loading takes on the device (load_adapter: placed from the CPU, or built on the device)."""
     reset_peak()
     t = time.time()
-    model, tok = build_model(shape, "cpu" if placed else device, dtype, tiled=True)
-    if placed:
-        model = quantize.place(model, device, weights)
-    adapter = LlavaOnevisionAdapter(model, tok, [0.5] * 3, [0.5] * 3)
-    quantize.apply(adapter, weights)
+    adapter, _ = load_adapter(shape, device, dtype, weights, placed)
     sync()
     allocated, peak = gpu_mem()
     out = dict(placed=placed, seconds=round(time.time() - t, 1), load_peak_bytes=peak, allocated_bytes=allocated,
@@ -248,6 +259,8 @@ def main():
     ap.add_argument("--no-sized", action="store_true", help="skip the gpu_memory_budget_gb run")
     ap.add_argument("--load", action="store_true", help="only what loading takes: placed from the CPU or not")
     ap.add_argument("--load-row", default="", help="shape:weights:placed|device: one load (a child process)")
+    ap.add_argument("--placed", action="store_true", help="each row's model built on the CPU and placed through "
+                    "quantize.place, as the engine loads one (else built on the device and quantized there)")
     ap.add_argument("--gemv-from", type=Path, help="a linear_bench linear.json: its one-row settings chosen over "
                     "every shape ('overall') replace gemv_config / gemv_int8_config in every row")
     args = ap.parse_args()
@@ -268,7 +281,8 @@ def main():
     if args.row:                                   # one row, in this (child) process
         shape, weights, kv = args.row.split(":")
         budget = BUDGET if shape != "tiny" else 34 + 2 * 16 + 256
-        rows = bench_one(shape, device, dtype, weights, [kv], budget, frames, 8 if args.tiny else 32, firsts_dir)
+        rows = bench_one(shape, device, dtype, weights, [kv], budget, frames, 8 if args.tiny else 32, firsts_dir,
+                         args.placed)
         (args.out / f"row_{shape}_{weights}_{kv}.json").write_text(json.dumps(rows[kv], default=str))
         return
     if args.load_row:
@@ -298,6 +312,7 @@ def main():
             for kv in kvs:                         # each row in a fresh process: its memory is its own
                 child = [sys.executable, __file__, "--out", str(args.out), "--row", f"{shape}:{weights}:{kv}"]
                 child += ["--gemv-from", str(args.gemv_from)] if args.gemv_from else []
+                child += ["--placed"] if args.placed else []
                 subprocess.run(child + (["--tiny"] if args.tiny else []), check=False)
                 part = args.out / f"row_{shape}_{weights}_{kv}.json"
                 results["rows"][shape][weights][kv] = (json.loads(part.read_text()) if part.exists()

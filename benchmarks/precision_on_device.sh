@@ -5,7 +5,8 @@
 # In order: merged_on_device.py checks the merged q/k/v and gate/up products and streams_on_device.py
 # split products on two streams (~1 min); precision_bench.py (the arguments go to it); PROFILE=1 adds
 # where an int4 answer token's GPU time goes (profile_answer.py, graph replay, int8 KV); LOAD=1 what
-# loading takes on the device (precision_bench --load); last the products alone (linear_bench.py;
+# loading takes on the device (precision_bench --load; beside it the code in .bench/old/ if there, and
+# with LOAD_EXPANDABLE=1 under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); last the products alone (linear_bench.py;
 # LINEAR_ARGS passes it options), in what is left of LINEAR_BUDGET seconds (default 560) since the
 # start, so a call that runs short still brings the decode figures. TUNE=1 runs the products first
 # and precision_bench twice: with the defaults, and with the one-row settings the sweep chose
@@ -59,10 +60,19 @@ if [ -n "${PROFILE:-}" ]; then
         --rows 30 --out "$back/profile_int4.txt" 2>&1 | grep -v "Loading weights\|_pytree" | tail -3
     pack
 fi
+load() {   # load <name> [environment assignments]: precision_bench --load (from .bench/old/ for the name "old")
+    local name="$1" script=benchmarks/precision_bench.py; shift
+    [ "$name" = old ] && script=.bench/old/benchmarks/precision_bench.py
+    mkdir -p "$work/$name"
+    env "$@" PYTHONUNBUFFERED=1 python3 "$script" --shapes 7b --weights "${LOAD_WEIGHTS:-int4,int8}" --load \
+        --out "$work/$name" 2>&1 | grep -v "Loading weights\|_pytree" | tee "$back/${name}_log.txt"
+    cp "$work/$name/load.json" "$back/$name.json"; pack
+}
 if [ -n "${LOAD:-}" ]; then
-    PYTHONUNBUFFERED=1 python3 benchmarks/precision_bench.py --shapes 7b --weights int4,int8 --load --out "$work/load" 2>&1 \
-        | grep -v "Loading weights\|_pytree" | tee "$back/load_log.txt"
-    cp "$work/load/load.json" "$back/load.json"; pack
+    load load
+    # the same call's baseline: the code before, if carried (git archive <commit> livevlm_ros benchmarks)
+    [ -f .bench/old/benchmarks/precision_bench.py ] && LOAD_WEIGHTS=int4 load old
+    [ -n "${LOAD_EXPANDABLE:-}" ] && LOAD_WEIGHTS=int4 load load_expandable PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 fi
 [ -z "${TUNE:-}" ] && linear
 true

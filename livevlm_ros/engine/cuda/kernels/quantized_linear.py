@@ -533,19 +533,32 @@ if triton is not None:
         tl.store(out_ptr + row * K + k, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def pack_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_int4(weight: torch.Tensor, group: int, device=None,
+              values_at_once: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [N, K] (K a multiple of `group`) -> packed uint8 [N, K / 2], scale and minimum [K / group, N]
-    in W's dtype: asymmetric, each group's 16 levels spanning its own range. Quantized against the
-    rounded scale and minimum, so dequantize_int4 gives what the kernel computes."""
+    in W's dtype, on `device` (default W's): asymmetric, each group's 16 levels spanning its own range.
+    Quantized against the rounded scale and minimum, so dequantize_int4 gives what the kernel computes.
+    A few rows at a time (`values_at_once`), each slice moved to `device` alone: the outputs are the
+    only full-size tensors, so W may stay on the CPU, and the float32 working copies stay small (a whole
+    7B lm_head at once took 6.5 GB of them)."""
     N, K = weight.shape
-    w = weight.detach().float().reshape(N, K // group, group)
-    low, high = w.amin(-1), w.amax(-1)
-    scale = ((high - low) / 15).clamp_min(1e-8).to(weight.dtype)
-    minimum = low.to(weight.dtype)
-    q = ((w - minimum.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    device = weight.device if device is None else torch.device(device)
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=device)
+    scale = torch.empty(K // group, N, dtype=weight.dtype, device=device)
+    minimum = torch.empty(K // group, N, dtype=weight.dtype, device=device)
+    rows = max(1, values_at_once // K)
     half = group // 2
-    packed = (q[..., :half] | (q[..., half:] << 4)).reshape(N, K // 2)
-    return packed.contiguous(), scale.t().contiguous(), minimum.t().contiguous()
+    for i in range(0, N, rows):
+        w = weight[i:i + rows].detach().to(device, torch.float32, copy=True)      # a copy: worked in place
+        w = w.reshape(-1, K // group, group)
+        low, high = w.amin(-1), w.amax(-1)
+        s = ((high - low) / 15).clamp_min(1e-8).to(weight.dtype)
+        m = low.to(weight.dtype)
+        q = w.sub_(m.float()[..., None]).div_(s.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        packed[i:i + rows] = (q[..., :half] | (q[..., half:] << 4)).reshape(-1, K // 2)
+        scale[:, i:i + rows] = s.t()
+        minimum[:, i:i + rows] = m.t()
+    return packed, scale, minimum
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int) -> torch.Tensor:
