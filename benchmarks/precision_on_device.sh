@@ -6,7 +6,8 @@
 # split products on two streams (~1 min); precision_bench.py (the arguments go to it); PROFILE=1 adds
 # where an int4 answer token's GPU time goes (profile_answer.py, graph replay, int8 KV); LOAD=1 what
 # loading takes on the device (precision_bench --load; beside it the code in .bench/old/ if there, and
-# with LOAD_EXPANDABLE=1 under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); last the products alone (linear_bench.py;
+# with LOAD_EXPANDABLE=1 under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); MEMORY=1 where a
+# placed 7B int4 engine's memory goes (memory_breakdown.py); last the products alone (linear_bench.py;
 # LINEAR_ARGS passes it options), in what is left of LINEAR_BUDGET seconds (default 560) since the
 # start, so a call that runs short still brings the decode figures. TUNE=1 runs the products first
 # and precision_bench twice: with the defaults, and with the one-row settings the sweep chose
@@ -73,6 +74,11 @@ if [ -n "${LOAD:-}" ]; then
     # the same call's baseline: the code before, if carried (git archive <commit> livevlm_ros benchmarks)
     [ -f .bench/old/benchmarks/precision_bench.py ] && LOAD_WEIGHTS=int4 load old
     [ -n "${LOAD_EXPANDABLE:-}" ] && LOAD_WEIGHTS=int4 load load_expandable PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+fi
+if [ -n "${MEMORY:-}" ]; then   # where a placed 7B int4 engine's device memory goes
+    PYTHONUNBUFFERED=1 python3 benchmarks/memory_breakdown.py --out "$work/memory" 2>&1 \
+        | grep -v "Loading weights\|_pytree" | tee "$back/memory_log.txt"
+    cp "$work/memory/memory_breakdown.json" "$back/"; pack
 fi
 [ -z "${TUNE:-}" ] && linear
 true
