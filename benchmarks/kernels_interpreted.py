@@ -162,10 +162,15 @@ def check_quantized_linear():
                             (7, 96, 768, dict(BM=16, BN=16, BK=128, SPLIT_K=4)),
                             (40, 64, 512, dict(BM=32, BN=32, BK=64, SPLIT_K=2)),
                             (70, 48, 384, dict(BM=64, BN=32, BK=64, SPLIT_K=1)),
-                            (70, 48, 384, None)):                  # more than MAX_ROWS: dequantized, then cuBLAS
+                            (70, 48, 384, None),                   # more than MAX_ROWS: dequantized, then cuBLAS
+                            (70, 600, 384, "bands")):              # ... 256 outputs at a time: 3 bands, one short
         x = torch.randn(rows, K).half()                       # the interpreter's bf16 is not a GPU's (above)
+        banded = cfg == "bands"
+        cfg = None if banded else cfg
+        ql.DEQUANTIZED_ELEMENTS = 256 * K if banded else 1 << 25
         how = (f"split {cfg['SPLIT_K']}{', prefetched' if cfg.get('PREFETCH') else ''}" if cfg
-               else "default" if rows <= ql.MAX_ROWS else "dequantized")
+               else "default" if rows <= ql.MAX_ROWS else "dequantized, 256 outputs at a time" if banded
+               else "dequantized")
         name = f"{rows} rows x [{N}, {K}], {how}"
         bias = torch.randn(N).half()
         for group in (() if cfg and "BW" in cfg else (128, 64, 32)):

@@ -27,7 +27,8 @@ launched. x stays in its half dtype (bf16 or fp16); the sums run in float32.
         that converted with the integer-to-float unit was no faster than the tiles: H100, 2026-12-06);
   int8, 2-64 rows: tiles of q in x's dtype (exact), the row's scale applied to the sums.
 Many rows (a clip's prefill) are bound by the tensor cores: the weight is dequantized to a transient
-half copy and cuBLAS multiplies, as it would the unquantized weight.
+half copy and cuBLAS multiplies, as it would the unquantized weight, a band of outputs at a time
+(DEQUANTIZED_ELEMENTS), so the copy stays small.
 The tile settings come from benchmarks/linear_bench.py (H100 and H200).
 """
 
@@ -40,6 +41,9 @@ import torch
 from .triton_lang import tl, triton
 
 MAX_ROWS = 64                     # more rows: dequantize, then cuBLAS
+# the largest transient half copy of a weight that many rows multiply (32M elements, 64 MB): 7B's
+# merged gate/up at once was 272 MB, held by the clip graph's pool and torch's cache for good
+DEQUANTIZED_ELEMENTS = 1 << 25
 _WIDE = 264                       # programs that keep an H200's 132 SMs busy twice over
 
 
@@ -90,10 +94,13 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
             out = _gemv_int8(rows, q, scale, bias, cfg or gemv_int8_config(N, K))
         return out.view(*x.shape[:-1], N)
     if M > MAX_ROWS and cfg is None:
-        if int4:
-            out = torch.nn.functional.linear(rows, dequantize_int4_to(q, scale, minimum, group, x.dtype))
-        else:
-            out = torch.nn.functional.linear(rows, dequantize_int8_to(q, scale, x.dtype))
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        step = max(256, DEQUANTIZED_ELEMENTS // K // 256 * 256)
+        for n in range(0, N, step):     # a band of outputs at a time: the half copy is a band's
+            band = slice(n, n + step)
+            w = (dequantize_int4_to(q[band], scale[:, band], minimum[:, band], group, x.dtype) if int4
+                 else dequantize_int8_to(q[band], scale[:, band], x.dtype))
+            torch.mm(rows, w.t(), out=out[:, band])
     else:
         cfg = dict(cfg or config(M, N, K, group))
         grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]), cfg.pop("SPLIT_K"))
