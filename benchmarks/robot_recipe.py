@@ -6,9 +6,11 @@ weights and kv_dtype, and the budget_tokens that `gpu_memory_budget_gb` would si
 Nothing is loaded or run: LLaVA-OneVision 7B and 0.5B are built on the meta device (shapes and
 parameter counts, no memory), their weight bytes at bf16 / int8 / int4 computed the way
 models/quantize.py stores them (int8, torchao: a byte a weight and a float32 scale a row; int4: half
-a byte a weight, a bf16 scale and minimum a group of 128; quantized weights bring the token
-embedding to int8 with a float32 scale a token), the vision tower and projector at bf16. Checked
-against the H200 run of 2026-12-03 20:01 UTC (BENCHMARKS.md): 7B 16.09 / 8.48 / 5.16 GB measured.
+a byte a weight, a bf16 scale and minimum a group of 128; the token embedding goes to int8 with a
+float32 scale a token, or to int4 as a Linear's weight with int4 weights), the vision tower and
+projector at bf16. Checked against the H200 run of 2026-12-03 20:01 UTC (BENCHMARKS.md): 7B 16.09 /
+8.48 / 5.16 GB measured, with the embedding at int8 in all three (int4's since 2026-12-07: 0.27 GB
+less).
 The working space is sizing.py's estimate (CUDA context included). Not measured on a Jetson: the
 node's share of a device's shared memory is an assumption (NODE_SHARE below).
 """
@@ -60,7 +62,10 @@ def weight_bytes(model, weights: str) -> int:
     if weights != "bf16":
         quantized.add(id(lm.embed_tokens.weight))
         vocab, hidden = lm.embed_tokens.weight.shape
-        total = vocab * hidden + vocab * 4                               # the int8 token embedding
+        if weights == "int4" and int4_group(hidden):                     # the int4 token embedding
+            total = vocab * hidden // 2 + vocab * (hidden // int4_group(hidden)) * 2 * 2
+        else:
+            total = vocab * hidden + vocab * 4                           # the int8 token embedding
     else:
         total = 0
     total += sum(p.numel() * 2 for p in model.parameters() if id(p) not in quantized)   # bf16

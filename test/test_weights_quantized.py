@@ -143,9 +143,9 @@ def test_int4_packs_the_language_model_into_a_quarter_of_its_bytes(tiny_model_pa
 
 def test_int4_answer_equals_offline_forward_of_the_four_bit_weights(tiny_model_path, frames):
     """Nothing dropped (full policy): the engine's first logits equal transformers' forward of the
-    same checkpoint whose language-model weights were replaced by four_bit_levels (groups of 128
-    inputs, or 64 where the input is 64 wide) and its token embedding by int8_rows, and differ from
-    the unquantized model's."""
+    same checkpoint whose language-model weights and token embedding were replaced by
+    four_bit_levels (groups of 128 inputs, or 64 where the input is 64 wide), and differ from the
+    unquantized model's."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     video = frames(4)
@@ -156,7 +156,8 @@ def test_int4_answer_equals_offline_forward_of_the_four_bit_weights(tiny_model_p
         for m in [*lm.modules(), ref.lm_head]:
             if isinstance(m, torch.nn.Linear):
                 m.weight.copy_(four_bit_levels(m.weight, 128 if m.in_features % 128 == 0 else 64))
-        lm.embed_tokens.weight.copy_(int8_rows(lm.embed_tokens.weight))
+        table = lm.embed_tokens.weight
+        table.copy_(four_bit_levels(table, 128 if table.shape[1] % 128 == 0 else 64))
     torch.testing.assert_close(answer, offline_first_logits(ref, engine, video), atol=2e-5, rtol=1e-4)
     _, unquantized = full_memory_first_logits(tiny_model_path, video)
     assert (unquantized - answer).abs().max() > 1e-3
@@ -192,7 +193,8 @@ def _quantized_tensors(adapter) -> dict[str, torch.Tensor]:
         if isinstance(m, torch.nn.Linear) and quantize.is_quantized(weight):
             out[name + ".qdata"], out[name + ".scale"] = weight.qdata, weight.scale
         for buffer in ("packed", "scale", "minimum", "qdata"):
-            if isinstance(m, (quantize.Int4Linear, quantize.Int8Embedding)) and hasattr(m, buffer):
+            if isinstance(m, (quantize.Int4Linear, quantize.Int8Embedding, quantize.Int4Embedding)) \
+                    and hasattr(m, buffer):
                 out[f"{name}.{buffer}"] = getattr(m, buffer)
     return out
 
@@ -209,7 +211,7 @@ def test_loading_quantizes_each_linear_on_its_way_as_quantizing_afterwards_would
     model = quantize.place(LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_model_path), "cpu", weights)
     lm = model.model.language_model                                   # quantized by place itself
     k_proj = lm.layers[0].self_attn.k_proj
-    assert isinstance(lm.embed_tokens, quantize.Int8Embedding)
+    assert isinstance(lm.embed_tokens, quantize.Int4Embedding if weights == "int4" else quantize.Int8Embedding)
     assert isinstance(k_proj, quantize.Int4Linear) if weights == "int4" else quantize.is_quantized(k_proj.weight)
 
     placed = load_adapter(tiny_model_path, "cpu", "float32", weights=weights)
@@ -282,10 +284,32 @@ def test_a_tied_lm_head_reads_the_int8_embedding_table(smollm2_path):
     table = plain._lm.embed_tokens.weight.detach().clone()
     adapter = load_adapter(smollm2_path, "cpu", "float32", weights="int8")
     head = adapter._lm_head
-    assert isinstance(head, quantize.Int8TiedHead) and head.embedding is adapter._lm.embed_tokens
+    assert isinstance(head, quantize.TiedHead) and head.embedding is adapter._lm.embed_tokens
     assert adapter.model.lm_head is head and adapter._lm.embed_tokens.qdata.dtype == torch.int8
     ids = torch.tensor(adapter.tokenize("Where did I last see the red toolbox?"))
     torch.testing.assert_close(adapter.embed_tokens(ids), int8_rows(table)[ids])
     hidden = torch.randn(3, table.shape[1])
     torch.testing.assert_close(adapter.logits(hidden), hidden @ int8_rows(table).t(), atol=1e-4, rtol=1e-4)
     assert module_bytes(adapter.model) < module_bytes(plain.model) / 3         # float32 -> int8, nothing kept
+
+
+def test_with_int4_weights_the_embedding_and_its_tied_head_are_one_int4_table(smollm2_path):
+    """SmolLM2-135M (real weights, tied head) at int4: the token embedding is packed as an int4
+    Linear's weight is (groups of 64: its 576 inputs are not a multiple of 128), a lookup gives
+    four_bit_levels of the table's rows, and the head's logits are the hidden state times that same
+    table: half int8's bytes, one copy."""
+    from livevlm_ros.engine.memory.sizing import module_bytes
+
+    plain = load_adapter(smollm2_path, "cpu", "float32")
+    table = plain._lm.embed_tokens.weight.detach().clone()
+    adapter = load_adapter(smollm2_path, "cpu", "float32", weights="int4")
+    embedding, head = adapter._lm.embed_tokens, adapter._lm_head
+    assert isinstance(embedding, quantize.Int4Embedding) and embedding.group == 64
+    assert isinstance(head, quantize.TiedHead) and head.embedding is embedding and adapter.model.lm_head is head
+    levels = four_bit_levels(table, 64)
+    ids = torch.tensor(adapter.tokenize("Where did I last see the red toolbox?"))
+    torch.testing.assert_close(adapter.embed_tokens(ids), levels[ids], atol=1e-6, rtol=1e-5)
+    hidden = torch.randn(3, table.shape[1])
+    torch.testing.assert_close(adapter.logits(hidden), hidden @ levels.t(), atol=1e-4, rtol=1e-4)
+    # half a byte an entry and two float32 a group of 64, against int8's byte and a float32 a row
+    assert module_bytes(embedding) == table.numel() // 2 + 2 * 4 * table.numel() // 64

@@ -10,7 +10,8 @@ the language model as the engine stores it, so loading reads those bytes only (7
 
 DST gets SRC's config, tokenizer and processor files; `model.safetensors`, where an int4 Linear is
 its packed bytes, scales and minimums, an int8 Linear its int8 rows and scales (torchao's tensor
-taken apart), the token embedding int8 rows and scales, and everything else (vision tower,
+taken apart), the token embedding int8 rows and scales (or, with int4 weights, packed as an int4
+Linear is), and everything else (vision tower,
 projector, norms) at `dtype`; and `livevlm_quantized.json`, naming the precision, the dtype and
 which module is what. `load` builds the model's modules without memory (parameters on the meta
 device), puts quantized modules where the file has them, and assigns the file's tensors.
@@ -72,7 +73,8 @@ def load(model_class, path: Path, device, weights: str, dtype: torch.dtype, **fr
     buffers = dict(model.named_buffers())
     empty = [name for name, t in [*model.named_parameters(), *buffers.items()] if t.is_meta]
     built = tuple(f"{name}." for name in [*saved["int4"], *saved["int8"], *saved["int8_embeddings"],
-                                          *saved["tied_heads"]])      # the quantized modules: made from the file
+                                          *saved.get("int4_embeddings", {}), *saved["tied_heads"]])
+    # (the quantized modules: made from the file)
     empty += [name for name in missing if name in buffers and not name.startswith(built)]    # the constructor's
     if unexpected or empty:
         raise ModelLoadError(f"{path}/{WEIGHTS_FILE} does not fit its config: unexpected {unexpected[:5]}, "
@@ -91,7 +93,7 @@ def save(src: Path, dst: Path, weights: str, dtype: str = "bfloat16") -> Path:
     src, dst = Path(src), Path(dst)
     model = load_adapter(str(src), "cpu", dtype, weights=weights).model
     saved = dict(weights=weights, dtype=str(next(model.parameters()).dtype).removeprefix("torch."), int4={},
-                 int8=[], int8_embeddings=[], tied_heads={}, aliases={})
+                 int8=[], int8_embeddings=[], int4_embeddings={}, tied_heads={}, aliases={})
     names = {id(m): name for name, m in model.named_modules()}
     for name, m in model.named_modules():
         if isinstance(m, quantize.Int4Linear):
@@ -100,7 +102,9 @@ def save(src: Path, dst: Path, weights: str, dtype: str = "bfloat16") -> Path:
             saved["int8"].append(name)
         elif isinstance(m, quantize.Int8Embedding):
             saved["int8_embeddings"].append(name)
-        elif isinstance(m, quantize.Int8TiedHead):
+        elif isinstance(m, quantize.Int4Embedding):
+            saved["int4_embeddings"][name] = m.group
+        elif isinstance(m, quantize.TiedHead):
             saved["tied_heads"][name] = names[id(m.embedding)]
     tensors, kept_at = {}, {}
     for name in saved["int8"]:                         # weight-only, symmetric, a scale per row: what loading rebuilds
@@ -149,10 +153,15 @@ def _put_quantized(model, tensors: dict, saved: dict, dtype: torch.dtype):
         _same_shape(name, tuple(model.get_submodule(name).weight.shape), tensors[f"{name}.qdata"])
         _replace(model, name, quantize.Int8Embedding.from_quantized(
             tensors.pop(f"{name}.qdata"), tensors.pop(f"{name}.scale"), dtype))
+    for name, group in saved.get("int4_embeddings", {}).items():      # files saved before int4 tables have none
+        vocab, hidden = model.get_submodule(name).weight.shape
+        _same_shape(name, (vocab, hidden // 2), tensors[f"{name}.packed"])
+        _replace(model, name, quantize.Int4Embedding.from_packed(
+            tensors.pop(f"{name}.packed"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.minimum"), group, dtype))
     for name, embedding in saved["tied_heads"].items():
-        for key in (f"{name}.embedding.qdata", f"{name}.embedding.scale"):
-            tensors.pop(key, None)
-        _replace(model, name, quantize.Int8TiedHead(model.get_submodule(embedding)))
+        for key in [k for k in tensors if k.startswith(f"{name}.embedding.")]:
+            tensors.pop(key)
+        _replace(model, name, quantize.TiedHead(model.get_submodule(embedding)))
 
 
 def _same_shape(name: str, expected: tuple, saved: torch.Tensor):

@@ -14,10 +14,11 @@ weights (15.2 GB) do not fit beside anything else in 16 GB.
         first token in 26 ms against bf16's 13 and ingested a frame in 116 ms against 21. It has no
         CPU kernel either; here, where Triton is absent (a CPU), the product dequantizes the
         weight first: correct, and slow.
-Only the language model: the decoder's Linears, an untied lm_head, and the token embedding in
-int8 (one scale a token; at 7B it is 1.09 GB in bf16, as much as the rest of the int4 decoder's
-third; a lookup reads a few rows). A tied lm_head reads that same int8 table (the int8 product:
-its per-token scales are per-output scales), so it is not kept at full size beside it. The vision
+Only the language model: the decoder's Linears, an untied lm_head, and the token embedding (at
+7B 1.09 GB in bf16, as much as a third of the rest of the int4 decoder; a lookup reads a few rows),
+in int8 (a scale a token) or, with int4 weights, in int4 packed as an Int4Linear's weight (7B:
+0.28 GB against int8's 0.55). A tied lm_head reads that same table (TiedHead: the table's product,
+its rows the head's outputs), so it is not kept at full size beside it. The vision
 tower and projector stay at `dtype` (a small share of the bytes, run once per frame, not per
 token). The engine's forward hooks on q_proj / k_proj are registered after this runs, on whatever
 module is then there, and see the quantized products exactly as the attention does.
@@ -110,8 +111,8 @@ def apply(adapter, weights: str) -> int:
 
 def _quantize_language(model, decoder, head, weights: str, device: torch.device | None = None):
     """Quantize the decoder's Linears and an untied head to `weights` (int8: torchao's tensor in the
-    same nn.Linear; int4: an Int4Linear in its place), and the token embedding to int8 (a tied head
-    then reads it), one module at a time, each moved to `device` first when one is given; modules
+    same nn.Linear; int4: an Int4Linear in its place), and the token embedding to int8, or int4 with
+    int4 weights (a tied head then reads it), one module at a time, each moved to `device` first when one is given; modules
     already quantized are left. Returns (Linears quantized, Linears in all, the head module now)."""
     tied = _tied(decoder, head)
     linears = [m for m in decoder.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
@@ -154,11 +155,12 @@ def _quantize_language(model, decoder, head, weights: str, device: torch.device 
             _release_working_memory(device)
         embed = decoder.embed_tokens
         if isinstance(embed, torch.nn.Embedding):
-            table = Int8Embedding(embed, device=device)
+            group = int4_group(embed.embedding_dim) if weights == "int4" else None
+            table = Int4Embedding(embed, group, device) if group else Int8Embedding(embed, device=device)
             decoder.embed_tokens = table
             if tied:
                 parent, name = parents[id(head)]
-                head = Int8TiedHead(table)
+                head = TiedHead(table)
                 setattr(parent, name, head)
             embed.weight = None                    # the full-size table goes now
             _release_working_memory(device)
@@ -274,16 +276,57 @@ class Int8Embedding(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.qdata[ids].float() * self.scale[ids].unsqueeze(-1)).to(self.dtype)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden @ table^T (a tied head): the int8 product on CUDA, its per-token scales per-output."""
+        if quantized_linear.takes(hidden):
+            return quantized_linear.product(hidden, self.qdata, self.scale.reshape(1, -1), None, 0, None)
+        return torch.nn.functional.linear(hidden, (self.qdata.float() * self.scale[:, None]).to(hidden.dtype))
 
-class Int8TiedHead(torch.nn.Module):
-    """An lm_head tied to an Int8Embedding: logits = hidden @ table^T, the int8 product on CUDA."""
 
-    def __init__(self, embedding: Int8Embedding):
+class Int4Embedding(torch.nn.Module):
+    """The token embedding in int4 (with int4 weights): the table [vocab, hidden] packed as an
+    Int4Linear's weight is (groups of `group` along a token's row, a scale and a minimum each); a
+    lookup dequantizes only the rows it gathers. Packed onto `device` (default the table's)."""
+
+    def __init__(self, embedding: torch.nn.Embedding, group: int, device=None):
+        super().__init__()
+        self.dtype, self.group = embedding.weight.dtype, group
+        packed, scale, minimum = quantized_linear.pack_int4(embedding.weight, group, device)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("minimum", minimum)
+
+    @classmethod
+    def from_packed(cls, packed, scale, minimum, group: int, dtype: torch.dtype) -> "Int4Embedding":
+        """An Int4Embedding holding a table already packed (a pre-quantized checkpoint)."""
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self.dtype, self.group = dtype, group
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("minimum", minimum)
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = quantized_linear.dequantize_int4(self.packed[flat], self.scale[:, flat], self.minimum[:, flat], self.group)
+        return rows.to(self.dtype).reshape(*ids.shape, -1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden @ table^T (a tied head): the int4 product on CUDA."""
+        if quantized_linear.takes(hidden):
+            return quantized_linear.int4_linear(hidden, self.packed, self.scale, self.minimum, self.group)
+        table = quantized_linear.dequantize_int4(self.packed, self.scale, self.minimum, self.group)
+        return torch.nn.functional.linear(hidden, table.to(hidden.dtype))
+
+
+class TiedHead(torch.nn.Module):
+    """An lm_head tied to a quantized token embedding (Int8Embedding, Int4Embedding): logits =
+    hidden @ table^T, the table's own product."""
+
+    def __init__(self, embedding: Int8Embedding | Int4Embedding):
         super().__init__()
         self.embedding = embedding
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        e = self.embedding
-        if quantized_linear.takes(hidden):
-            return quantized_linear.product(hidden, e.qdata, e.scale.reshape(1, -1), None, 0, None)
-        return torch.nn.functional.linear(hidden, (e.qdata.float() * e.scale[:, None]).to(hidden.dtype))
+        return self.embedding.logits(hidden)
