@@ -103,7 +103,8 @@ def main():
     lines += [f"  {b / 1e6:9.1f} MB  {k}" for k, b in s["held"]]
     lines += [f"cached (free in segments) {s['cached_total'] / 1e9:.3f} GB, by where the segment was made:"]
     lines += [f"  {b / 1e6:9.1f} MB  {k}" for k, b in s["cached"]]
-    lines += [f"pool {k}: reserved {v['reserved'] / 1e6:.1f} MB, held {v['held'] / 1e6:.1f} MB" for k, v in s["pools"].items()]
+    lines += [f"pool {k}: reserved {v['reserved'] / 1e6:.1f} MB, held {v['held'] / 1e6:.1f} MB"
+              for k, v in s["pools"].items()]
     log("\n".join(lines))
 
 

@@ -155,9 +155,11 @@ def working_space_bytes(adapter, clip_tokens: int, question_tokens: int, elt: in
     logits = question_tokens * text.vocab_size * 4
     total = rows * per_row + vision + logits
     if getattr(adapter, "weights", "bf16") != "bf16":
-        # a clip's prefill multiplies a transient half-precision copy of each quantized weight, the
-        # largest being the gate and up projections merged (cuda/kernels/quantized_linear.py)
-        total += 2 * inter * text.hidden_size * elt
+        # a clip's prefill multiplies a transient half-precision copy of each quantized weight, a band
+        # of outputs at a time (cuda/kernels/quantized_linear.py), the largest weight the gate and up
+        # projections merged
+        from ..cuda.kernels.quantized_linear import DEQUANTIZED_ELEMENTS
+        total += min(2 * inter * text.hidden_size, DEQUANTIZED_ELEMENTS + 256 * text.hidden_size) * elt
     if kv.device.type == "cuda":
         total += CUDA_OVERHEAD_BYTES
     return int(total)

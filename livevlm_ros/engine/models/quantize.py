@@ -112,8 +112,8 @@ def apply(adapter, weights: str) -> int:
 def _quantize_language(model, decoder, head, weights: str, device: torch.device | None = None):
     """Quantize the decoder's Linears and an untied head to `weights` (int8: torchao's tensor in the
     same nn.Linear; int4: an Int4Linear in its place), and the token embedding to int8, or int4 with
-    int4 weights (a tied head then reads it), one module at a time, each moved to `device` first when one is given; modules
-    already quantized are left. Returns (Linears quantized, Linears in all, the head module now)."""
+    int4 weights (a tied head then reads it), one module at a time, onto `device` when one is given;
+    modules already quantized are left. Returns (Linears quantized, Linears in all, the head module now)."""
     tied = _tied(decoder, head)
     linears = [m for m in decoder.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
     if isinstance(head, (torch.nn.Linear, Int4Linear)) and not tied:
@@ -309,7 +309,8 @@ class Int4Embedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        rows = quantized_linear.dequantize_int4(self.packed[flat], self.scale[:, flat], self.minimum[:, flat], self.group)
+        rows = quantized_linear.dequantize_int4(self.packed[flat], self.scale[:, flat], self.minimum[:, flat],
+                                                self.group)
         return rows.to(self.dtype).reshape(*ids.shape, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
