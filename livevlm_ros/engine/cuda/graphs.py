@@ -29,9 +29,7 @@ def record(body: Callable[[], object], pool, reset: Callable[[], None] | None = 
     """Record `body` in a CUDA graph; returns (graph, what body returned while recording).
     A warm-up run on a side stream comes first, as torch.cuda.graphs asks (lazy initialisation stays
     out of the graph); `reset` undoes what a run left behind, after the warm-up and after recording.
-    thread_local: CUDA calls of other threads (a ROS timer reading memory stats) do not spoil it.
-    Then torch's cache is emptied: it keeps a stream's freed blocks for that stream alone, and the
-    warm-up's stream never runs again, so its working memory would stay reserved for good."""
+    thread_local: CUDA calls of other threads (a ROS timer reading memory stats) do not spoil it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -44,7 +42,6 @@ def record(body: Callable[[], object], pool, reset: Callable[[], None] | None = 
         result = body()
     if reset is not None:
         reset()
-    torch.cuda.empty_cache()
     return graph, result
 
 
