@@ -177,11 +177,12 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
     return rows
 
 
-def bench_sized(shape, device, dtype, weights, budget_gb, frames, placed: bool = False) -> dict:
+def bench_sized(shape, device, dtype, weights, budget_gb, frames, placed: bool = False, kv_dtype="bf16") -> dict:
     """`gpu_memory_budget_gb`: what budget_tokens the engine chose, and what it then took, full."""
     adapter, _ = load_adapter(shape, device, dtype, weights, placed)
     cfg = EngineConfig(gpu_memory_budget_gb=budget_gb, budget_tokens=None, sample_fps=0, device=str(adapter.kv.device),
-                       dtype="bfloat16" if device == "cuda" else "float32", weights=weights, max_new_tokens=16)
+                       dtype="bfloat16" if device == "cuda" else "float32", weights=weights, max_new_tokens=16,
+                       kv_dtype=kv_dtype)
     try:
         engine = LiveVLMEngine(cfg, adapter=adapter)
     except Exception as err:                       # noqa: BLE001
@@ -192,7 +193,7 @@ def bench_sized(shape, device, dtype, weights, budget_gb, frames, placed: bool =
     time_answer(engine, repeats=2, max_new_tokens=16)
     sync()
     allocated, peak = gpu_mem()
-    out = dict(engine.sizing.report(), placed=placed, allocated_bytes=allocated, peak_bytes=peak,
+    out = dict(engine.sizing.report(), placed=placed, kv_dtype=kv_dtype, allocated_bytes=allocated, peak_bytes=peak,
                reserved_bytes=torch.cuda.memory_reserved() if torch.cuda.is_available() else 0,
                device_used_bytes=device_used_bytes(), memory_tokens=engine.stats()["device_tokens"])
     log(f"{shape} {weights} sized by {budget_gb} GB: budget_tokens {engine.config.budget_tokens}; allocated "
@@ -303,7 +304,8 @@ def main():
         (args.out / "load.json").write_text(json.dumps(results, indent=1, default=str))
         return
     if args.sized_only:
-        results["sized_7b_int4"] = bench_sized("7b", device, dtype, "int4", args.sized_gb, frames, args.placed)
+        results["sized_7b_int4"] = bench_sized("7b", device, dtype, "int4", args.sized_gb, frames, args.placed,
+                                               kvs[0])
         (args.out / "sized.json").write_text(json.dumps(results["sized_7b_int4"], default=str))
         return
     for shape in shapes:
@@ -321,7 +323,8 @@ def main():
                 (args.out / "precision.json").write_text(json.dumps(results, indent=1, default=str))
     if not args.tiny and not args.no_sized:
         subprocess.run([sys.executable, __file__, "--out", str(args.out), "--sized-only",
-                        "--sized-gb", str(args.sized_gb)] + (["--placed"] if args.placed else []), check=False)
+                        "--sized-gb", str(args.sized_gb), "--kv", kvs[0]] + (["--placed"] if args.placed else []),
+                       check=False)
         part = args.out / "sized.json"
         results["sized_7b_int4"] = json.loads(part.read_text()) if part.exists() else {"error": "no result"}
     else:

@@ -17,9 +17,14 @@ and a clip's forward assembles one layer's [prefix | memory | clip] keys and val
 Raising `retrieval_ratio` at run time grows the arena beyond this sizing.
 
 The working space is an estimate, not a measurement: one clip's forward (the activations of one
-decoder layer at a time for its tokens, the vision tower on its frames), a question's logits, and on CUDA 0.6 GB for the CUDA
-context, cuBLAS workspaces and graph pools, which torch's allocator does not see. gpu_bench.py
-measures the resident memory that results next to the budget asked for.
+decoder layer at a time for its tokens, the vision tower on its frames), a question's logits, and
+on CUDA what the device holds beyond what torch has allocated (CUDA_OVERHEAD_BYTES). That was
+measured with 7B int4 weights (H100, 2026-12-07 08:38 UTC, precision_bench.py --placed and
+memory_breakdown.py): the CUDA context 0.65 GB, kernels and cuBLAS's handles loaded later 0.17 GB
+more, outside torch's allocator; and torch's cache, which held 0.27-0.55 GB beyond what was
+allocated (the graph pools' working memory between replays, and blocks cut from segments in use).
+With 0.6 GB for all of it, a 7.0 GB budget sized a memory the device then held 7.74 GB for.
+precision_bench.py measures the resident memory that results next to the budget asked for.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 from ..config import ConfigError
 
 GB = 1e9
-CUDA_OVERHEAD_BYTES = int(0.6 * GB)          # CUDA context, cuBLAS workspace, graph pools (see above)
+CUDA_OVERHEAD_BYTES = int(1.4 * GB)          # outside torch 0.82 GB + torch's cache 0.55 GB, measured (above)
 BOOKKEEPING_BYTES_PER_LAYER = 8 + 4 + 4 + 1  # token_idx int64, score f32, score_sum f32, sink bool
 
 
