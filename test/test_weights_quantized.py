@@ -313,3 +313,20 @@ def test_with_int4_weights_the_embedding_and_its_tied_head_are_one_int4_table(sm
     torch.testing.assert_close(adapter.logits(hidden), hidden @ levels.t(), atol=1e-4, rtol=1e-4)
     # half a byte an entry and two float32 a group of 64, against int8's byte and a float32 a row
     assert module_bytes(embedding) == table.numel() // 2 + 2 * 4 * table.numel() // 64
+
+
+def test_int8_weights_built_a_few_rows_at_a_time_are_torchaos_of_the_whole_weight():
+    """quantize.int8_weight quantizes slices of rows (so a Linear goes to the device a slice at a
+    time): its data and scales equal torchao's Int8WeightOnlyConfig applied to the whole Linear,
+    a slice count that does not divide the rows included."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 250, bias=False).to(torch.bfloat16)
+    sliced = quantize.int8_weight(linear.weight, values_at_once=96 * 64)       # 64 rows a slice: 4 slices
+    quantize_(linear, Int8WeightOnlyConfig(set_inductor_config=False))
+    whole = linear.weight
+    assert type(sliced) is type(whole) and sliced.dtype == whole.dtype == torch.bfloat16
+    assert torch.equal(sliced.qdata, whole.qdata) and torch.equal(sliced.scale, whole.scale)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    assert torch.equal(torch.nn.functional.linear(x, sliced), torch.nn.functional.linear(x, whole))

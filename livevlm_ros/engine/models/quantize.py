@@ -2,8 +2,9 @@
 
 Decode on a robot's computer is bound by the bytes of weights read per token, and 7B's bf16
 weights (15.2 GB) do not fit beside anything else in 16 GB.
-  int8  torchao (PyTorch's own quantization library), Int8WeightOnlyConfig: one int8 per weight,
-        one scale per output row (symmetric). The weight becomes a tensor subclass; the module
+  int8  torchao (PyTorch's own quantization library), its int8 weight-only tensor (what
+        Int8WeightOnlyConfig makes; `int8_weight` builds it a few rows at a time): one int8 per
+        weight, one scale per output row (symmetric). The weight becomes a tensor subclass; the module
         stays an `nn.Linear`. On CUDA the engine's forwards compute its product with
         cuda/kernels/quantized_linear.py (torchao's own converts the weight to bf16 first).
   int4  Int4Linear here: groups of 128 inputs, each with a scale and a minimum per output; the
@@ -74,10 +75,9 @@ def place(model: torch.nn.Module, device, weights: str) -> torch.nn.Module:
     """A transformers model just loaded on the CPU, moved to `device` with its language model
     quantized to `weights` on the way (what every adapter's from_pretrained calls), one module at a
     time, so the device never holds the full-size language model (7B's: 15.2 GB at bf16; the whole
-    model then holds 5.2 GB at int4). An int4 Linear and the int8 token embedding are quantized
-    from the CPU onto the device a few rows at a time (the device holds no full-size weight at all);
-    an int8 Linear goes to the device whole and is quantized there (torchao's path). Then the rest
-    (vision tower, projector, norms) follows at its dtype. `apply` then finds the work done."""
+    model then holds 5.2 GB at int4). Each Linear and the token embedding are quantized from the
+    CPU onto the device a few rows at a time (the device holds no full-size weight at all). Then the
+    rest (vision tower, projector, norms) follows at its dtype. `apply` then finds the work done."""
     if weights != "bf16":
         why = refusal(weights, torch.device(device))
         if why:
@@ -119,12 +119,6 @@ def _quantize_language(model, decoder, head, weights: str, device: torch.device 
     if isinstance(head, (torch.nn.Linear, Int4Linear)) and not tied:
         linears.append(head)
     parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
-    config = None
-    if weights == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        # set_inductor_config=False: we do not compile, and it would change torch's global settings
-        config = Int8WeightOnlyConfig(set_inductor_config=False)
     quantized = 0
     with torch.no_grad():
         for linear in linears:
@@ -132,10 +126,10 @@ def _quantize_language(model, decoder, head, weights: str, device: torch.device 
                 quantized += 1
                 continue
             if weights == "int8":
+                linear.weight = torch.nn.Parameter(int8_weight(linear.weight, device), requires_grad=False)
                 if device is not None:
-                    linear.to(device)
-                quantize_(linear, config)
-                quantized += is_quantized(linear.weight)
+                    linear.to(device)              # the bias
+                quantized += 1
                 _release_working_memory(device)
                 continue
             group = int4_group(linear.in_features)
@@ -174,6 +168,31 @@ def _release_working_memory(device: torch.device | None) -> None:
     5.2 GB allocated (H100, 2026-12-07 06:44)."""
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def int8_weight(weight: torch.Tensor, device=None, values_at_once: int = 1 << 24):
+    """torchao's int8 weight-only tensor of `weight` (Int8Tensor.from_hp with a scale per row: what
+    Int8WeightOnlyConfig makes of a Linear's weight), on `device` (default the weight's). A few rows
+    at a time, each slice moved to `device` alone, written into outputs allocated first at full size:
+    the weight may stay on the CPU, and the working copies stay small. A row's numbers depend on that
+    row only, so they are the whole weight's (torchao applied by hand is the tests' reference)."""
+    from torchao.quantization import Int8Tensor
+    from torchao.quantization.granularity import PerRow
+
+    N, K = weight.shape
+    device = weight.device if device is None else torch.device(device)
+    qdata = torch.empty(N, K, dtype=torch.int8, device=device)
+    scale = zero_point = None
+    rows = max(1, values_at_once // K)
+    for i in range(0, N, rows):
+        part = Int8Tensor.from_hp(weight[i:i + rows].detach().to(device), granularity=PerRow())
+        if scale is None:
+            scale = torch.empty(N, *part.scale.shape[1:], dtype=part.scale.dtype, device=device)
+            zero_point = (None if part.zero_point is None else          # symmetric: zeros, kept as torchao has them
+                          torch.zeros(N, *part.zero_point.shape[1:], dtype=part.zero_point.dtype, device=device))
+        qdata[i:i + rows] = part.qdata
+        scale[i:i + rows] = part.scale
+    return Int8Tensor(qdata, scale, [1, K], weight.dtype, zero_point=zero_point)
 
 
 def _is_quantized_linear(module) -> bool:
