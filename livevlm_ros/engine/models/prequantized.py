@@ -4,7 +4,7 @@ loading every adapter goes through.
 transformers reads an ordinary checkpoint whole into CPU memory at `dtype` before `quantize.place`
 moves and quantizes it Linear by Linear: 7B's language model alone is 15.2 GB at bf16 there, which a
 16 GB Jetson's shared memory cannot hold beside anything else. A checkpoint saved by `save` holds
-the language model as the engine stores it, so loading reads those bytes only (7B int4: ~5.2 GB):
+the language model as the engine stores it, so loading reads those bytes only (7B int4: ~4.9 GB):
 
     python -m livevlm_ros.engine.models.prequantized SRC DST --weights int4 [--dtype bfloat16]
 
