@@ -11,7 +11,7 @@ the language model as the engine stores it, so loading reads those bytes only (7
 DST gets SRC's config, tokenizer and processor files; `model.safetensors`, where an int4 Linear is
 its packed bytes, scales and minimums, an int8 Linear its int8 rows and scales (torchao's tensor
 taken apart), the token embedding int8 rows and scales (or, with int4 weights, packed as an int4
-Linear is), and everything else (vision tower,
+Linear is; int4 files saved before 2026-12-07 hold an int8 table, and load with it), and everything else (vision tower,
 projector, norms) at `dtype`; and `livevlm_quantized.json`, naming the precision, the dtype and
 which module is what. `load` builds the model's modules without memory (parameters on the meta
 device), puts quantized modules where the file has them, and assigns the file's tensors.

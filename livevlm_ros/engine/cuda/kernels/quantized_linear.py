@@ -101,6 +101,7 @@ def product(x, q, scale, minimum, group, bias, cfg: dict | None = None) -> torch
             w = (dequantize_int4_to(q[band], scale[:, band], minimum[:, band], group, x.dtype) if int4
                  else dequantize_int8_to(q[band], scale[:, band], x.dtype))
             torch.mm(rows, w.t(), out=out[:, band])
+            del w                       # before the next band's copy: one band alive, not two
     else:
         cfg = dict(cfg or config(M, N, K, group))
         grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]), cfg.pop("SPLIT_K"))
