@@ -157,7 +157,7 @@ def _put_quantized(model, tensors: dict, saved: dict, dtype: torch.dtype):
         vocab, hidden = model.get_submodule(name).weight.shape
         _same_shape(name, (vocab, hidden // 2), tensors[f"{name}.packed"])
         _replace(model, name, quantize.Int4Embedding.from_packed(
-            tensors.pop(f"{name}.packed"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.minimum"), group, dtype))
+            tensors.pop(f"{name}.packed"), tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.minimum"), group))
     for name, embedding in saved["tied_heads"].items():
         for key in [k for k in tensors if k.startswith(f"{name}.embedding.")]:
             tensors.pop(key)

@@ -218,41 +218,51 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight) not in (torch.Tensor, torch.nn.Parameter)
 
 
-class Int4Linear(torch.nn.Module):
-    """A Linear whose weight is 4-bit: packed uint8 [out, in / 2], a scale and a minimum per group of
-    `group` inputs and output [in / group, out] (the format: cuda/kernels/quantized_linear.py)."""
+class Int4Matrix(torch.nn.Module):
+    """A 4-bit matrix [rows, cols]: packed uint8 [rows, cols / 2], a scale and a minimum per group of
+    `group` columns and row ([cols / group, rows]; the format: cuda/kernels/quantized_linear.py),
+    at the scale's dtype. What an Int4Linear's weight and an Int4Embedding's table are, and the one
+    product both take."""
 
-    def __init__(self, linear: torch.nn.Linear, group: int, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
-        packed, scale, minimum = quantized_linear.pack_int4(linear.weight, group, device)
+    def _hold(self, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int):
+        self.group = group
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
         self.register_buffer("minimum", minimum)
+
+    def times(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ matrix^T (+ bias): the kernel on CUDA; without Triton, dequantized, then multiplied."""
+        if quantized_linear.takes(x):
+            return quantized_linear.int4_linear(x, self.packed, self.scale, self.minimum, self.group, bias)
+        return torch.nn.functional.linear(x, self.first_rows(self.packed.shape[0]).to(x.dtype), bias)
+
+    def first_rows(self, n: int) -> torch.Tensor:
+        """The matrix's first n rows, dequantized, at the scale's dtype."""
+        return quantized_linear.dequantize_int4(self.packed[:n], self.scale[:, :n], self.minimum[:, :n],
+                                                self.group).to(self.scale.dtype)
+
+
+class Int4Linear(Int4Matrix):
+    """A Linear whose weight is an Int4Matrix [out, in]: groups of `group` inputs."""
+
+    def __init__(self, linear: torch.nn.Linear, group: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._hold(*quantized_linear.pack_int4(linear.weight, group, device), group)
         self.bias = linear.bias
 
     @classmethod
     def from_packed(cls, packed, scale, minimum, group: int, in_features: int, bias=None) -> "Int4Linear":
         """An Int4Linear holding tensors already packed (a pre-quantized checkpoint, prequantized.py)."""
         self = cls.__new__(cls)
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features, self.group = in_features, packed.shape[0], group
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("minimum", minimum)
+        Int4Matrix.__init__(self)
+        self.in_features, self.out_features = in_features, packed.shape[0]
+        self._hold(packed, scale, minimum, group)
         self.bias = bias
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if quantized_linear.takes(x):
-            return quantized_linear.int4_linear(x, self.packed, self.scale, self.minimum, self.group, self.bias)
-        weight = self.first_rows(self.out_features).to(x.dtype)           # no Triton: dequantize, then multiply
-        return torch.nn.functional.linear(x, weight, self.bias)
-
-    def first_rows(self, n: int) -> torch.Tensor:
-        """The weight's first n rows, dequantized, at the scale's dtype."""
-        return quantized_linear.dequantize_int4(self.packed[:n], self.scale[:, :n], self.minimum[:, :n],
-                                                self.group).to(self.scale.dtype)
+        return self.times(x, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group}"
@@ -302,42 +312,32 @@ class Int8Embedding(torch.nn.Module):
         return torch.nn.functional.linear(hidden, (self.qdata.float() * self.scale[:, None]).to(hidden.dtype))
 
 
-class Int4Embedding(torch.nn.Module):
-    """The token embedding in int4 (with int4 weights): the table [vocab, hidden] packed as an
-    Int4Linear's weight is (groups of `group` along a token's row, a scale and a minimum each); a
-    lookup dequantizes only the rows it gathers. Packed onto `device` (default the table's)."""
+class Int4Embedding(Int4Matrix):
+    """The token embedding in int4 (with int4 weights): the table [vocab, hidden] as an Int4Matrix
+    (groups of `group` along a token's row); a lookup dequantizes only the rows it gathers, a tied
+    head multiplies by the whole (`logits`). Packed onto `device` (default the table's)."""
 
     def __init__(self, embedding: torch.nn.Embedding, group: int, device=None):
         super().__init__()
-        self.dtype, self.group = embedding.weight.dtype, group
-        packed, scale, minimum = quantized_linear.pack_int4(embedding.weight, group, device)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("minimum", minimum)
+        self._hold(*quantized_linear.pack_int4(embedding.weight, group, device), group)
 
     @classmethod
-    def from_packed(cls, packed, scale, minimum, group: int, dtype: torch.dtype) -> "Int4Embedding":
+    def from_packed(cls, packed, scale, minimum, group: int) -> "Int4Embedding":
         """An Int4Embedding holding a table already packed (a pre-quantized checkpoint)."""
         self = cls.__new__(cls)
-        torch.nn.Module.__init__(self)
-        self.dtype, self.group = dtype, group
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("minimum", minimum)
+        Int4Matrix.__init__(self)
+        self._hold(packed, scale, minimum, group)
         return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = quantized_linear.dequantize_int4(self.packed[flat], self.scale[:, flat], self.minimum[:, flat],
                                                 self.group)
-        return rows.to(self.dtype).reshape(*ids.shape, -1)
+        return rows.to(self.scale.dtype).reshape(*ids.shape, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden @ table^T (a tied head): the int4 product on CUDA."""
-        if quantized_linear.takes(hidden):
-            return quantized_linear.int4_linear(hidden, self.packed, self.scale, self.minimum, self.group)
-        table = quantized_linear.dequantize_int4(self.packed, self.scale, self.minimum, self.group)
-        return torch.nn.functional.linear(hidden, table.to(hidden.dtype))
+        """hidden @ table^T (a tied head)."""
+        return self.times(hidden)
 
 
 class TiedHead(torch.nn.Module):
