@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from precision_bench import BUDGET, device_used_bytes, engine_for, ensure_torchao, load_adapter  # noqa: E402
+from precision_bench import BUDGET, device_used_bytes, engine_for, ensure_torchao, quantized_adapter  # noqa: E402
 from gpu_bench import log, random_frames, run_header, time_answer, warm_up_ingest  # noqa: E402
 
 PACKAGE = "livevlm_ros/"
@@ -83,7 +83,7 @@ def main():
     torch.zeros(1, device="cuda")
     stage("CUDA context only")
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
-    adapter, _ = load_adapter(args.shape, "cuda", torch.bfloat16, args.weights, placed=True)
+    adapter, _ = quantized_adapter(args.shape, "cuda", torch.bfloat16, args.weights, placed=True)
     stage("model placed")
     engine = engine_for(adapter, args.weights, args.kv, BUDGET)
     stage("engine built")

@@ -80,7 +80,7 @@ def engine_for(adapter, weights, kv_dtype, budget, launch="auto", **kw):
     return LiveVLMEngine(cfg, adapter=adapter)
 
 
-def load_adapter(shape, device, dtype, weights, placed: bool):
+def quantized_adapter(shape, device, dtype, weights, placed: bool):
     """The adapter at `weights`. placed: built on the CPU (tiled, gpu_bench.build_model) and moved
     through quantize.place, each language-model Linear quantized as it arrives (the engine's load
     path, so the device's memory is what a robot's would be); else built on the device at `dtype`
@@ -109,7 +109,7 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
     rows = {}
     t0 = time.time()
     try:
-        adapter, quantized = load_adapter(shape, device, dtype, weights, placed)
+        adapter, quantized = quantized_adapter(shape, device, dtype, weights, placed)
     except ModelLoadError as err:
         return {kv: {"refused": str(err)} for kv in kv_dtypes}
     sync()
@@ -179,7 +179,7 @@ def bench_one(shape, device, dtype, weights, kv_dtypes, budget, frames, ingest_f
 
 def bench_sized(shape, device, dtype, weights, budget_gb, frames, placed: bool = False, kv_dtype="bf16") -> dict:
     """`gpu_memory_budget_gb`: what budget_tokens the engine chose, and what it then took, full."""
-    adapter, _ = load_adapter(shape, device, dtype, weights, placed)
+    adapter, _ = quantized_adapter(shape, device, dtype, weights, placed)
     cfg = EngineConfig(gpu_memory_budget_gb=budget_gb, budget_tokens=None, sample_fps=0, device=str(adapter.kv.device),
                        dtype="bfloat16" if device == "cuda" else "float32", weights=weights, max_new_tokens=16,
                        kv_dtype=kv_dtype)
@@ -204,10 +204,10 @@ def bench_sized(shape, device, dtype, weights, budget_gb, frames, placed: bool =
 
 
 def bench_load(shape, device, dtype, weights, placed: bool) -> dict:
-    """What loading takes on the device (load_adapter: placed from the CPU, or built on the device)."""
+    """What loading takes on the device (quantized_adapter: placed from the CPU, or built on the device)."""
     reset_peak()
     t = time.time()
-    adapter, _ = load_adapter(shape, device, dtype, weights, placed)
+    adapter, _ = quantized_adapter(shape, device, dtype, weights, placed)
     sync()
     allocated, peak = gpu_mem()
     out = dict(placed=placed, seconds=round(time.time() - t, 1), load_peak_bytes=peak, allocated_bytes=allocated,
