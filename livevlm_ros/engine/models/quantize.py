@@ -113,7 +113,8 @@ def _quantize_language(model, decoder, head, weights: str, device: torch.device 
     """Quantize the decoder's Linears and an untied head to `weights` (int8: torchao's tensor in the
     same nn.Linear; int4: an Int4Linear in its place), and the token embedding to int8, or int4 with
     int4 weights (a tied head then reads it), one module at a time, onto `device` when one is given;
-    modules already quantized are left. Returns (Linears quantized, Linears in all, the head module now)."""
+    modules already quantized are left (biases, and Linears left as they are, go with place's
+    model.to). Returns (Linears quantized, Linears in all, the head module now)."""
     tied = _tied(decoder, head)
     linears = [m for m in decoder.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
     if isinstance(head, (torch.nn.Linear, Int4Linear)) and not tied:
@@ -127,19 +128,13 @@ def _quantize_language(model, decoder, head, weights: str, device: torch.device 
                 continue
             if weights == "int8":
                 linear.weight = torch.nn.Parameter(int8_weight(linear.weight, device), requires_grad=False)
-                if device is not None:
-                    linear.to(device)              # the bias
                 quantized += 1
                 _release_working_memory(device)
                 continue
             group = int4_group(linear.in_features)
             if group is None:
-                if device is not None:
-                    linear.to(device)
                 continue                           # stays as it is
             packed = Int4Linear(linear, group, device)       # packed from where the weight is, onto `device`
-            if device is not None:
-                packed.to(device)                  # the bias
             parent, name = parents[id(linear)]
             setattr(parent, name, packed)
             if linear is head:
