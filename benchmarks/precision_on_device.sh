@@ -7,7 +7,9 @@
 # where an int4 answer token's GPU time goes (profile_answer.py, graph replay, int8 KV); LOAD=1 what
 # loading takes on the device (precision_bench --load; beside it the code in .bench/old/ if there, and
 # with LOAD_EXPANDABLE=1 under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); MEMORY=1 where a
-# placed 7B int4 engine's memory goes (memory_breakdown.py); last the products alone (linear_bench.py;
+# placed 7B int4 engine's memory goes (memory_breakdown.py; MEMORY_EXPANDABLE=1 again under
+# expandable_segments); OVERHEAD=1 (first) what CUDA holds beyond torch, step by step (cuda_overhead.py);
+# OLD_WEIGHTS: what the baseline loads (int4); last the products alone (linear_bench.py;
 # LINEAR_ARGS passes it options), in what is left of LINEAR_BUDGET seconds (default 560) since the
 # start, so a call that runs short still brings the decode figures. TUNE=1 runs the products first
 # and precision_bench twice: with the defaults, and with the one-row settings the sweep chose
@@ -32,6 +34,10 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
     [ -z "${SKIP_MERGED:-}" ] && PYTHONUNBUFFERED=1 python3 benchmarks/merged_on_device.py --out "$work/merged.json" 2>&1 \
         | tail -8 | tee "$back/checks.txt"; cp "$work/merged.json" "$back/" 2>/dev/null
     PYTHONUNBUFFERED=1 python3 benchmarks/streams_on_device.py "${against[@]}" 2>&1 | tail -4 | tee -a "$back/checks.txt"
+fi
+if [ -n "${OVERHEAD:-}" ]; then
+    PYTHONUNBUFFERED=1 python3 benchmarks/cuda_overhead.py --out "$work/overhead" 2>&1 | tee "$back/overhead_log.txt"
+    cp "$work/overhead/cuda_overhead.json" "$back/"; pack
 fi
 pack
 linear() {
@@ -72,13 +78,18 @@ load() {   # load <name> [environment assignments]: precision_bench --load (from
 if [ -n "${LOAD:-}" ]; then
     load load
     # the same call's baseline: the code before, if carried (git archive <commit> livevlm_ros benchmarks)
-    [ -f .bench/old/benchmarks/precision_bench.py ] && LOAD_WEIGHTS=int4 load old
+    [ -f .bench/old/benchmarks/precision_bench.py ] && LOAD_WEIGHTS=${OLD_WEIGHTS:-int4} load old
     [ -n "${LOAD_EXPANDABLE:-}" ] && LOAD_WEIGHTS=int4 load load_expandable PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 fi
 if [ -n "${MEMORY:-}" ]; then   # where a placed 7B int4 engine's device memory goes
     PYTHONUNBUFFERED=1 python3 benchmarks/memory_breakdown.py --out "$work/memory" 2>&1 \
         | grep -v "Loading weights\|_pytree" | tee "$back/memory_log.txt"
     cp "$work/memory/memory_breakdown.json" "$back/"; pack
+fi
+if [ -n "${MEMORY_EXPANDABLE:-}" ]; then
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 python3 benchmarks/memory_breakdown.py \
+        --out "$work/memory_expandable" 2>&1 | grep -v "Loading weights\|_pytree" | tee "$back/memory_expandable_log.txt"
+    cp "$work/memory_expandable/memory_breakdown.json" "$back/memory_breakdown_expandable.json"; pack
 fi
 [ -z "${TUNE:-}" ] && linear
 true
