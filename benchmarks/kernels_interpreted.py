@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livevlm_ros.engine.cuda.kernels import attention_received, clip_attention, decode_attention  # noqa: E402
-from livevlm_ros.engine.cuda.kernels import fused_layers, page_kernels, quantized_linear, rotate_rows  # noqa: E402
+from livevlm_ros.engine.cuda.kernels import fused_layers, page_kernels, quantized_linear, quantize_rows, rotate_rows  # noqa: E402,E501
 from livevlm_ros.engine.hook import rope  # noqa: E402
 from livevlm_ros.engine.hook.attention import causal_tail  # noqa: E402
 from livevlm_ros.engine.memory import kv_quant  # noqa: E402
@@ -81,6 +81,7 @@ def main():
         check(f"page_kernels.summarize min/max, {name}",
               max((low - grouped.amin(3)).abs().max().item(), (high - grouped.amax(3)).abs().max().item()), 0.0)
         check_int8_readers(dt, name, tol)
+        check_int8_arena(dt, name, tol)
 
         Hq, Hkv, cap = 28, 4, 700
         q = torch.randn(1, 1, Hq * D).to(dt).view(1, 1, Hq, D).transpose(1, 2)
@@ -236,6 +237,36 @@ def check_int8_readers(dt, name, tol):
     check(f"page_kernels.summarize mean, int8 keys, {name}", (mean - grouped.mean(3)).abs().max().item(), 1e-5)
     check(f"page_kernels.summarize min/max, int8 keys, {name}",
           max((low - grouped.amin(3).to(dt)).abs().max().item(), (high - grouped.amax(3).to(dt)).abs().max().item()), 0.0)
+
+
+def check_int8_arena(dt, name, tol):
+    """The 8-bit answer arena (hook/arena.py): rows stored by quantize_rows.store (keys by channel
+    factors), from a slot given and from one read on the device, against kv_quant.quantize_rows; then
+    decode_attention over the int8 slots against torch over them dequantized."""
+    H, Hq, D, cap, n = 4, 28, 128, 700, 501
+    k, v = torch.randn(H, n, D), torch.randn(H, n, D)
+    k[:, :, :2] *= 10
+    k, v = k.to(dt), v.to(dt)
+    channel = kv_quant.channel_factors(k[None, :, :480])[0]
+    k8, v8 = torch.zeros(H, cap, D, dtype=torch.int8), torch.zeros(H, cap, D, dtype=torch.int8)
+    ks, vs = torch.zeros(H, cap), torch.zeros(H, cap)
+    quantize_rows.store(k[:, :480], v[:, :480], k8, v8, ks, vs, channel, 0)
+    quantize_rows.store(k[:, 480:], v[:, 480:], k8, v8, ks, vs, channel, 0, at=torch.tensor([480]))
+    for got8, got_scale, x, factors, what in ((k8, ks, k, channel, "keys"), (v8, vs, v, None, "values")):
+        ref8, ref_scale = kv_quant.quantize_rows(x, factors)
+        check(f"quantize_rows.store, {what}, int8 steps off, {name}",
+              (got8[:, :n].int() - ref8.int()).abs().max().item(), 0)
+        check(f"quantize_rows.store, {what}, scales, {name}",
+              ((got_scale[:, :n] - ref_scale).abs() / ref_scale).max().item(), 1e-6)
+    q = torch.randn(1, 1, Hq * D).to(dt).view(1, 1, Hq, D).transpose(1, 2)
+    kd = kv_quant.dequantize_rows(k8[:, :n], ks[:, :n], torch.float32, channel)
+    vd = kv_quant.dequantize_rows(v8[:, :n], vs[:, :n], torch.float32)
+    logits = q.float().reshape(H, Hq // H, D) @ kd.transpose(1, 2) * D ** -0.5
+    ref = (logits.softmax(-1) @ vd).reshape(1, 1, Hq, D)
+    got = decode_attention.launch(q, k8[None], v8[None], torch.tensor([n - 1]), D ** -0.5,
+                                  kv_scales=(ks[None], vs[None], channel[None]))
+    check(f"decode_attention, int8 slots with scales and channel factors, {name}",
+          (got.float() - ref).abs().max().item(), 5 * tol)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,65 @@ def test_int8_memory_stats_count_int8_bytes(tiny_model_path, frames):
 def test_int8_is_refused_for_an_offloaded_tier():
     with pytest.raises(ValueError, match="kv_dtype int8 is for a long-term tier on the device"):
         EngineConfig(policy="rekv", kv_dtype="int8").validate()
+
+
+def test_an_8bit_arena_stores_each_row_within_half_a_step_and_decodes_from_it():
+    """The answer arena with kv_dtype int8 (hook/arena.py): a prefill's context, assembled at full
+    precision in the shared scratch, is stored as int8 rows with a scale per slot and head; a decoded
+    token is stored at the slot the device says; attention over the 8-bit slots (dequantized where the
+    Triton kernel does not run) equals attention over those rows dequantized by hand, and is near
+    attention over the rows themselves. References here are written out, not kv_quant's."""
+    from livevlm_ros.engine.hook.arena import AnswerArena
+    from livevlm_ros.engine.hook.attention import stream_attention
+
+    torch.manual_seed(0)
+    L, H, Hq, D, n = 2, 2, 6, 32, 50
+    kv = KVShape(layers=L, kv_heads=H, q_heads=Hq, head_dim=D, dtype=torch.float32, device=torch.device("cpu"))
+    arena = AnswerArena()
+    arena.reserve(kv, n + 8, quantized=True)
+    assert arena.keys.dtype == torch.int8 and arena.scratch.shape == (2, H, arena.capacity, D)
+    rows = {}
+    for layer in range(L):
+        k_buf, v_buf = arena.context_buffers(layer)
+        k, v = torch.randn(H, n, D), torch.randn(H, n, D)
+        k[:, :, :2] *= 10                                          # outlier channels (post-RoPE keys have them)
+        k_buf[:, :n], v_buf[:, :n] = k, v
+        arena.keep(layer, n)
+        rows[layer] = (k, v)
+
+    def by_hand(x, factor=None):
+        """Keys divided by a factor per channel (its largest magnitude in the context), then symmetric,
+        a scale per row: the row's largest magnitude is 127 steps."""
+        f = torch.ones(x.shape[-1]) if factor is None else factor
+        y = x / f
+        step = y.abs().amax(-1, keepdim=True) / 127
+        return (y / step).round().clamp(-127, 127) * step * f, step * f
+
+    factors = {layer: k.abs().amax(1, keepdim=True) for layer, (k, v) in rows.items()}
+    for layer, (k, v) in rows.items():
+        for x, q8, scale, f in ((k, arena.keys, arena.key_scale, factors[layer]),
+                                (v, arena.values, arena.value_scale, None)):
+            exact, step = by_hand(x, f)
+            got = q8[layer, :, :n].float() * scale[layer, :, :n, None]
+            if f is not None:
+                got = got * arena.key_channel[layer][:, None]
+            assert (got - x).abs().le(step / 2 + 1e-5).all()
+            torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    # one decoded token a layer, at slot n (the device's lengths), then attention from the slots
+    arena.begin_decode([n, n])
+    for layer, (k, v) in rows.items():
+        k_new, v_new = torch.randn(1, H, 1, D), torch.randn(1, H, 1, D)
+        keys, values = arena.update(k_new, v_new, layer)
+        assert keys.dtype == torch.int8 and int(keys.livevlm_last) == n
+        q = torch.randn(1, Hq, 1, D)
+        out, _ = stream_attention(None, q, keys, values, scaling=D ** -0.5)
+
+        def attend(kk, vv):          # [H, n + 1, D]: softmax over the first n + 1 slots, query heads grouped
+            qq = q[0, :, 0].view(H, Hq // H, D)
+            p = (qq @ kk.transpose(1, 2) * D ** -0.5).softmax(-1)
+            return (p @ vv).reshape(1, 1, Hq, D)
+        k_all, v_all = torch.cat([k, k_new[0]], 1), torch.cat([v, v_new[0]], 1)
+        torch.testing.assert_close(out, attend(by_hand(k_all, factors[layer])[0], by_hand(v_all)[0]),
+                                   rtol=1e-5, atol=1e-5)
+        exact = attend(k_all, v_all)           # the rows themselves: within 2% (bf16's own rounding: ~0.6%)
+        assert (out - exact).norm() < 0.02 * exact.norm()

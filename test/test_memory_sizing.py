@@ -28,17 +28,20 @@ def allocated_memory_bytes(engine) -> int:
                                                                   buf.value_channel))
     total += sum(t.numel() * t.element_size() for t in (m.prefix_keys, m.prefix_values))
     arena = engine.hook.arena
-    if arena.keys is not None:
-        total += 2 * arena.keys.numel() * arena.keys.element_size()
+    total += sum(t.numel() * t.element_size() for t in (arena.keys, arena.values, arena.key_scale,
+                                                          arena.value_scale, arena.scratch) if t is not None)
     return total
 
 
-@pytest.mark.parametrize("weights, kv_dtype", [("bf16", "bf16"), ("int8", "bf16"), ("bf16", "int8")])
-def test_sized_memory_fits_the_budget_and_uses_it(tiny_model_path, frames, weights, kv_dtype):
+# "static": the fixed-shape steps, which answer in the arena (8-bit with kv_dtype int8: hook/arena.py)
+@pytest.mark.parametrize("weights, kv_dtype, launch", [("bf16", "bf16", "eager"), ("int8", "bf16", "eager"),
+                                                       ("bf16", "int8", "eager"), ("bf16", "bf16", "static"),
+                                                       ("bf16", "int8", "static")])
+def test_sized_memory_fits_the_budget_and_uses_it(tiny_model_path, frames, weights, kv_dtype, launch):
     budget_gb = 0.004
     engine = LiveVLMEngine(EngineConfig(model_path=tiny_model_path, weights=weights, gpu_memory_budget_gb=budget_gb,
                                         kv_dtype=kv_dtype, budget_tokens=None, page_tokens=4, vision_sinks=4,
-                                        sample_fps=0))
+                                        sample_fps=0, launch=launch))
     s = engine.sizing
     assert engine.config.budget_tokens == s.budget_tokens == engine.stats()["budget_tokens_sized"]
     assert s.weights_bytes == module_bytes(engine.model.model)
@@ -46,6 +49,7 @@ def test_sized_memory_fits_the_budget_and_uses_it(tiny_model_path, frames, weigh
     for i, f in enumerate(frames(s.budget_tokens // T + 4)):   # memory full, compressing
         engine.ingest(f, float(i))
     engine.ask(QUESTION, max_new_tokens=4)
+    assert (engine.hook.arena.keys is not None) == (launch == "static")
     stats = engine.stats()
     assert stats["device_tokens"] <= s.budget_tokens
     assert stats["long_term_tokens"] > 0

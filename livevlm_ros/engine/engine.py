@@ -120,7 +120,9 @@ class LiveVLMEngine:
         if mode == "auto":
             mode = "graph" if self.model.kv.device.type == "cuda" and self.config.bounded else "eager"
         self.ingest_step = self.question_step = self.decode_step = None
-        if mode != "eager":
+        if mode == "eager":
+            self.hook.drop_arena()         # its buffers would be assembled in, and an 8-bit one's shared
+        else:
             capture = mode == "graph"
             self.ingest_step = IngestStep(self.hook, capture)
             self.question_step = QuestionStep(self.model, self.hook, capture)

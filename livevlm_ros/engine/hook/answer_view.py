@@ -61,6 +61,7 @@ class AnswerView:
         self.values: dict[int, torch.Tensor] = {}
         self.lengths: dict[int, int] = {}
         self.padding = 0                              # trailing rows of the first forward that were padding
+        self._in_arena = False                        # the layer being assembled is in the arena
         self.last_selection: dict[int, torch.Tensor] = {}
 
     @property
@@ -84,6 +85,8 @@ class AnswerView:
         self.keys[layer][:, start:stop] = k_new[0]
         self.values[layer][:, start:stop] = v_new[0]
         self.lengths[layer] = stop
+        if first and self._in_arena:
+            self.arena.keep(layer, stop)        # an 8-bit arena stores what the scratch now holds
         keys = self.keys[layer][None, :, :stop]
         if first and self.evidence_rows is not None:
             kv = self.memory.kv
@@ -114,8 +117,9 @@ class AnswerView:
         short = slice(plan.short_from, plan.short_to) if plan.short_index is None else plan.short_index
         p, n_ctx = mem.prefix_len, self._n_ctx[layer]
         size = (kv.kv_heads, p + n_ctx + n_question + self.room, kv.head_dim)
-        if self.arena.capacity >= size[1]:
-            keys, values = self.arena.keys[layer], self.arena.values[layer]
+        self._in_arena = self.arena.capacity >= size[1]
+        if self._in_arena:
+            keys, values = self.arena.context_buffers(layer)
         else:
             keys = torch.empty(size, dtype=kv.dtype, device=kv.device)
             values = torch.empty_like(keys)

@@ -12,7 +12,8 @@ into one block of g*n query rows, so each kv head is read once and never repeate
 mask; it is built once per forward and shared by all layers.
 
 A key tensor may carry `livevlm_last` (long [1], on the device): the captured decode step
-(decode_step.py) hands over a buffer of fixed size, of which only the slots up to it hold context.
+(decode_step.py) hands over a buffer of fixed size, of which only the slots up to it hold context;
+and `livevlm_scales` (keys', values' scales, keys' channel factors): that buffer is 8-bit (arena.py).
 It may carry `livevlm_on_probs`: a forward that writes out its softmax probabilities (a question)
 hands them to it, so the KV hook measures evidence without computing the attention a second time.
 And `livevlm_on_lse(query, lse, scale)`, called once per forward: lse is each row's log-sum-exp
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from ..cuda.kernels.clip_attention import clip_attention
 from ..cuda.kernels.decode_attention import decode_attention
+from ..memory import kv_quant
 
 NAME = "livevlm_stream"
 
@@ -180,9 +182,13 @@ def stream_attention(module, query, key, value, attention_mask=None, scaling=Non
         raise ValueError("a fixed-size key buffer takes one new token at a time")
     scale = d ** -0.5 if scaling is None else scaling
     on_probs, on_lse = getattr(key, "livevlm_on_probs", None), getattr(key, "livevlm_on_lse", None)
+    kv_scales = getattr(key, "livevlm_scales", None)      # an 8-bit arena (arena.py): int8 keys and values
     if (n == 1 and on_probs is None and on_lse is None
-            and (out := decode_attention(query, key, value, last, scale)) is not None):
+            and (out := decode_attention(query, key, value, last, scale, kv_scales)) is not None):
         return out, None
+    if kv_scales is not None:             # where the kernel does not run: dequantized here, a layer at a time
+        key = kv_quant.dequantize_rows(key, kv_scales[0], query.dtype, kv_scales[2])
+        value = kv_quant.dequantize_rows(value, kv_scales[1], query.dtype)
     if hands_probabilities(groups, n):
         out = _small_block_attention(folded, key, value, n, last, scale, on_probs)
     elif (fused := _clip_prefill(query, key, value, scale)) is not None:

@@ -96,7 +96,12 @@ class MemoryKVHook:
         self.view = view
 
     def reserve_arena(self, tokens: int):
-        self.arena.reserve(self.memory.kv, tokens)
+        """Room in the arena for an answer of `tokens` per layer, 8-bit where memory is."""
+        self.arena.reserve(self.memory.kv, tokens, quantized=self.memory.long.quantized)
+
+    def drop_arena(self):
+        """Free the arena (an engine that decodes eagerly has none)."""
+        self.arena = AnswerArena()
 
     def begin_decode(self):
         """After an answer's first forward, in the arena: one token at a time at a fixed shape."""

@@ -11,9 +11,10 @@ what the engine allocates beside memory. The budget is split as
 and budget_tokens is the largest whole number that fits. Per memory token, every buffer that grows
 with the budget is counted: the long-term tier (keys and values at kv_dtype, its scales, and the
 per-layer bookkeeping: stream index int64, score and accumulated score float32, sink flag) holds
-budget + one clip more (streaming_memory.py), the answer arena (hook/arena.py, always at the
-model's dtype) holds what an answer reads: the configured `retrieval_ratio` of it, plus 1/8 slack,
-and a clip's forward assembles one layer's [prefix | memory | clip] keys and values at a time.
+budget + one clip more (streaming_memory.py), the answer arena (hook/arena.py, at kv_dtype, and
+8-bit with one layer's scratch at the model's dtype) holds what an answer reads: the configured
+`retrieval_ratio` of it, plus 1/8 slack, and a clip's forward assembles one layer's
+[prefix | memory | clip] keys and values at a time.
 Raising `retrieval_ratio` at run time grows the arena beyond this sizing.
 
 The working space is an estimate, not a measurement: one clip's forward (the activations of one
@@ -108,17 +109,20 @@ def size_memory(config, adapter, prefix_tokens: int, weights_bytes: int | None =
     kv = adapter.kv
     T = adapter.tokens_per_frame
     elt = torch.empty((), dtype=kv.dtype).element_size()
-    dense_kv = kv_bytes_per_token(kv, "bf16")          # at the model's dtype (the arena, short-term tier)
+    dense_kv = kv_bytes_per_token(kv, "bf16")          # at the model's dtype (the short-term tier)
     long_kv = kv_bytes_per_token(kv, config.kv_dtype) + BOOKKEEPING_BYTES_PER_LAYER * kv.layers
+    arena_kv = kv_bytes_per_token(kv, config.kv_dtype)
+    if config.kv_dtype != "bf16":
+        arena_kv += dense_kv / kv.layers                # an 8-bit arena's scratch: one layer at the model's dtype
     arena_share = 9 / 8 * config.retrieval_ratio
     # + one layer's [prefix | memory | clip] keys and values, which a clip's forward fills (ingest_view.py)
-    per_token = int(long_kv + arena_share * dense_kv + dense_kv / kv.layers + 0.5)
+    per_token = int(long_kv + arena_share * arena_kv + dense_kv / kv.layers + 0.5)
     clip = config.frames_per_clip * T
     short = config.short_term_frames * T
     # allocated whatever the budget: the long tier's room for one clip more and the short tier's
     # (short_term + clip frames) at the dense size, the answer arena's question and answer rows
     fixed_tokens = -(-((short + clip) * (long_kv + dense_kv)
-                       + 9 / 8 * (config.max_question_tokens + config.max_new_tokens + short) * dense_kv)
+                       + 9 / 8 * (config.max_question_tokens + config.max_new_tokens + short) * arena_kv)
                      // per_token)
     fixed_tokens = int(fixed_tokens)
     weights = measured_weights_bytes(adapter) if weights_bytes is None else weights_bytes
