@@ -170,24 +170,30 @@ def test_an_8bit_arena_stores_each_row_within_half_a_step_and_decodes_from_it():
     arena = AnswerArena()
     arena.reserve(kv, n + 8, quantized=True)
     assert arena.keys.dtype == torch.int8 and arena.scratch.shape == (2, H, arena.capacity, D)
+    # memory's channel factors (before RoPE); RoPE turns channel i with i + D/2, so a pair shares one
+    memory_factors = torch.rand(L, H, D) + 0.5
+    memory_factors[..., :2] *= 10
+    arena.use_channel_factors(memory_factors)
+    half = D // 2
+    pairs = (memory_factors[..., :half] ** 2 + memory_factors[..., half:] ** 2).sqrt()
+    factors = torch.cat([pairs, pairs], -1)
     rows = {}
     for layer in range(L):
         k_buf, v_buf = arena.context_buffers(layer)
         k, v = torch.randn(H, n, D), torch.randn(H, n, D)
-        k[:, :, :2] *= 10                                          # outlier channels (post-RoPE keys have them)
+        k[:, :, :2] *= 10                                          # outlier channels (real keys have them)
         k_buf[:, :n], v_buf[:, :n] = k, v
         arena.keep(layer, n)
         rows[layer] = (k, v)
 
     def by_hand(x, factor=None):
-        """Keys divided by a factor per channel (its largest magnitude in the context), then symmetric,
-        a scale per row: the row's largest magnitude is 127 steps."""
-        f = torch.ones(x.shape[-1]) if factor is None else factor
+        """Keys divided by a factor per channel, then symmetric, a scale per row: the row's largest
+        magnitude is 127 steps."""
+        f = torch.ones(x.shape[-1]) if factor is None else factor[:, None]
         y = x / f
         step = y.abs().amax(-1, keepdim=True) / 127
         return (y / step).round().clamp(-127, 127) * step * f, step * f
 
-    factors = {layer: k.abs().amax(1, keepdim=True) for layer, (k, v) in rows.items()}
     for layer, (k, v) in rows.items():
         for x, q8, scale, f in ((k, arena.keys, arena.key_scale, factors[layer]),
                                 (v, arena.values, arena.value_scale, None)):

@@ -86,3 +86,28 @@ def test_linears_of_different_kinds_are_not_merged(tiny_model_path):
     assert merge([layer.self_attn.o_proj, layer.mlp.down_proj]) is None          # input widths differ
     assert layer.self_attn.o_proj.weight is before
     assert merge([layer.self_attn.q_proj, layer.mlp.gate_proj]) is None          # bias and none
+
+
+def test_weights_merged_before_are_taken_as_they_are():
+    """models/quantize.py merges each group as soon as it is quantized; the fused layers' merge then
+    finds the weights side by side and takes them without a copy (a copy would hold the group twice
+    until the old tensors go, and cut holes in the device's memory when they do)."""
+    from livevlm_ros.engine.cuda.kernels.merged_products import _side_by_side
+
+    linears = [torch.nn.Linear(16, n, bias=False) for n in (8, 4, 4)]
+    x = torch.randn(3, 16)
+    expected = torch.cat([m(x) for m in linears], -1)
+    product = merge(linears)
+    merged = linears[0].weight.data_ptr()
+    assert [m.weight.data_ptr() for m in linears] == [merged, merged + 8 * 16 * 4, merged + 12 * 16 * 4]
+    again = merge(linears)                      # side by side already: the same storage, no copy
+    assert again.keywords["weight"].data_ptr() == merged and again.keywords["weight"].shape == (16, 16)
+    torch.testing.assert_close(again(x), expected)
+    torch.testing.assert_close(product(x), expected)
+    # columns side by side (an int4 weight's scales: [groups, outputs], merged along the outputs)
+    whole = torch.randn(4, 10)
+    parts = list(whole.split([6, 4], 1))
+    assert _side_by_side(parts, 1).data_ptr() == whole.data_ptr() and torch.equal(_side_by_side(parts, 1), whole)
+    apart = [torch.randn(4, 6), torch.randn(4, 4)]
+    assert torch.equal(_side_by_side(apart, 1), torch.cat(apart, 1))
+    assert torch.equal(_side_by_side([parts[1], parts[0]], 1), torch.cat([parts[1], parts[0]], 1))

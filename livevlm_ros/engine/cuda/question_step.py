@@ -115,7 +115,7 @@ class QuestionStep:
         hook, bucket = self.hook, inputs.embeds.shape[0]
         view = hook.begin_answer(selector, rows, max_new_tokens, None, rows if evidence else None,
                                  row_weights=inputs.row_weights)
-        hook.reserve_arena(view.context_end + bucket + max_new_tokens)   # no-op while recording: reserved before
+        hook.reserve_arena(view.context_end + bucket + max_new_tokens)   # recording: reserved before (factors only)
         positions = view.place.text(bucket)              # on the device: a replay computes them afresh
         hidden = self.model.run_language_model(inputs.embeds[None], positions, hook)
         inputs.logits = self.model.logits(hidden[0].index_select(0, inputs.last))[0]

@@ -10,10 +10,11 @@ one token at a time: the decode step writes there and advances it, and the host 
 With `kv_dtype: int8` the arena is 8-bit too: int8 keys and values with a float32 scale per slot
 and head (post-RoPE rows, symmetric: cuda/kernels/quantize_rows.py), half the bytes to hold and half
 for each decoded token to read (decode_attention.py reads them as they are). Keys are first divided
-by a factor per channel, each channel's largest magnitude in the answer's context (as memory's are,
-memory/kv_quant.py): a few channels of real keys are far larger than the rest, and a scale per row
-alone left the rest a few steps (synthetic keys with 4 of 128 channels 10x: attention 5.5% off,
-1.2% with the factors, bf16 0.6%; test/test_kv_int8.py). An answer's prefill still attends at full
+by a factor per channel: a few channels of real keys are far larger than the rest, and a scale per
+row alone left the rest a few steps (synthetic keys with 4 of 128 channels 10x: attention 5.5% off,
+1.2% with factors, bf16 0.6%). The factors are memory's own (memory/kv_quant.py), turned as RoPE
+turns channel pairs (`use_channel_factors`, once per answer: computed from each layer's context
+they cost an H100 1 ms of each answer's first token). An answer's prefill still attends at full
 precision: each layer's context is assembled in one shared buffer at the model's dtype (`scratch`,
 one layer's size), attended to, and stored into the layer's 8-bit slots.
 """
@@ -71,13 +72,15 @@ class AnswerArena:
             return self.scratch[0], self.scratch[1]
         return self.keys[layer], self.values[layer]
 
-    def keep(self, layer: int, stop: int):
-        """8-bit: the scratch's first `stop` slots, quantized into `layer`'s, keys by channel factors
-        from these rows (a no-op otherwise)."""
+    def use_channel_factors(self, pre_rope: torch.Tensor):
+        """8-bit: the keys' channel factors from memory's [L, kv_heads, D] (before RoPE)."""
         if self.quantized:
-            keys = self.scratch[0, :, :stop]
-            self.key_channel[layer] = kv_quant.channel_factors(keys[None])[0]
-            self._store(layer, keys, self.scratch[1, :, :stop], first=0)
+            self.key_channel.copy_(kv_quant.rotated_channel_factors(pre_rope))
+
+    def keep(self, layer: int, stop: int):
+        """8-bit: the scratch's first `stop` slots, quantized into `layer`'s (a no-op otherwise)."""
+        if self.quantized:
+            self._store(layer, self.scratch[0, :, :stop], self.scratch[1, :, :stop], first=0)
 
     def begin_decode(self, lengths: list[int]):
         """Each layer's context ends at lengths[layer] (it was assembled here by an answer's prefill)."""

@@ -96,8 +96,11 @@ class MemoryKVHook:
         self.view = view
 
     def reserve_arena(self, tokens: int):
-        """Room in the arena for an answer of `tokens` per layer, 8-bit where memory is."""
+        """Room in the arena for an answer of `tokens` per layer, 8-bit where memory is (with
+        memory's channel factors: called once per answer, in its recorded graph too)."""
         self.arena.reserve(self.memory.kv, tokens, quantized=self.memory.long.quantized)
+        if self.arena.quantized:
+            self.arena.use_channel_factors(self.memory.long.key_channel)
 
     def drop_arena(self):
         """Free the arena (an engine that decodes eagerly has none)."""

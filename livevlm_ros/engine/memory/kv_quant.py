@@ -28,6 +28,14 @@ def channel_factors(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax, torch.ones_like(amax))
 
 
+def rotated_channel_factors(channel: torch.Tensor) -> torch.Tensor:
+    """Factors for keys after RoPE [..., D] from factors before it: RoPE turns channels i and
+    i + D/2 together (rotate_half), so each of the pair is bounded by their joint magnitude."""
+    half = channel.shape[-1] // 2
+    pair = torch.hypot(channel[..., :half], channel[..., half:])
+    return torch.cat([pair, pair], dim=-1)
+
+
 def quantize_rows(x: torch.Tensor, channel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., n, D] (channel [..., D] or None) -> (int8 [..., n, D], float32 scale [..., n]) with
     x ~ q * scale * channel."""

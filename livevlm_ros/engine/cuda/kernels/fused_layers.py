@@ -41,6 +41,19 @@ _SILU_MLPS = {"Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3VLTextMLP"}
 _ATTENTIONS = {"Qwen2Attention", "LlamaAttention", "MistralAttention", "Qwen2_5_VLAttention", "Qwen3VLTextAttention"}
 
 
+def merge_groups(lm: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple[str, ...]]]:
+    """The Linears FusedLayers computes as one product (merged_products.merge), as (owner, names):
+    each SiLU MLP's gate and up projections, each attention's query, key and value projections."""
+    groups = []
+    for m in lm.modules():
+        name = type(m).__name__
+        if name in _SILU_MLPS and getattr(m.config, "hidden_act", None) == "silu":
+            groups.append((m, ("gate_proj", "up_proj")))
+        elif name in _ATTENTIONS:
+            groups.append((m, ("q_proj", "k_proj", "v_proj")))
+    return groups
+
+
 class FusedLayers:
     """`with FusedLayers(lm):` the decoder's RMSNorms, SiLU MLPs and RoPE run fused kernels, its
     query, key and value projections one product for a decoded token, and its int8 Linears the int8

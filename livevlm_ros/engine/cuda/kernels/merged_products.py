@@ -8,7 +8,9 @@ same bytes in two launches where there were five.
 `merge(linears)` moves the weights into one tensor at start-up, and each Linear keeps a view of its
 rows, so the model computes the same everywhere else and no memory is added once the old tensors are
 freed. Quantized weights are merged in their own format (an int8 weight's int8 rows and scales; an
-int4 Linear's packed rows, scales and minimums), never as one full-size tensor.
+int4 Linear's packed rows, scales and minimums), never as one full-size tensor. Weights that are
+already views side by side (merged before: models/quantize.py merges each group as soon as it is
+quantized) are taken as they are, not copied again.
 
 The attention calls its three projections itself, one after another on the same input.
 `QueryKeyValue` swaps their forwards: the query's computes all three for one row (a decoded token)
@@ -45,14 +47,14 @@ def merge(linears: list) -> Callable[[torch.Tensor], torch.Tensor | None] | None
             return None
         if type(w0) in (torch.Tensor, torch.nn.Parameter):
             with torch.no_grad():
-                both = torch.cat([w.detach() for w in weights])
+                both = _side_by_side([w.detach() for w in weights])
                 for m, rows in zip(linears, both.split([w.shape[0] for w in weights])):
                     m.weight.data = rows
             return functools.partial(torch.nn.functional.linear, weight=both, bias=_merged_bias(linears))
         if (type(w0).__name__ == "Int8Tensor" and w0.qdata.is_cuda
                 and all(quantized_linear.weight_only_int8(w) for w in weights)):
             # weights: int8
-            q, scale = torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights])
+            q, scale = _side_by_side([w.qdata for w in weights]), _side_by_side([w.scale for w in weights])
             sizes = [w.qdata.shape[0] for w in weights]
             for w, q_rows, s_rows in zip(weights, q.split(sizes), scale.split(sizes)):
                 w.qdata, w.scale = q_rows, s_rows
@@ -61,13 +63,29 @@ def merge(linears: list) -> Callable[[torch.Tensor], torch.Tensor | None] | None
     if (type(first).__name__ == "Int4Linear" and first.packed.is_cuda
             and all((m.group, m.in_features, m.scale.dtype) == (first.group, first.in_features, first.scale.dtype)
                     for m in linears)):
-        packed = torch.cat([m.packed for m in linears])                        # weights: int4
-        scale, minimum = torch.cat([m.scale for m in linears], 1), torch.cat([m.minimum for m in linears], 1)
+        packed = _side_by_side([m.packed for m in linears])                    # weights: int4
+        scale, minimum = _side_by_side([m.scale for m in linears], 1), _side_by_side([m.minimum for m in linears], 1)
         sizes = [m.packed.shape[0] for m in linears]
         for m, p, s, z in zip(linears, packed.split(sizes), scale.split(sizes, 1), minimum.split(sizes, 1)):
             m.packed, m.scale, m.minimum = p, s, z
         return functools.partial(_quantized_product, packed, scale, minimum, first.group, _merged_bias(linears))
     return None
+
+
+def _side_by_side(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """The parts joined along `dim`: the tensor they are consecutive views of, where they are (no
+    copy), else a new one (torch.cat)."""
+    first = parts[0]
+    at, storage = first.storage_offset(), first.untyped_storage().data_ptr()
+    others = lambda t: t.shape[:dim] + t.shape[dim + 1:]       # noqa: E731
+    for p in parts:
+        if (p.untyped_storage().data_ptr() != storage or p.stride() != first.stride()
+                or p.storage_offset() != at or others(p) != others(first)):
+            return torch.cat(parts, dim)
+        at += p.shape[dim] * p.stride(dim)
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
 class QueryKeyValue:
