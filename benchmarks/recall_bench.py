@@ -56,15 +56,20 @@ def make_stream(tokenize, length: int, depth: float, seed: int):
     return ids, key
 
 
-# variants of the livevlm policy, to separate what compression and retrieval each cost
-VARIANTS = {"livevlm_read_all": dict(retrieval_ratio=1.0), "livevlm_bucket16": dict(bucket_tokens=16),
-            "livevlm_span16": dict(span_tokens=16, bucket_tokens=16),
-            "livevlm_kv8": dict(kv_dtype="int8")}           # long-term memory in 8 bits (memory/kv_quant.py)
+# variants of a policy: (the policy, its options), to separate what compression, retrieval and
+# precision each cost. kv8: memory in 8 bits (memory/kv_quant.py); static: the fixed-shape steps,
+# which decode from the answer arena, 8-bit with kv8 (hook/arena.py; the CPU default decodes eagerly)
+VARIANTS = {"livevlm_read_all": ("livevlm", dict(retrieval_ratio=1.0)),
+            "livevlm_bucket16": ("livevlm", dict(bucket_tokens=16)),
+            "livevlm_span16": ("livevlm", dict(span_tokens=16, bucket_tokens=16)),
+            "livevlm_kv8": ("livevlm", dict(kv_dtype="int8")),
+            "livevlm_kv8_static": ("livevlm", dict(kv_dtype="int8", launch="static")),
+            "full_kv8": ("full", dict(kv_dtype="int8")),
+            "full_kv8_static": ("full", dict(kv_dtype="int8", launch="static"))}
 
 
 def run(adapter, policy, budget, ids, key):
-    variant = VARIANTS.get(policy, {})
-    policy = "livevlm" if variant else policy
+    policy, variant = VARIANTS.get(policy, (policy, {}))
     kw = dict(policy=policy, sample_fps=0, short_term_frames=2, narration_frames=1, vision_sinks=4,
               page_tokens=16, max_new_tokens=12, extra={"tokens_per_frame": T}, observation_window=32,
               weights=getattr(adapter, "weights", "bf16"))
