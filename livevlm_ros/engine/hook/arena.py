@@ -51,7 +51,8 @@ class AnswerArena:
             return
         # some slack, so that a memory still filling up does not grow it answer after answer
         capacity = -(-tokens * 9 // 8 // 256) * 256
-        self.keys = self.values = self.key_scale = self.value_scale = self.key_channel = self.scratch = None  # free first
+        # free the old ones first
+        self.keys = self.values = self.key_scale = self.value_scale = self.key_channel = self.scratch = None
         # zeros, not empty: masked slots still enter the product (0 x -inf is NaN, garbage may be NaN)
         shape = (kv.layers, kv.kv_heads, capacity, kv.head_dim)
         self.keys = torch.zeros(shape, dtype=torch.int8 if quantized else kv.dtype, device=kv.device)
