@@ -56,6 +56,7 @@ class QuestionStep:
         self.model, self.hook = model, hook
         # question key -> _Recorded; seen: question key -> context end, of questions run kernel by kernel
         self.recorded = StepGraphs("question prefill", capture)
+        self._arena_generation = hook.arena.generation      # of the arena the graphs were recorded on
 
     def run(self, selector, embeds: torch.Tensor, rows: slice, max_new_tokens: int, evidence: bool):
         """The question's first forward. embeds [n, hidden]; rows: the question's own token rows.
@@ -71,13 +72,19 @@ class QuestionStep:
         key = (bucket, rows.start, evidence, type(selector).__name__, tuple(sorted(vars(selector).items())))
         layout = self._layout()
         rec.at_layout(layout)
+        if self._arena_generation != hook.arena.generation:
+            # the arena was regrown elsewhere (an answer in a time window, which runs kernel by kernel,
+            # or the decode step): graphs recorded on it would write the freed buffers and decode from
+            # ones this answer never filled
+            rec.graphs.clear()
+            self._arena_generation = hook.arena.generation
         recorded = rec.graphs.get(key)
         if recorded is None and layout is not None and key in rec.seen:
             # the second question of this shape on this memory layout: record it
-            generation = hook.arena.generation
             hook.reserve_arena(rec.seen[key] + bucket + max_new_tokens)
-            if hook.arena.generation != generation:
+            if hook.arena.generation != self._arena_generation:
                 rec.graphs.clear()             # recorded on the old arena
+                self._arena_generation = hook.arena.generation
             made = rec.record(lambda: self._forward(selector, inputs, rows, max_new_tokens, evidence),
                               hook.reset)
             if made is not None:
@@ -91,10 +98,10 @@ class QuestionStep:
             view, logits = recorded.view, recorded.inputs.logits
             hook.resume(view)
         else:
-            generation = hook.arena.generation
             view = self._forward(selector, inputs, rows, max_new_tokens, evidence)
-            if hook.arena.generation != generation:
+            if hook.arena.generation != self._arena_generation:
                 rec.graphs.clear()             # the arena grew: every graph must be recorded again
+                self._arena_generation = hook.arena.generation
             rec.seen[key] = view.context_end
             logits = inputs.logits
         view.padding = bucket - n              # decoding goes on from the last real row

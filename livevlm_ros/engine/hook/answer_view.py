@@ -6,7 +6,8 @@ candidates), and assembles [prefix | those tokens | short-term memory] in one bu
 the question and the answer, re-rotated to where hook/positions.py places them (1-D: positions
 that end right before the question). Later
 calls (the rest of the question's forward, then eagerly decoded tokens) append to it. A CUDA decode
-step appends in the arena instead (arena.py), from where the view's prefill left each layer.
+step appends in the arena instead (arena.py), from where the view's prefill left each layer; an
+8-bit arena has every layer assembled in one shared scratch, so its answers decode only there.
 
 Evidence, on request: the attention the question's rows pay each frame of the context, from the
 attention's own probabilities where it writes them out (a few rows), else computed once the layer
@@ -58,6 +59,7 @@ class AnswerView:
             self.evidence = torch.zeros(2, frames, dtype=torch.float32, device=kv.device)
         self.wants_queries = plan.uses_question
         self.keys: dict[int, torch.Tensor] = {}       # per layer: context + question + room to decode
+        # (in an 8-bit arena every layer's is the one shared scratch, valid during that layer's call)
         self.values: dict[int, torch.Tensor] = {}
         self.lengths: dict[int, int] = {}
         self.padding = 0                              # trailing rows of the first forward that were padding
@@ -80,6 +82,9 @@ class AnswerView:
         first = layer not in self.keys
         if first:
             self.lengths[layer], frames = self._assemble(layer, k_new.shape[2])
+        elif self._in_arena and self.arena.quantized:
+            # every layer was assembled in the one shared scratch: later calls decode in the arena
+            raise RuntimeError("an 8-bit arena's answer decodes through the arena (begin_decode), not the view")
         start = self.lengths[layer]
         stop = start + k_new.shape[2]
         self.keys[layer][:, start:stop] = k_new[0]

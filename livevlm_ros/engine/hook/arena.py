@@ -108,7 +108,7 @@ class AnswerArena:
         """k/v [kv_heads, n, D] quantized into `layer`'s slots from `first`, or from `at` (on the device)."""
         k8, v8, ks, vs = self.keys[layer], self.values[layer], self.key_scale[layer], self.value_scale[layer]
         channel = self.key_channel[layer]
-        if quantize_rows.fits(k, k8):
+        if quantize_rows.fits(k, v, k8, v8, ks, vs, channel):
             quantize_rows.store(k, v, k8, v8, ks, vs, channel, first, at)
             return
         slots = (torch.arange(k.shape[1], device=k.device) + (first if at is None else at))

@@ -12,7 +12,9 @@ fixed-size buffer past the last one in use (`last`, decode_step.py) are skipped 
 Keys and values may be int8 with a float32 scale per slot and head, keys also with a factor per
 channel (an 8-bit answer arena, hook/arena.py): the int8 numbers are exact in bf16, so they enter
 the products as they are; the channel factors multiply the query, and the scales the logits (keys)
-and the probabilities (values) of their slots.
+and the probabilities (values) of their slots. Those products are rounded to bf16 for a bf16 model's
+tensor cores; an fp16 one's stay in float32 (a query times a large factor could pass fp16's 65,504,
+and small probabilities times small scales fall below its range).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .triton_lang import tl, triton
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: torch.Tensor | None,
-                     scale: float, kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                     scale: float, kv_scales: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | None:
     """q [1, Hq, 1, D], k/v [1, Hkv, n_keys, D], last long [1] (slots after it are not read) or None
     (all are) -> [1, 1, Hq, D]; kv_scales: with int8 k/v, their scales ([1, Hkv, n_keys] float32 each)
     and the keys' channel factors ([1, Hkv, D] float32);
@@ -75,7 +77,9 @@ if triton is not None:
         d = tl.arange(0, D)
         q = tl.load(q_ptr + (h * G + g)[:, None] * sq_h + d[None, :], mask=g[:, None] < G, other=0.0)
         if INT8:                                        # the keys' channel factors, moved onto the query
-            q = (q.to(tl.float32) * tl.load(kc_ptr + h * skc_h + d)[None, :]).to(q_ptr.dtype.element_ty)
+            q = q.to(tl.float32) * tl.load(kc_ptr + h * skc_h + d)[None, :]
+            if q_ptr.dtype.element_ty == tl.bfloat16:
+                q = q.to(tl.bfloat16)
         m = tl.full([GP], float("-inf"), tl.float32)
         s_sum = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -88,7 +92,7 @@ if triton is not None:
             if split * KPS + n0 < end:                          # a block with no context is not read
                 k = tl.load(k_ptr + h * sk_h + n[:, None] * sk_n + d[None, :], mask=ok[:, None], other=0.0)
                 if INT8:
-                    k = k.to(q.dtype)                   # |k| <= 127: exact in bf16 and fp16
+                    k = k.to(q.dtype)                   # |k| <= 127: exact in bf16 and float32
                 s = tl.dot(q, tl.trans(k)) * scale
                 if INT8:
                     s = s * tl.load(ks_ptr + h * sks_h + n, mask=ok, other=0.0)[None, :]
