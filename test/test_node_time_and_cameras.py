@@ -142,6 +142,7 @@ def test_two_cameras_are_kept_apart_and_a_silent_one_is_reported(client, start, 
     t = 104.5
     while time.monotonic() < end:
         pubs["/front/image_raw"].publish(client.image(t))
+        sent += 1
         t += 0.1
         time.sleep(0.1)
         s = client.node_status()
@@ -150,5 +151,7 @@ def test_two_cameras_are_kept_apart_and_a_silent_one_is_reported(client, start, 
             break
     else:
         pytest.fail(f"the silent camera was not reported alone: {client.node_status()}")
-    assert int(s["samples_missed[/front/image_raw]"]) == 0
+    # as above: the front camera misses a sample only where its frames of that instant were lost
+    # (best effort, the newest kept: a 2-core machine under load drops some)
+    assert int(s["samples_missed[/front/image_raw]"]) <= sent - int(s["frames_received"]), s
     assert node.alive()
