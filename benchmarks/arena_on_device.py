@@ -44,8 +44,8 @@ def kernels(dtype: torch.dtype):
     k[:, :, :4] *= 10                                        # outlier channels
     k, v = k.to(dtype), torch.randn(H, n, D, device="cuda").to(dtype)
     channel = kv_quant.rotated_channel_factors(kv_quant.channel_factors(k[None, :, :1000])[0])
-    k8, v8 = torch.zeros(H, n + 64, D, dtype=torch.int8, device="cuda"), torch.zeros(H, n + 64, D, dtype=torch.int8,
-                                                                                   device="cuda")
+    k8 = torch.zeros(H, n + 64, D, dtype=torch.int8, device="cuda")
+    v8 = torch.zeros_like(k8)
     ks, vs = torch.zeros(H, n + 64, device="cuda"), torch.zeros(H, n + 64, device="cuda")
     quantize_rows.store(k, v, k8, v8, ks, vs, channel, 0)
     for got, x, factors, what in ((k8, k, channel, "keys"), (v8, v, None, "values")):

@@ -41,17 +41,21 @@ _SILU_MLPS = {"Qwen2MLP", "LlamaMLP", "MistralMLP", "Qwen3VLTextMLP"}
 _ATTENTIONS = {"Qwen2Attention", "LlamaAttention", "MistralAttention", "Qwen2_5_VLAttention", "Qwen3VLTextAttention"}
 
 
+_GATE_UP, _QUERY_KEY_VALUE = ("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj")
+
+
+def _merged_names(module: torch.nn.Module) -> tuple[str, ...] | None:
+    """The Linears of `module` computed as one product: a SiLU MLP's gate and up projections, an
+    attention's query, key and value projections; None for any other module."""
+    name = type(module).__name__
+    if name in _SILU_MLPS and getattr(module.config, "hidden_act", None) == "silu":
+        return _GATE_UP
+    return _QUERY_KEY_VALUE if name in _ATTENTIONS else None
+
+
 def merge_groups(lm: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple[str, ...]]]:
-    """The Linears FusedLayers computes as one product (merged_products.merge), as (owner, names):
-    each SiLU MLP's gate and up projections, each attention's query, key and value projections."""
-    groups = []
-    for m in lm.modules():
-        name = type(m).__name__
-        if name in _SILU_MLPS and getattr(m.config, "hidden_act", None) == "silu":
-            groups.append((m, ("gate_proj", "up_proj")))
-        elif name in _ATTENTIONS:
-            groups.append((m, ("q_proj", "k_proj", "v_proj")))
-    return groups
+    """What FusedLayers merges (merged_products.merge), as (owner, the Linears' names)."""
+    return [(m, names) for m in lm.modules() if (names := _merged_names(m))]
 
 
 class FusedLayers:
@@ -66,13 +70,13 @@ class FusedLayers:
             return
         merged = set()                                 # the projections QueryKeyValue swaps (before their turn)
         for m in lm.modules():
-            name = type(m).__name__
-            if name in _RMS_NORMS:
+            names = _merged_names(m)
+            if type(m).__name__ in _RMS_NORMS:
                 self._swaps.append((m, "forward", functools.partial(_rms_norm, m), None))
-            elif name in _SILU_MLPS and getattr(m.config, "hidden_act", None) == "silu":
+            elif names == _GATE_UP:
                 gate_up = merge([m.gate_proj, m.up_proj])
                 self._swaps.append((m, "forward", functools.partial(_silu_mlp, m, gate_up), None))
-            elif name in _ATTENTIONS:
+            elif names == _QUERY_KEY_VALUE:
                 product = merge([m.q_proj, m.k_proj, m.v_proj])
                 if product is not None:
                     for linear, forward in QueryKeyValue(m, product, own_product).forwards():

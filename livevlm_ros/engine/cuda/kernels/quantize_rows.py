@@ -1,17 +1,16 @@
-"""hook/arena.py's 8-bit store: keys and values rows quantized to int8, a float32 scale per head and
-row (symmetric; keys first divided by their channel factors: memory/kv_quant.quantize_rows), written into the arena's
-slots in one kernel for both. An answer's prefill stores its whole context this way once per layer;
-a decode step stores one token a layer, at a slot it reads from the device (`at`), so a graph
-replays it. With torch that was ~8 kernels a tensor (amax, divide, round, ...): 450 a decoded token
-at 7B shapes where the bf16 arena took 56 copies."""
+"""hook/arena.py's 8-bit store: rows of keys and values quantized to int8, a float32 scale per head
+and row (symmetric; keys first divided by their channel factors: memory/kv_quant.quantize_rows),
+written into the arena's slots, keys and values in one kernel. An answer's prefill stores its whole
+context this way once per layer; a decode step stores one token a layer, at a slot it reads from the
+device (`at`), so a graph replays it. In torch each tensor would take about eight kernels (divide,
+amax, divide, round, clamp, cast, two copies): at 7B shapes ~450 a decoded token, where the bf16
+arena's copies were 56."""
 
 from __future__ import annotations
 
 import torch
 
 from .triton_lang import tl, triton
-
-QMAX = 127
 
 
 def fits(*tensors: torch.Tensor) -> bool:
