@@ -72,19 +72,12 @@ class QuestionStep:
         key = (bucket, rows.start, evidence, type(selector).__name__, tuple(sorted(vars(selector).items())))
         layout = self._layout()
         rec.at_layout(layout)
-        if self._arena_generation != hook.arena.generation:
-            # the arena was regrown elsewhere (an answer in a time window, which runs kernel by kernel,
-            # or the decode step): graphs recorded on it would write the freed buffers and decode from
-            # ones this answer never filled
-            rec.graphs.clear()
-            self._arena_generation = hook.arena.generation
+        self._forget_old_arena()               # regrown since (e.g. by an answer in a time window)
         recorded = rec.graphs.get(key)
         if recorded is None and layout is not None and key in rec.seen:
             # the second question of this shape on this memory layout: record it
             hook.reserve_arena(rec.seen[key] + bucket + max_new_tokens)
-            if hook.arena.generation != self._arena_generation:
-                rec.graphs.clear()             # recorded on the old arena
-                self._arena_generation = hook.arena.generation
+            self._forget_old_arena()
             made = rec.record(lambda: self._forward(selector, inputs, rows, max_new_tokens, evidence),
                               hook.reset)
             if made is not None:
@@ -99,13 +92,19 @@ class QuestionStep:
             hook.resume(view)
         else:
             view = self._forward(selector, inputs, rows, max_new_tokens, evidence)
-            if hook.arena.generation != self._arena_generation:
-                rec.graphs.clear()             # the arena grew: every graph must be recorded again
-                self._arena_generation = hook.arena.generation
+            self._forget_old_arena()           # the arena grew: every graph must be recorded again
             rec.seen[key] = view.context_end
             logits = inputs.logits
         view.padding = bucket - n              # decoding goes on from the last real row
         return view, logits
+
+    def _forget_old_arena(self):
+        """Drop the graphs if the arena was regrown since they were recorded, here or elsewhere (an
+        answer in a time window runs kernel by kernel and reserves its own room): they would write
+        the freed buffers and decode from ones this answer never filled."""
+        if self._arena_generation != self.hook.arena.generation:
+            self.recorded.graphs.clear()
+            self._arena_generation = self.hook.arena.generation
 
     def _layout(self) -> tuple | None:
         """What a graph reads of memory (its tensors, their lengths), or None where nothing may be
