@@ -17,9 +17,38 @@ def engines(path, **options):
             for mode in ("eager", "static")]
 
 
+def spy_on_logits(engine) -> list:
+    """Every row of logits the engine's language-model head computes, in order (the real head runs)."""
+    rows, head = [], engine.model.logits
+
+    def logits(hidden):
+        out = head(hidden)
+        rows.append(out[0].float().clone())
+        return out
+    engine.model.logits = logits
+    return rows
+
+
+# The 8-bit arena's error on this model's logits (scale ~0.6): at most 8.1e-4 on 2026-12-07 here.
+INT8_LOGIT_ERROR = 2e-3
+
+
+def same_answer_up_to_a_near_tie(a, b, logits_a: list, logits_b: list, error: float):
+    """b's tokens are a's while every step's logits agree within `error`; they may part only where a's
+    own top two were within 2 * error (the random tiny model's are often within 1e-4, so exact
+    equality would hang on the CPU's rounding). Returns how many tokens were compared."""
+    for step, (x, y) in enumerate(zip(logits_a, logits_b)):
+        assert float((x - y).abs().max()) <= error, step
+        if a.token_ids[step] != b.token_ids[step]:
+            assert float(x[a.token_ids[step]] - x[b.token_ids[step]]) <= 2 * error, step
+            return step                       # after this the two answers read different tokens
+    assert a.token_ids == b.token_ids
+    return len(a.token_ids)
+
+
 # kv_dtype int8: the fixed-shape steps decode from an 8-bit arena (hook/arena.py), the ordinary path
 # from its own buffers at full precision; the first logits (the prefill, at full precision in both)
-# must agree as closely, the tokens after them happen to on this model (test_kv_int8.py bounds the error)
+# must agree as closely, every decode step's within the arena's error (test_kv_int8.py bounds it)
 @pytest.mark.parametrize("options", [dict(policy="livevlm", budget_tokens=34 + 2 * 16 + 64, page_tokens=4,
                                           retrieval_ratio=0.5),
                                      dict(policy="livevlm", budget_tokens=34 + 2 * 16 + 64, page_tokens=4,
@@ -27,6 +56,8 @@ def engines(path, **options):
                                      dict(policy="full", budget_tokens=None)])
 def test_static_decode_gives_the_same_tokens(endless_model, frames, options):
     eager, static = engines(endless_model, **options)
+    int8 = options.get("kv_dtype") == "int8"
+    logged = [spy_on_logits(e) for e in (eager, static)]
     video = frames(16)
     for n_frames in (3, 16):                   # memory grows between answers: the arena grows with it
         for i in range(len(eager.memory.frame_times), n_frames):
@@ -34,16 +65,27 @@ def test_static_decode_gives_the_same_tokens(endless_model, frames, options):
                 engine.ingest(video[i], float(i))
         for question in QUESTIONS:
             for window in (None, (2.0, 9.0) if n_frames == 16 else None):
+                for rows in logged:
+                    rows.clear()
                 a, b = (e.ask(question, window=window, evidence=3, return_logits=True) for e in (eager, static))
                 assert a.tokens_generated == 24, "the test needs answers that run to the limit"
-                assert a.token_ids == b.token_ids, (question, window)
+                if int8:
+                    same_answer_up_to_a_near_tie(a, b, *logged, INT8_LOGIT_ERROR)
+                else:                         # the same float32 arithmetic: the same bits here
+                    assert a.token_ids == b.token_ids, (question, window)
                 torch.testing.assert_close(a.first_logits, b.first_logits, rtol=1e-4, atol=1e-4)
                 assert [e.time for e in a.evidence] == [e.time for e in b.evidence]
                 assert [e.weight for e in a.evidence] == pytest.approx([e.weight for e in b.evidence], rel=1e-4)
                 assert a.context_tokens == b.context_tokens and a.pages_used == b.pages_used
-        assert eager.describe().token_ids == static.describe().token_ids
+        for rows in logged:
+            rows.clear()
+        a, b = eager.describe(), static.describe()
+        if int8:
+            same_answer_up_to_a_near_tie(a, b, *logged, INT8_LOGIT_ERROR)
+        else:
+            assert a.token_ids == b.token_ids
     assert static.hook.arena.capacity >= static.memory.total_tokens()
-    assert static.hook.arena.quantized == (options.get("kv_dtype") == "int8")
+    assert static.hook.arena.quantized == int8
 
 
 def test_decode_mode_is_checked(tiny_model_path):
