@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from livevlm_ros.engine import EngineConfig, LiveVLMEngine
+from logit_spy import same_answer_up_to_a_near_tie, spy_on_logits  # noqa: I100
 
 QUESTIONS = ["Where did I last see the red toolbox?", "Is the door open?", "What is on the left?"]
 
@@ -17,33 +18,8 @@ def engines(path, **options):
             for mode in ("eager", "static")]
 
 
-def spy_on_logits(engine) -> list:
-    """Every row of logits the engine's language-model head computes, in order (the real head runs)."""
-    rows, head = [], engine.model.logits
-
-    def logits(hidden):
-        out = head(hidden)
-        rows.append(out[0].float().clone())
-        return out
-    engine.model.logits = logits
-    return rows
-
-
 # The 8-bit arena's error on this model's logits (scale ~0.6): at most 8.1e-4 on 2026-12-07 here.
 INT8_LOGIT_ERROR = 2e-3
-
-
-def same_answer_up_to_a_near_tie(a, b, logits_a: list, logits_b: list, error: float):
-    """b's tokens are a's while every step's logits agree within `error`; they may part only where a's
-    own top two were within 2 * error (the random tiny model's are often within 1e-4, so exact
-    equality would hang on the CPU's rounding). Returns how many tokens were compared."""
-    for step, (x, y) in enumerate(zip(logits_a, logits_b)):
-        assert float((x - y).abs().max()) <= error, step
-        if a.token_ids[step] != b.token_ids[step]:
-            assert float(x[a.token_ids[step]] - x[b.token_ids[step]]) <= 2 * error, step
-            return step                       # after this the two answers read different tokens
-    assert a.token_ids == b.token_ids
-    return len(a.token_ids)
 
 
 # kv_dtype int8: the fixed-shape steps decode from an 8-bit arena (hook/arena.py), the ordinary path
