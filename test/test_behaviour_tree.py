@@ -77,7 +77,7 @@ def a_true_place(episode, answer: str, span_end) -> bool:
     """The demo model's answer to TOOLBOX_QUESTION is one of where_the_toolbox_stood. Only the last
     spot counts for QUALITY.md; here it cannot: on the demo bag the toolbox stood on the left for 4
     samples, then on the right for 2, and the demo model's logit for " right" beats " left" by only
-    0.03-0.06 (offline, with 0 or 3 frames lost; 2026-12-07): CI's run of a7642d0 answered "left"."""
+    0.03-0.06 (benchmarks/answer_margins.py, QUALITY.md): CI's run of a7642d0 answered "left"."""
     return any(right(TOOLBOX_QUESTION, answer, place) for place in where_the_toolbox_stood(episode, span_end))
 
 

@@ -18,7 +18,7 @@ def engines(path, **options):
             for mode in ("eager", "static")]
 
 
-# The 8-bit arena's error on this model's logits (scale ~0.6): at most 8.1e-4 on 2026-12-07 here.
+# The 8-bit arena's error on this model's logits (scale ~0.6): at most 8.1e-4 (benchmarks/answer_margins.py).
 INT8_LOGIT_ERROR = 2e-3
 
 
