@@ -273,7 +273,7 @@ def test_qwen_families_get_quantized_weights_and_int8_memory_without_changes(tmp
         logged[launch] = spy_on_logits(engine)
         answers[launch] = engine.ask(QUESTION, max_new_tokens=4, return_logits=True)
     # the static steps decode from the 8-bit arena, the eager path from float32 buffers: every step's
-    # logits within its error (at most 1.1e-3: benchmarks/answer_margins.py), the tokens where those decide them
+    # logits within its error (at most 1.25e-3: benchmarks/answer_margins.py), the tokens where those decide them
     same_answer_up_to_a_near_tie(answers["eager"], answers["static"], logged["eager"], logged["static"], 3e-3)
     torch.testing.assert_close(answers["static"].first_logits, answers["eager"].first_logits, atol=2e-5, rtol=1e-4)
 
