@@ -90,3 +90,26 @@ def test_reconfigure_drops_the_question_steps_of_the_old_selector(tiny_model_pat
     engine.ask(QUESTIONS[1], max_new_tokens=1)
     assert len(steps.seen) == 1 and next(iter(steps.seen))[4] == (("page_tokens", 4), ("ratio", 0.25),
                                                                   ("scoring", "quest"))
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
+def test_a_question_graph_kept_from_before_an_answer_in_a_window_regrew_the_arena_is_never_replayed(
+        endless_model, frames, kv_dtype):
+    """A time-window answer runs kernel by kernel and reserves its own room in the arena: if that
+    regrows it, graphs recorded on the old buffers would write freed memory (and, 8-bit, decode from
+    slots this answer never filled). CUDA graphs exist only on a GPU (benchmarks/arena_on_device.py
+    replays real ones); here the rule itself: a graph kept under this question's key before the
+    regrowth is dropped, not replayed (replaying the stand-in would raise)."""
+    engine = LiveVLMEngine(EngineConfig(model_path=endless_model, sample_fps=0, launch="static", kv_dtype=kv_dtype,
+                                        policy="livevlm", budget_tokens=34 + 2 * 16 + 64, page_tokens=4,
+                                        retrieval_ratio=0.5))
+    for i, f in enumerate(frames(16)):
+        engine.ingest(f, float(i))
+    first = engine.ask(QUESTIONS[1], max_new_tokens=4)
+    graphs, generation = engine.question_step.recorded.graphs, engine.hook.arena.generation
+    graphs.update({key: "a graph recorded on this arena" for key in engine.question_step.recorded.seen})
+    assert graphs
+    engine.ask(QUESTIONS[1], window=(2.0, 9.0), max_new_tokens=400)       # room for 400 more tokens
+    assert engine.hook.arena.generation > generation
+    again = engine.ask(QUESTIONS[1], max_new_tokens=4)
+    assert not graphs and again.token_ids == first.token_ids
