@@ -92,6 +92,9 @@ def test_reconfigure_drops_the_question_steps_of_the_old_selector(tiny_model_pat
                                                                   ("scoring", "quest"))
 
 
+REGROWN_LOGIT_ERROR = 1e-5      # the same rows in larger buffers: 0.0 here (2026-12-07), float32 rounding elsewhere
+
+
 @pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
 def test_a_question_graph_kept_from_before_an_answer_in_a_window_regrew_the_arena_is_never_replayed(
         endless_model, frames, kv_dtype):
@@ -105,11 +108,17 @@ def test_a_question_graph_kept_from_before_an_answer_in_a_window_regrew_the_aren
                                         retrieval_ratio=0.5))
     for i, f in enumerate(frames(16)):
         engine.ingest(f, float(i))
+    logged = spy_on_logits(engine)
     first = engine.ask(QUESTIONS[1], max_new_tokens=4)
+    before = list(logged)
     graphs, generation = engine.question_step.recorded.graphs, engine.hook.arena.generation
     graphs.update({key: "a graph recorded on this arena" for key in engine.question_step.recorded.seen})
     assert graphs
     engine.ask(QUESTIONS[1], window=(2.0, 9.0), max_new_tokens=400)       # room for 400 more tokens
     assert engine.hook.arena.generation > generation
+    logged.clear()
     again = engine.ask(QUESTIONS[1], max_new_tokens=4)
-    assert not graphs and again.token_ids == first.token_ids
+    assert not graphs
+    # the same answer from the larger buffers (their extra slots masked; sums over more slots may round
+    # otherwise on another CPU, so the tokens are compared as far as the logits decide them)
+    same_answer_up_to_a_near_tie(first, again, before, logged, REGROWN_LOGIT_ERROR)
